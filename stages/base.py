@@ -1,0 +1,172 @@
+"""The Stage interface: the only contract between the runtime (`daemon/`) and the transforms.
+
+A stage is resident for the daemon's life: one instance per worker, `load` once, then
+`process` batch after batch. It knows nothing about queues, files or metrics.
+
+What a stage sees for each record is a plain dict: the row's fields (with the configured
+`video_key`/`image_key` paths already resolved to absolute `pathlib.Path`s under the
+allowed roots), the outputs of earlier steps, and three reserved keys the runtime adds:
+
+- `"id"`: the record id (str),
+- `"_job"`: the job name (str),
+- `"_media_dir"`: the `Path` of the folder where this job's generated files belong
+  (created on demand by `media_path`).
+
+`process` returns, for each input, a dict of *new fields* to merge into the record (e.g.
+`{"text": "a caption"}`), or a `StageError`. A `Path` value in an output is written to
+the results relative to the outbox, so stages return absolute `Path`s for the files they
+make.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RECORD_ID = "id"
+JOB = "_job"
+MEDIA_DIR = "_media_dir"
+
+# What a stage needs from the input row, by kind; the reader checks these on the first
+# step and resolves the path kinds against the allowed roots.
+FieldKind = Literal["video", "image", "text"]
+
+
+class StageError(Exception):
+    """A record-level failure: returned in a record's slot (or raised by `prepare`).
+
+    `error_type` names the failure in the errors file (defaults to the class name);
+    the message says what was expected, what came and how to fix it.
+    """
+
+    def __init__(self, message: str, error_type: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type or type(self).__name__
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> StageError:
+        if isinstance(exc, StageError):
+            return exc
+        return cls(str(exc) or repr(exc), error_type=type(exc).__name__)
+
+    def __repr__(self) -> str:
+        return f"StageError({self.error_type}: {self.message})"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's `config:` block. Unknown keys are refused.
+
+    The pipeline-wide keys (`text_key`, `video_key`, `image_key`) are filled in from the
+    top level of the YAML file unless a step sets its own.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    text_key: str = Field("text", description="Record field holding text (captions, prompts).")
+    video_key: str = Field("video", description="Record field holding a video path.")
+    image_key: str = Field("image", description="Record field holding an image path.")
+
+    # Keys whose change needs the model reloaded (used by hot reload); everything else
+    # applies in place because stages read `self.config` on every call.
+    heavy_keys: ClassVar[frozenset[str]] = frozenset(
+        {"model_path", "dtype", "tensor_parallel_size", "backend", "trust_remote_code", "devices"}
+    )
+
+    def input_fields(self) -> dict[str, FieldKind]:
+        """Fields this stage needs in its input records, by kind. Default: none."""
+        return {}
+
+
+class Stage:
+    """One resident transform. Subclasses set `Config` and implement `load`/`process`.
+
+    Optional hooks:
+    - `prepare(record) -> dict`: per-record CPU work (decode frames, load an image). The
+      runtime runs it in a thread pool ahead of the model call; `process` then gets the
+      prepared dicts. Raise `StageError` (or any exception) for a bad record.
+    - `async aprocess(batch)`: for natively async stages (an HTTP API, vLLM's AsyncLLM);
+      the runtime awaits it instead of running `process` in a thread.
+
+    Stages count what they produce in `self.usage` (e.g. `usage["generated_frames"] += 16`,
+    `usage["tokens_out"] += n`); the runtime turns it into metrics after each batch.
+    """
+
+    Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init__(self, config: StageConfig, device: str = "cpu"):
+        self.config = config
+        self.device = device
+        self.usage: Counter[str] = Counter()
+
+    def load(self) -> None:
+        """Load weights once; may be slow. Called in a worker thread."""
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        """Same length and order as `batch`; a bad record gets a `StageError` in its slot."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither process nor aprocess")
+
+    def close(self) -> None:
+        """Free the model. Called once when the worker stops."""
+
+    def take_usage(self) -> Counter[str]:
+        used, self.usage = self.usage, Counter()
+        return used
+
+
+def has_prepare(stage: Stage) -> bool:
+    return callable(getattr(stage, "prepare", None))
+
+
+def is_async(stage: Stage) -> bool:
+    return callable(getattr(stage, "aprocess", None))
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_file_stem(text: str) -> str:
+    """A file name made from a record id or template: no separators, no dot-files."""
+    stem = _UNSAFE_NAME.sub("_", text).strip("._") or "record"
+    return stem[:200]
+
+
+def media_path(record: dict[str, Any], extension: str, template: str | None = None) -> Path:
+    """Where a stage writes a generated file for this record: `<media_dir>/<id>.<ext>`.
+
+    `template` may use `{id}`, `{job}` and any record field, e.g. `"{id}_{seed}"`.
+    """
+    stem = template.format_map({**record, "job": record[JOB]}) if template else str(record[RECORD_ID])
+    folder = Path(record[MEDIA_DIR])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{safe_file_stem(stem)}.{extension.lstrip('.')}"
+
+
+def format_prompt(template: str, record: dict[str, Any], *, where: str) -> str:
+    """Fill `{field}` placeholders from the record; a missing field is a StageError."""
+    try:
+        return template.format_map(record)
+    except KeyError as missing:
+        raise StageError(
+            f"{where}: the prompt template uses {{{missing.args[0]}}} but the record has no "
+            f"field {missing.args[0]!r} (fields: {sorted(k for k in record if not k.startswith('_'))})",
+            error_type="MissingField",
+        ) from None
+    except (ValueError, IndexError) as bad:
+        raise StageError(f"{where}: the prompt template is malformed: {bad}", error_type="BadTemplate") from None
+
+
+def require(module: str, *, stage: str, extra: str):
+    """Import an optional dependency, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as missing:
+        raise ImportError(
+            f"`{stage}` needs the `{module}` package ({missing}); install it with: pip install 'reelflow[{extra}]'"
+        ) from missing

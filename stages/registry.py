@@ -1,0 +1,53 @@
+"""Which class runs a step: `(type, name)` as the config names it -> "module:Class".
+
+Modules are imported on first use, not at `import stages`, so `reelflow check` and the
+daemon's start-up stay fast and a missing optional dependency only matters to the step
+that needs it. Third-party stages register through the `reelflow.stages` entry-point
+group, named "Type.Name" with the value "module:Class".
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib.metadata import entry_points
+
+from stages.base import Stage
+
+# One line per stage (and per alias the seed's tables use).
+BUILTIN_STAGES: dict[tuple[str, str], str] = {
+    ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
+    ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+}
+
+ENTRY_POINT_GROUP = "reelflow.stages"
+
+
+class UnknownStage(LookupError):
+    pass
+
+
+def known_stages() -> dict[tuple[str, str], str]:
+    found = dict(BUILTIN_STAGES)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        step_type, _, name = entry.name.partition(".")
+        if name:
+            found.setdefault((step_type, name), entry.value)
+    return found
+
+
+def stage_class(step_type: str, name: str) -> type[Stage]:
+    stages = known_stages()
+    target = stages.get((step_type, name))
+    if target is None:
+        raise UnknownStage(_unknown_message(step_type, name, stages))
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)
+
+
+def _unknown_message(step_type: str, name: str, stages: dict[tuple[str, str], str]) -> str:
+    labels = [f"{t}/{n}" for t, n in sorted(stages)]
+    guess = difflib.get_close_matches(f"{step_type}/{name}", labels, n=1, cutoff=0.5)
+    hint = f" Did you mean {guess[0]}?" if guess else ""
+    return f"no stage registered as type {step_type!r}, name {name!r}.{hint} Available: {', '.join(labels)}"

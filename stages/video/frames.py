@@ -1,0 +1,259 @@
+"""Probe videos and sample frames with PyAV: the one frame sampler every video stage reuses.
+
+Sampling decodes each chosen frame once. The packet index (demux only, no decoding) gives
+the exact frame count and the keyframe positions; when keyframes are dense the sampler
+seeks to each target, when they are sparse it decodes straight through and keeps only the
+targets, whichever decodes fewer frames. Frames come out upright (display rotation applied)
+as uint8 RGB arrays, T x H x W x 3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stages.base import StageError
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration_s: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    codec: str
+    pix_fmt: str | None
+    rotation: int
+    has_audio: bool
+    bit_rate: int | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SampledFrames:
+    frames: np.ndarray  # T x H x W x 3, uint8, RGB, upright
+    indices: list[int]  # frame numbers in the video, 0-based
+    fps: float  # the video's own frame rate
+    total_frames: int
+    timestamps_s: list[float] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return self.total_frames / self.fps if self.fps else 0.0
+
+
+def _open(path: str | Path):
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"video file not found: {path}", error_type="VideoNotFound")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as exc:
+        raise StageError(
+            f"cannot open {path.name} as a video ({exc}); expected a container ffmpeg reads (mp4, mkv, webm, ...)",
+            error_type="VideoDecodeError",
+        ) from None
+    if not container.streams.video:
+        container.close()
+        raise StageError(f"{path.name} has no video stream (audio-only or not a video)", error_type="NoVideoStream")
+    return container
+
+
+@dataclass(frozen=True)
+class _PacketIndex:
+    pts: list[int]  # presentation timestamps of every frame, sorted
+    keyframe_pts: list[int]
+
+
+def _index_packets(container, stream) -> _PacketIndex:
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.pts is None or packet.size == 0:
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    pts.sort()
+    return _PacketIndex(pts, keys)
+
+
+def _rotation_of(stream, first_frame=None) -> int:
+    rotation = getattr(first_frame, "rotation", 0) if first_frame is not None else 0
+    if not rotation:
+        tag = (stream.metadata or {}).get("rotate")
+        rotation = -int(tag) if tag and tag.lstrip("-").isdigit() else 0
+    return int(rotation) % 360
+
+
+def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    # `rotation` is the display matrix's counter-clockwise angle, as ffmpeg's autorotate reads it.
+    quarter_turns = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, k=quarter_turns)) if quarter_turns else image
+
+
+def probe(path: str | Path) -> VideoInfo:
+    import av
+
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        index = _index_packets(container, stream)
+        container.seek(0)
+        first = None
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError:
+            first = None
+        fps = float(stream.average_rate or stream.base_rate or 0)
+        duration = _duration_s(container, stream, index, fps)
+        return VideoInfo(
+            duration_s=round(duration, 3),
+            fps=round(fps, 3),
+            num_frames=len(index.pts),
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            codec=stream.codec_context.name,
+            pix_fmt=stream.codec_context.pix_fmt,
+            rotation=_rotation_of(stream, first),
+            has_audio=bool(container.streams.audio),
+            bit_rate=container.bit_rate or stream.bit_rate or None,
+        )
+    finally:
+        container.close()
+
+
+def _duration_s(container, stream, index: _PacketIndex, fps: float) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return len(index.pts) / fps if fps else 0.0
+
+
+def uniform_indices(total: int, count: int) -> list[int]:
+    """`count` frame numbers spread evenly over `total` frames (centres of equal segments)."""
+    if total <= 0 or count <= 0:
+        return []
+    count = min(count, total)
+    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
+
+
+def fps_indices(total: int, video_fps: float, sample_fps: float, max_frames: int | None = None) -> list[int]:
+    """Frame numbers taken every 1/sample_fps seconds, evenly thinned to `max_frames`."""
+    if total <= 0 or video_fps <= 0 or sample_fps <= 0:
+        return []
+    step = video_fps / sample_fps
+    indices = sorted({min(total - 1, int(i * step)) for i in range(max(1, math.floor(total / step)))})
+    if max_frames and len(indices) > max_frames:
+        indices = [indices[i] for i in uniform_indices(len(indices), max_frames)]
+    return indices
+
+
+def sample_frames(
+    path: str | Path,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    max_side: int | None = None,
+) -> SampledFrames:
+    """Decode the frames chosen by `num_frames` (uniform) or `fps` (every 1/fps s).
+
+    `max_side` downscales so that the longer side is at most that many pixels.
+    """
+    import av
+
+    if (num_frames is None) == (fps is None):
+        raise ValueError("give exactly one of num_frames or fps")
+    container = _open(path)
+    name = Path(path).name
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        index = _index_packets(container, stream)
+        total = len(index.pts)
+        if total == 0:
+            raise StageError(
+                f"{name} has a video stream with no frames (empty or truncated file)", error_type="EmptyVideo"
+            )
+        video_fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
+        wanted = uniform_indices(total, num_frames) if num_frames else fps_indices(total, video_fps, fps, max_frames)
+        wanted_pts = [index.pts[i] for i in wanted]
+        if _seeking_is_cheaper(index, len(wanted)):
+            decoded = _decode_by_seeking(container, stream, wanted_pts)
+        else:
+            decoded = _decode_straight(container, stream, wanted_pts)
+        found = [(i, p) for i, p in zip(wanted, wanted_pts, strict=True) if p in decoded]
+        if not found:
+            raise StageError(
+                f"{name}: none of the {len(wanted)} sampled frames could be decoded", error_type="VideoDecodeError"
+            )
+        first_frame = decoded[found[0][1]]
+        rotation = _rotation_of(stream, first_frame)
+        images = [_to_rgb(decoded[p], max_side, rotation) for _, p in found]
+        time_base = float(stream.time_base or 0)
+        start = index.pts[0]
+        return SampledFrames(
+            frames=np.stack(images),
+            indices=[i for i, _ in found],
+            fps=video_fps,
+            total_frames=total,
+            timestamps_s=[round((p - start) * time_base, 4) for _, p in found],
+        )
+    except av.error.FFmpegError as exc:
+        raise StageError(
+            f"{name} could not be decoded ({exc}); the file is corrupt or truncated", error_type="VideoDecodeError"
+        ) from None
+    finally:
+        container.close()
+
+
+def _seeking_is_cheaper(index: _PacketIndex, targets: int) -> bool:
+    if not index.keyframe_pts:
+        return False
+    average_gop = len(index.pts) / len(index.keyframe_pts)
+    # A seek decodes on average half a GOP plus the target; straight decoding decodes everything.
+    return targets * (average_gop / 2 + 1) < len(index.pts)
+
+
+def _decode_straight(container, stream, wanted_pts: list[int]) -> dict:
+    wanted, found = set(wanted_pts), {}
+    last_wanted = max(wanted_pts)
+    container.seek(0)
+    for frame in container.decode(stream):
+        if frame.pts in wanted:
+            found[frame.pts] = frame
+        if frame.pts is not None and frame.pts >= last_wanted and len(found) == len(wanted):
+            break
+    return found
+
+
+def _decode_by_seeking(container, stream, wanted_pts: list[int]) -> dict:
+    found = {}
+    for target in wanted_pts:
+        if target in found:
+            continue
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            if frame.pts >= target:
+                found[target] = frame
+                break
+    return found
+
+
+def _to_rgb(frame, max_side: int | None, rotation: int) -> np.ndarray:
+    width, height = frame.width, frame.height
+    if max_side and max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        width, height = max(2, round(width * scale)), max(2, round(height * scale))
+        return _upright(frame.to_ndarray(format="rgb24", width=width, height=height), rotation)
+    return _upright(frame.to_ndarray(format="rgb24"), rotation)
