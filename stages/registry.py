@@ -18,6 +18,10 @@ from stages.base import Stage
 BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
     ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+    ("VideoCaptioner", "Qwen2VLCaptioner"): "stages.captioners.qwen2vl:Qwen2VLCaptioner",
+    ("VideoCaptioner", "QwenVLCaptioner"): "stages.captioners.qwen2vl:Qwen2VLCaptioner",
+    ("VideoCaptioner", "LLaVANeXTVideoCaptioner"): "stages.captioners.llava_next_video:LLaVANeXTVideoCaptioner",
+    ("VideoCaptioner", "LLaVAOVCaptioner"): "stages.captioners.llava_onevision:LLaVAOVCaptioner",
 }
 
 ENTRY_POINT_GROUP = "reelflow.stages"

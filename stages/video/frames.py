@@ -10,8 +10,10 @@ as uint8 RGB arrays, T x H x W x 3.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -157,21 +159,35 @@ def fps_indices(total: int, video_fps: float, sample_fps: float, max_frames: int
     return indices
 
 
+# Maps the upright frame size (width, height) to the size to decode at (width, height).
+SizeRule = Callable[[int, int], tuple[int, int]]
+
+
 def sample_frames(
     path: str | Path,
     num_frames: int | None = None,
     fps: float | None = None,
     max_frames: int | None = None,
     max_side: int | None = None,
+    *,
+    size: SizeRule | None = None,
+    over_max_frames: Literal["thin", "error"] = "thin",
 ) -> SampledFrames:
     """Decode the frames chosen by `num_frames` (uniform) or `fps` (every 1/fps s).
 
-    `max_side` downscales so that the longer side is at most that many pixels.
+    `max_side` downscales so that the longer side is at most that many pixels; `size`
+    instead gives the exact output size as a function of the upright size (a model's own
+    resize rule, so frames come out at the size its processor wants, scaled once by ffmpeg).
+    When `fps` sampling needs more than `max_frames` frames, `over_max_frames="thin"` spreads
+    `max_frames` evenly over the video and `"error"` raises a `StageError` of type
+    `TooManyFrames` before anything is decoded.
     """
     import av
 
     if (num_frames is None) == (fps is None):
         raise ValueError("give exactly one of num_frames or fps")
+    if size is not None and max_side is not None:
+        raise ValueError("give at most one of max_side or size")
     container = _open(path)
     name = Path(path).name
     try:
@@ -184,7 +200,17 @@ def sample_frames(
                 f"{name} has a video stream with no frames (empty or truncated file)", error_type="EmptyVideo"
             )
         video_fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
-        wanted = uniform_indices(total, num_frames) if num_frames else fps_indices(total, video_fps, fps, max_frames)
+        if num_frames:
+            wanted = uniform_indices(total, num_frames)
+        else:
+            limit = None if over_max_frames == "error" else max_frames
+            wanted = fps_indices(total, video_fps, fps, limit)
+            if max_frames and len(wanted) > max_frames:
+                raise StageError(
+                    f"{name} lasts {total / video_fps:.1f} s: sampling it at {fps:g} fps takes {len(wanted)} "
+                    f"frames, more than the {max_frames} allowed",
+                    error_type="TooManyFrames",
+                )
         wanted_pts = [index.pts[i] for i in wanted]
         if _seeking_is_cheaper(index, len(wanted)):
             decoded = _decode_by_seeking(container, stream, wanted_pts)
@@ -197,7 +223,7 @@ def sample_frames(
             )
         first_frame = decoded[found[0][1]]
         rotation = _rotation_of(stream, first_frame)
-        images = [_to_rgb(decoded[p], max_side, rotation) for _, p in found]
+        images = [_to_rgb(decoded[p], max_side, rotation, size) for _, p in found]
         time_base = float(stream.time_base or 0)
         start = index.pts[0]
         return SampledFrames(
@@ -250,8 +276,17 @@ def _decode_by_seeking(container, stream, wanted_pts: list[int]) -> dict:
     return found
 
 
-def _to_rgb(frame, max_side: int | None, rotation: int) -> np.ndarray:
+def _to_rgb(frame, max_side: int | None, rotation: int, size: SizeRule | None = None) -> np.ndarray:
     width, height = frame.width, frame.height
+    if size is not None:
+        sideways = round(rotation / 90) % 2 == 1  # the display is the coded frame turned a quarter
+        upright = (height, width) if sideways else (width, height)
+        out_w, out_h = size(*upright)
+        if sideways:
+            out_w, out_h = out_h, out_w
+        if (out_w, out_h) == (width, height):
+            return _upright(frame.to_ndarray(format="rgb24"), rotation)
+        return _upright(frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="AREA"), rotation)
     if max_side and max(width, height) > max_side:
         scale = max_side / max(width, height)
         width, height = max(2, round(width * scale)), max(2, round(height * scale))

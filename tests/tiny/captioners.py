@@ -1,0 +1,291 @@
+"""Tiny video-language models (~0.2 M parameters each) built offline for the captioner tests.
+
+Each builder makes a random-weight model from a config object, a byte-level BPE tokenizer
+trained on the spot with the family's special tokens and a chat template shaped like the
+real checkpoint's, and the family's real processor; then `save_pretrained` everything into
+one folder that `AutoProcessor` + `AutoModelForImageTextToText` load back, exactly as a hub
+checkpoint would be loaded.
+
+Sizes follow two constraints: the vision side keeps the real patch size (14), so the token
+arithmetic (tokens per frame, frame pairs) is the real one at a smaller resolution; and every
+attention head is 32 wide, since vLLM's CPU attention needs head size >= 32, so the same
+folders also run on vLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.tiny.tokenizer import train_bpe_tokenizer
+
+# Frames are resized to this side by the LLaVA processors; Qwen gets it as max_pixels.
+TINY_SIDE = 112
+HEAD = 32  # attention head width (vLLM CPU needs >= 32)
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# ChatML as Qwen2-VL's own template renders it: a default system turn, then the user's parts.
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# LLaVA-NeXT-Video (Vicuna style): media first, then the text.
+LLAVA_NEXT_VIDEO_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _text_dims(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=2 * HEAD,
+        intermediate_size=4 * HEAD,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        # Wider than the usual 0.02 so that random weights give captions that vary with the
+        # input instead of one token repeated.
+        initializer_range=0.2,
+    )
+
+
+def _save(model, processor, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _hub_vision_names(folder: Path) -> None:
+    """Rename `vision_tower.*` weights to `vision_tower.vision_model.*`, as hub checkpoints name them.
+
+    transformers 5 saves LLaVA vision towers without the `vision_model.` level; the released
+    checkpoints (and vLLM's loader) have it, and transformers loads both.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    prefix = "vision_tower."
+    renamed = {
+        (f"{prefix}vision_model.{k[len(prefix) :]}" if k.startswith(prefix) and ".vision_model." not in k else k): v
+        for k, v in weights.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> Path:
+    """Qwen2-VL (or Qwen2.5-VL with `qwen25=True`): ChatML, frame pairs, dynamic resolution."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = train_bpe_tokenizer(
+        QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_TEMPLATE
+    )
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIALS}
+    text = dict(_text_dims(len(tokenizer)), eos_token_id=ids["<|im_end|>"], bos_token_id=None)
+    text["pad_token_id"] = ids["<|endoftext|>"]
+    # M-RoPE splits the rotary half-dimension (HEAD / 2) into temporal, height and width sections.
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    vision = dict(depth=1, num_heads=1, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    common = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    if qwen25:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+        vision.update(
+            hidden_size=HEAD,
+            intermediate_size=2 * HEAD,
+            out_hidden_size=2 * HEAD,
+            window_size=56,
+            fullatt_block_indexes=[0],
+        )
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        model_cls, processor_cls = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    else:
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision.update(embed_dim=HEAD, mlp_ratio=2, hidden_size=2 * HEAD)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+        model_cls, processor_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    _seeded(0)
+    model = model_cls(config).eval()
+    pixels = {"shortest_edge": 56 * 56, "longest_edge": TINY_SIDE * TINY_SIDE}
+    processor = processor_cls(
+        image_processor=Qwen2VLImageProcessor(size=pixels),
+        video_processor=Qwen2VLVideoProcessor(size=pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_TEMPLATE,
+    )
+    return _save(model, processor, folder)
+
+
+def build_llava_next_video(folder: Path) -> Path:
+    """LLaVA-NeXT-Video: CLIP tower, 2x2 average pooling per frame, Vicuna-style prompt."""
+    from transformers import (
+        LlavaNextImageProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    specials = ["<s>", "</s>", "<pad>", "<image>", "<video>"]
+    tokenizer = train_bpe_tokenizer(
+        specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=LLAVA_NEXT_VIDEO_TEMPLATE
+    )
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in specials}
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=HEAD,
+        intermediate_size=2 * HEAD,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        patch_size=14,
+        image_size=TINY_SIDE,
+        projection_dim=HEAD,
+    )
+    text = dict(
+        _text_dims(len(tokenizer)),
+        model_type="llama",
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+    )
+    patches = (TINY_SIDE // 14) ** 2
+    config = LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[TINY_SIDE, TINY_SIDE], [TINY_SIDE, 2 * TINY_SIDE], [2 * TINY_SIDE, TINY_SIDE]],
+        image_seq_length=patches,
+        video_seq_length=patches // 4,
+        tie_word_embeddings=True,
+    )
+    _seeded(0)
+    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    side = {"shortest_edge": TINY_SIDE}
+    crop = {"height": TINY_SIDE, "width": TINY_SIDE}
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(size=side, crop_size=crop),
+        image_processor=LlavaNextImageProcessor(
+            size=side, crop_size=crop, image_grid_pinpoints=config.image_grid_pinpoints
+        ),
+        tokenizer=tokenizer,
+        chat_template=LLAVA_NEXT_VIDEO_TEMPLATE,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    _save(model, processor, folder)
+    _hub_vision_names(folder)
+    return folder
+
+
+def build_llava_onevision(folder: Path) -> Path:
+    """LLaVA-OneVision: SigLIP tower, bilinear 2x pooling per frame, ChatML prompt."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = train_bpe_tokenizer(
+        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=ONEVISION_TEMPLATE
+    )
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in specials}
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=HEAD,
+        intermediate_size=2 * HEAD,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        patch_size=14,
+        image_size=TINY_SIDE,
+        vision_use_head=False,
+    )
+    text = dict(
+        _text_dims(len(tokenizer)),
+        model_type="qwen2",
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    pinpoints = [[TINY_SIDE, TINY_SIDE], [TINY_SIDE, 2 * TINY_SIDE], [2 * TINY_SIDE, TINY_SIDE]]
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=True,
+    )
+    _seeded(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    side = {"height": TINY_SIDE, "width": TINY_SIDE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=side),
+        tokenizer=tokenizer,
+        chat_template=ONEVISION_TEMPLATE,
+        num_image_tokens=(TINY_SIDE // 14) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    _save(model, processor, folder)
+    _hub_vision_names(folder)
+    return folder
+
+
+BUILDERS = {
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": lambda folder: build_qwen2_vl(folder, qwen25=True),
+    "llava_next_video": build_llava_next_video,
+    "llava_onevision": build_llava_onevision,
+}
