@@ -32,6 +32,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -77,6 +78,16 @@ class CaptionerConfig(StageConfig):
         "auto", description="auto: bfloat16 on GPU, float32 on CPU."
     )
     output_key: str | None = Field(None, description="Where the caption goes (default: text_key).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM AsyncEngineArgs, e.g. {enforce_eager: true}."
+    )
+
+    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
+        "max_model_len",
+        "max_num_seqs",
+        "gpu_memory_utilization",
+        "engine_args",
+    }
 
     def input_fields(self):
         return {self.video_key: "video"}
@@ -229,7 +240,10 @@ class VideoCaptioner(Stage):
             from stages.captioners.vllm_backend import VLLMVideoLM
 
             hf.load_processor()
-            self.lm = VLLMVideoLM(self._engine_args(), self.device, self.config.max_num_seqs, type(self).__name__)
+            decode = partial(hf.processor.decode, skip_special_tokens=True)
+            self.lm = VLLMVideoLM(
+                self._engine_args(), self.device, self.config.max_num_seqs, type(self).__name__, decode
+            )
             self.lm.load()
         self.hf = hf
         self.processor = hf.processor
@@ -250,7 +264,7 @@ class VideoCaptioner(Stage):
         )
         if c.seed is not None:
             args["seed"] = c.seed
-        return args
+        return {**args, **c.engine_args}
 
     def close(self) -> None:
         if self.lm is not None:

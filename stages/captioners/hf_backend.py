@@ -59,6 +59,9 @@ class TransformersVideoLM:
         self.model: Any = None
         self._local = threading.local()
         self._copy_lock = threading.Lock()
+        # One generate at a time on this model: the runtime may have several batches of an
+        # async stage in flight (max_num_seqs / batch_size), and they queue here.
+        self._generate_lock = threading.Lock()
 
     def load_processor(self) -> None:
         require("torch", stage=self.stage, extra="captioners")
@@ -112,9 +115,11 @@ class TransformersVideoLM:
         frame counts) are generated in separate sub-batches.
         """
         results: list[tuple[str, int, int] | None] = [None] * len(encoded)
-        for group in _shape_groups(encoded):
-            for index, result in zip(group, self._generate_group([encoded[i] for i in group], sampling), strict=True):
-                results[index] = result
+        with self._generate_lock:
+            for group in _shape_groups(encoded):
+                outputs = self._generate_group([encoded[i] for i in group], sampling)
+                for index, result in zip(group, outputs, strict=True):
+                    results[index] = result
         return results  # type: ignore[return-value]
 
     def _generate_group(self, encoded: list[dict], sampling: Sampling) -> list[tuple[str, int, int]]:

@@ -62,14 +62,22 @@ def _one_engine_starting_per_host():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def gpu_indices(device: str) -> str | None:
+    """ "cuda:1" -> "1"; a tensor-parallel group "cuda:0,cuda:1" (or "cuda:0,1") -> "0,1"; else None."""
+    if not device.startswith("cuda:"):
+        return None
+    return ",".join(part.strip().removeprefix("cuda:") for part in device.split(","))
+
+
 @contextlib.contextmanager
 def _visible_devices(device: str):
-    """Show the engine only its own GPUs ("cuda:1" or "cuda:0,1") while it starts its workers."""
-    if not device.startswith("cuda:"):
+    """Show the engine only its own GPUs while it starts its workers (they inherit the variable)."""
+    indices = gpu_indices(device)
+    if indices is None:
         yield
         return
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+    os.environ["CUDA_VISIBLE_DEVICES"] = indices
     try:
         yield
     finally:
@@ -82,8 +90,11 @@ def _visible_devices(device: str):
 class VLLMVideoLM:
     """An AsyncLLM engine on its own loop thread, rebuilt when it dies."""
 
-    def __init__(self, engine_args: dict, device: str, max_num_seqs: int, stage: str):
+    def __init__(self, engine_args: dict, device: str, max_num_seqs: int, stage: str, decode):
         self.engine_args = dict(engine_args)
+        # Token ids -> text with the model's own tokenizer, as the transformers backend does
+        # (vLLM's incremental detokenizer drops a trailing partial UTF-8 character).
+        self.decode = decode
         self.device = device
         self.max_num_seqs = max_num_seqs
         self.stage = stage
@@ -101,12 +112,15 @@ class VLLMVideoLM:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"{self.stage}-vllm", daemon=True)
         self._thread.start()
-        self._call(self._init_loop_state())
-        self.engine = self._build_engine()
+        self.engine = self._call(self._start())
 
-    async def _init_loop_state(self) -> None:
+    async def _start(self):
         self._slots = asyncio.Semaphore(self.max_num_seqs)
         self._rebuild_lock = asyncio.Lock()
+        # Built on the engine's own loop (blocking it while the engine starts, which nothing
+        # else needs yet): AsyncLLM binds its output handler to the loop it is built in, and
+        # load() may be called from a thread that runs another loop.
+        return self._build_engine()
 
     def _build_engine(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -115,8 +129,6 @@ class VLLMVideoLM:
         args = AsyncEngineArgs(**self.engine_args)
         with _one_engine_starting_per_host(), _visible_devices(self.device):
             log.info("%s: starting vLLM engine for %s on %s", self.stage, self.engine_args["model"], self.device)
-            # Built outside any running loop: AsyncLLM starts its output handler on the
-            # first request, which is always made on this object's own loop.
             return AsyncLLM.from_engine_args(args)
 
     def close(self) -> None:
@@ -185,7 +197,8 @@ class VLLMVideoLM:
             async for output in engine.generate(prompt, params, f"{self.stage}-{next(self._ids)}"):
                 final = output
         completion = final.outputs[0]
-        return completion.text.strip(), len(completion.token_ids), len(final.prompt_token_ids or ())
+        tokens = list(completion.token_ids)
+        return self.decode(tokens).strip(), len(tokens), len(final.prompt_token_ids or ())
 
     async def _rebuild(self, dead_engine) -> None:
         async with self._rebuild_lock:
@@ -194,6 +207,8 @@ class VLLMVideoLM:
             log.error("%s: the vLLM engine died; shutting it down and starting a new one", self.stage)
             with contextlib.suppress(Exception):
                 dead_engine.shutdown()
+            # Built in a thread with no loop, AsyncLLM starts its output handler on the first
+            # request, which is made here, on the engine's own loop.
             self.engine = await asyncio.to_thread(self._build_engine)
             self.restarts += 1
 
@@ -210,6 +225,7 @@ def _sampling_params(sampling: Sampling):
         repetition_penalty=sampling.repetition_penalty,
         seed=sampling.seed if sampling.temperature > 0 else None,
         output_kind=RequestOutputKind.FINAL_ONLY,
+        detokenize=False,  # decoded once at the end, see VLLMVideoLM.decode
     )
 
 

@@ -11,11 +11,11 @@ from stages.captioners.common import PREPARED
 from stages.registry import stage_class
 from tests.captioners.conftest import FAMILIES, TINY_CONFIG, record
 
-# What one frame (group) of the tiny models costs: 112 px frames, 14 px patches.
+# What one frame (group) of the tiny models costs: 112 px frames (LLaVA-NeXT-Video 224), 14 px patches.
 TINY_COST = {
     "qwen2_vl": (16, 2, 0),  # (112 / 28)^2 tokens per frame pair
     "qwen2_5_vl": (16, 2, 0),
-    "llava_next_video": (16, 1, 0),  # (112 / 14)^2 / 4 per frame
+    "llava_next_video": (64, 1, 0),  # (224 / 14)^2 / 4 per frame
     "llava_onevision": (16, 1, 1),  # ceil(8 / 2)^2 per frame + 1 newline per video
 }
 

@@ -20,6 +20,9 @@ from tests.tiny.tokenizer import train_bpe_tokenizer
 
 # Frames are resized to this side by the LLaVA processors; Qwen gets it as max_pixels.
 TINY_SIDE = 112
+# LLaVA-NeXT-Video's tower: vLLM's video pooler computes image_size // patch_size**2, which
+# must not be 0, so the side is at least 14^2 = 196.
+NEXT_VIDEO_SIDE = 224
 HEAD = 32  # attention head width (vLLM CPU needs >= 32)
 
 QWEN_SPECIALS = [
@@ -113,6 +116,18 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
+def _peaked(model):
+    """Scale the final norm so next-token distributions are peaked: greedy captions then do not
+    flip on float noise, and transformers and vLLM runs of one checkpoint can be compared."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("language_model.norm.weight"):
+                param.mul_(8.0)
+    return model
+
+
 def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> Path:
     """Qwen2-VL (or Qwen2.5-VL with `qwen25=True`): ChatML, frame pairs, dynamic resolution."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -152,7 +167,7 @@ def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> Path:
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
         model_cls, processor_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     _seeded(0)
-    model = model_cls(config).eval()
+    model = _peaked(model_cls(config).eval())
     pixels = {"shortest_edge": 56 * 56, "longest_edge": TINY_SIDE * TINY_SIDE}
     processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(size=pixels),
@@ -164,7 +179,7 @@ def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> Path:
 
 
 def build_llava_next_video(folder: Path) -> Path:
-    """LLaVA-NeXT-Video: CLIP tower, 2x2 average pooling per frame, Vicuna-style prompt."""
+    """LLaVA-NeXT-Video: CLIP tower (224 px), 2x2 average pooling per frame, Vicuna-style prompt."""
     from transformers import (
         LlavaNextImageProcessor,
         LlavaNextVideoConfig,
@@ -185,7 +200,7 @@ def build_llava_next_video(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=1,
         patch_size=14,
-        image_size=TINY_SIDE,
+        image_size=NEXT_VIDEO_SIDE,
         projection_dim=HEAD,
     )
     text = dict(
@@ -195,22 +210,26 @@ def build_llava_next_video(folder: Path) -> Path:
         eos_token_id=ids["</s>"],
         pad_token_id=ids["<pad>"],
     )
-    patches = (TINY_SIDE // 14) ** 2
+    patches = (NEXT_VIDEO_SIDE // 14) ** 2
     config = LlavaNextVideoConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
         vision_feature_layer=-1,
-        image_grid_pinpoints=[[TINY_SIDE, TINY_SIDE], [TINY_SIDE, 2 * TINY_SIDE], [2 * TINY_SIDE, TINY_SIDE]],
+        image_grid_pinpoints=[
+            [NEXT_VIDEO_SIDE, NEXT_VIDEO_SIDE],
+            [NEXT_VIDEO_SIDE, 2 * NEXT_VIDEO_SIDE],
+            [2 * NEXT_VIDEO_SIDE, NEXT_VIDEO_SIDE],
+        ],
         image_seq_length=patches,
         video_seq_length=patches // 4,
         tie_word_embeddings=True,
     )
     _seeded(0)
-    model = LlavaNextVideoForConditionalGeneration(config).eval()
-    side = {"shortest_edge": TINY_SIDE}
-    crop = {"height": TINY_SIDE, "width": TINY_SIDE}
+    model = _peaked(LlavaNextVideoForConditionalGeneration(config).eval())
+    side = {"shortest_edge": NEXT_VIDEO_SIDE}
+    crop = {"height": NEXT_VIDEO_SIDE, "width": NEXT_VIDEO_SIDE}
     processor = LlavaNextVideoProcessor(
         video_processor=LlavaNextVideoVideoProcessor(size=side, crop_size=crop),
         image_processor=LlavaNextImageProcessor(
@@ -268,7 +287,7 @@ def build_llava_onevision(folder: Path) -> Path:
         tie_word_embeddings=True,
     )
     _seeded(0)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model = _peaked(LlavaOnevisionForConditionalGeneration(config).eval())
     side = {"height": TINY_SIDE, "width": TINY_SIDE}
     processor = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=pinpoints),
