@@ -399,7 +399,9 @@ def to_uint8(array):
     """Float frames in [0, 1] (diffusers' `output_type="np"`) -> uint8, rounded as diffusers does."""
     import numpy as np
 
-    return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    # C order: some pipelines return transposed views, and PyAV's from_ndarray reads a strided
+    # array as if it were contiguous (garbage frames, different on every run).
+    return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255).round(), dtype=np.uint8)
 
 
 def output_paths(record: dict[str, Any], extension: str, template: str | None, count: int) -> list[Path]:
@@ -425,6 +427,7 @@ def write_video(frames, path: Path, fps: float, crf: int = 18) -> Path:
     from fractions import Fraction
 
     import av
+    import numpy as np
 
     frames = _even(frames)
     temp = path.with_name(f".{path.name}.part")
@@ -432,9 +435,13 @@ def write_video(frames, path: Path, fps: float, crf: int = 18) -> Path:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # mbtree off: with it, x264's lookahead gave different bytes for the same frames from one
+        # call to the next inside a process that had just run a model (measured here); without it
+        # the same frames always encode to the same file.
+        stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
         for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     os.replace(temp, path)
     return path

@@ -3,7 +3,8 @@
 The conditioning image comes from the record's `image_key` (no prompt); it is centre-cropped to
 the output size so the pipeline's resize does not stretch it. `fps` is both the model's frame
 rate conditioning and the written file's rate. SVD's temporal VAE decodes `decode_chunk_size`
-frames at a time instead of tiling or slicing, so those two switches are refused.
+frames at a time instead of tiling or slicing, so those two switches are refused; each video of a
+batch is decoded on its own (diffusers' chunks would otherwise span two videos).
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ class SVDGenerator(Stage):
         config = self.config
         self.knobs.sync(config.scheduler, config.scheduler_config, None, None)
         rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
-        frames = self.pipe(
+        num_frames = config.num_frames or self.pipe.unet.config.num_frames
+        latents = self.pipe(
             image=[common.fit_image(row[common.PREPARED]["image"], config.width, config.height) for row in rows],
             height=config.height,
             width=config.width,
-            num_frames=config.num_frames or self.pipe.unet.config.num_frames,
+            num_frames=num_frames,
             num_inference_steps=config.num_inference_steps,
             min_guidance_scale=config.min_guidance_scale,
             max_guidance_scale=config.max_guidance_scale,
@@ -113,9 +115,20 @@ class SVDGenerator(Stage):
             noise_aug_strength=config.noise_aug_strength,
             decode_chunk_size=config.decode_chunk_size,
             generator=common.cpu_generators(seeds),
-            output_type="np",
+            output_type="latent",
         ).frames
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        videos = [self._decode(latents[index : index + 1], num_frames) for index in range(len(rows))]
+        return common.regroup(videos, config.num_videos_per_prompt)
+
+    def _decode(self, latents, num_frames: int):
+        """One video's latents -> uint8 frames. The pipeline decodes the whole batch as one run of
+        frames in chunks of decode_chunk_size, so a chunk can span two videos and its temporal
+        layers mix them; decoding each video on its own keeps them apart."""
+        import torch
+
+        with torch.no_grad():
+            frames = self.pipe.decode_latents(latents, num_frames, self.config.decode_chunk_size)
+        return common.to_uint8(self.pipe.video_processor.postprocess_video(video=frames, output_type="np"))[0]
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
