@@ -21,6 +21,7 @@ BASE_PIPELINES = ("StableDiffusionPipeline", "AnimateDiffPipeline")
 DEFAULT_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DEFAULT_BASE = "emilianJR/epiCRealism"
 Kind = Literal["adapter", "base"]
+KNOWN_KINDS: dict[str, Kind] = {DEFAULT_ADAPTER: "adapter", DEFAULT_BASE: "base"}
 
 
 def kind_of(model_path: str, fetch: bool = False) -> Kind | None:
@@ -83,27 +84,32 @@ class AnimateDiffConfig(common.GeneratorConfig):
 
     @model_validator(mode="after")
     def _checkpoints(self):
-        kind = kind_of(self.model_path)
+        kind = kind_of(self.model_path) or KNOWN_KINDS.get(self.model_path)
         if kind is None:
             if Path(self.model_path).expanduser().is_dir():
                 raise ValueError(
                     f"model_path {self.model_path!r} is neither a motion adapter (config.json with _class_name "
                     f"MotionAdapter) nor a Stable Diffusion 1.5 pipeline (model_index.json)"
                 )
-            return self  # a hub id not downloaded yet: told apart at load
+            check_adapter(self.model_path, self.num_frames)  # a hub id not downloaded yet: told apart at load
+            return self
         adapter, base = self.halves(kind)
         key = "base_model_path" if kind == "adapter" else "model_path"
         common.check_pipeline_class(base, BASE_PIPELINES, "AnimateDiffGenerator (base model)", key)
-        check_adapter(common.checkpoint_json(adapter, "config.json"), adapter, self.num_frames)
+        check_adapter(adapter, self.num_frames)
         return self
 
     def input_fields(self) -> dict[str, Any]:
         return common.text_inputs(self)
 
 
-def check_adapter(config: dict | None, adapter: str, num_frames: int) -> None:
+def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
+    """Refuse what is not a MotionAdapter, and more frames than it was trained for; the limit."""
+    config = (common.fetch_json if fetch else common.checkpoint_json)(adapter, "config.json")
+    if config is None and Path(adapter).expanduser().is_dir():
+        raise ValueError(f"motion adapter {adapter!r} has no config.json; it is not a MotionAdapter checkpoint")
     if config is None:
-        limit = 32  # guoyww's adapters
+        limit = 32  # not on disk yet; every published AnimateDiff adapter (guoyww v1-4 to v1-5-3, AnimateLCM)
     elif config.get("_class_name") != "MotionAdapter":
         raise ValueError(
             f"motion adapter {adapter!r} holds a {config.get('_class_name')}, not a MotionAdapter; "
@@ -116,6 +122,7 @@ def check_adapter(config: dict | None, adapter: str, num_frames: int) -> None:
             f"num_frames must be at most {limit} for motion adapter {adapter!r} (its motion_max_seq_length), "
             f"got {num_frames}"
         )
+    return limit
 
 
 class AnimateDiffGenerator(Stage):
@@ -134,7 +141,7 @@ class AnimateDiffGenerator(Stage):
                 f"nor a model_index.json; give the motion adapter or the SD 1.5 base model"
             )
         adapter_path, base_path = config.halves(kind)
-        check_adapter(common.fetch_json(adapter_path, "config.json"), adapter_path, config.num_frames)
+        check_adapter(adapter_path, config.num_frames, fetch=True)
         common.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
         dtype = common.torch_dtype(config.dtype, self.device, "float16")
         adapter = diffusers.MotionAdapter.from_pretrained(adapter_path, dtype=dtype)
