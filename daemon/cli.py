@@ -13,6 +13,7 @@ from stages.registry import known_stages, stage_class
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change set at INFO
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -71,7 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="reelflow", description="Streaming video-dataset daemon: inbox -> model stages -> outbox.")
+    top = argparse.ArgumentParser(
+        prog="reelflow", description="Streaming video-dataset daemon: inbox -> model stages -> outbox."
+    )
     sub = top.add_subparsers(dest="command", required=True)
     for name, helptext in (
         ("serve", "run the daemon over daemon.inbox / daemon.outbox"),
@@ -81,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=helptext)
         cmd.add_argument("--config", "-c", required=True, help="the YAML config file")
         if name != "check":
-            cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override daemon.log_level")
+            cmd.add_argument(
+                "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override daemon.log_level"
+            )
         if name == "run":
             cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     steps = sub.add_parser("steps", help="list the registered stages")

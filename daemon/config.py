@@ -33,7 +33,9 @@ class StepRuntime(BaseModel):
     )
     workers_per_device: int = Field(1, ge=1, description="Workers (resident stage copies) per device.")
     max_wait_ms: int = Field(50, ge=0, description="How long a worker waits to fill a batch before running it.")
-    prep_workers: int = Field(2, ge=1, description="Threads running the stage's per-record `prepare` ahead of the model.")
+    prep_workers: int = Field(
+        2, ge=1, description="Threads running the stage's per-record `prepare` ahead of the model."
+    )
     queue_size: int = Field(64, ge=1, description="Capacity of the step's input queue (backpressure bound).")
 
 
@@ -69,7 +71,9 @@ class PipelineFile(BaseModel):
     meta_path: Path | None = Field(None, description="One-shot input: a jsonl/json/csv/tsv/parquet file.")
     meta_folder: Path | None = Field(None, description="Folder that relative media paths in rows resolve under.")
     base_folder: Path | None = Field(None, description="One-shot: where intermediate per-step results go.")
-    save_folder: Path | None = Field(None, description="One-shot: where the final results go (a folder or a file path).")
+    save_folder: Path | None = Field(
+        None, description="One-shot: where the final results go (a folder or a file path)."
+    )
     image_key: str = Field("image", description="Row field holding an image path.")
     text_key: str = Field("text", description="Row field holding text.")
     video_key: str = Field("video", description="Row field holding a video path.")
@@ -129,7 +133,9 @@ def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
             name, default = match.group(1), match.group(2)
             value = os.environ.get(name, default)
             if value is None:
-                problems.append(f"{path}: environment variable ${{{name}}} is not set (set it, or write ${{{name}:-default}})")
+                problems.append(
+                    f"{path}: environment variable ${{{name}}} is not set (set it, or write ${{{name}:-default}})"
+                )
                 return ""
             return value
 
@@ -162,7 +168,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
     if not isinstance(raw, dict):
-        raise ConfigError(source, [f"expected a mapping with a `steps:` list at the top level, got {type(raw).__name__}"])
+        raise ConfigError(
+            source, [f"expected a mapping with a `steps:` list at the top level, got {type(raw).__name__}"]
+        )
     raw = _expand_env(raw, "", problems)
     try:
         pipeline = PipelineFile.model_validate(raw)
@@ -177,7 +185,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if problems or pipeline is None:
         raise ConfigError(source, problems)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return Config(file=pipeline, steps=tuple(steps), source=Path(source) if source != "<config>" else None, digest=digest)
+    return Config(
+        file=pipeline, steps=tuple(steps), source=Path(source) if source != "<config>" else None, digest=digest
+    )
 
 
 def _validate_step(index: int, spec: Any, raw: dict, problems: list[str]) -> Step | None:

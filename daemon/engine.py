@@ -38,7 +38,14 @@ class FileUnreadable(Exception):
 
 
 class Engine:
-    def __init__(self, config: Config, layout: OutboxLayout, metrics: Metrics, host_factory: HostFactory = local_host, tag_results: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        layout: OutboxLayout,
+        metrics: Metrics,
+        host_factory: HostFactory = local_host,
+        tag_results: bool = False,
+    ):
         self.config = config
         self.layout = layout
         self.metrics = metrics
@@ -75,7 +82,10 @@ class Engine:
         base = meta_folder or job.meta_root.resolve()
         return RowRules(
             required=first.input_fields(),
-            path_keys=frozenset({file.video_key, file.image_key} | {k for k, kind in first.input_fields().items() if kind in ("video", "image")}),
+            path_keys=frozenset(
+                {file.video_key, file.image_key}
+                | {k for k, kind in first.input_fields().items() if kind in ("video", "image")}
+            ),
             roots=(base,),
             base=base,
         )
@@ -153,4 +163,3 @@ class Engine:
             return
         record = Record(id=None, job=job.name, row_number=row_number, row={}, fields={}, key=key)
         await self.pipeline.reject(record, "UnreadableFile", f"{failure}; rows from {row_number} on could not be read")
-

@@ -75,9 +75,14 @@ class RowChecker:
         for key, kind in self.rules.required.items():
             value = record.row.get(key)
             if value is None or value == "":
-                return RowProblem(f"{where}: missing required field {key!r} ({kind}); present fields: {sorted(record.row)}", "MissingField")
+                return RowProblem(
+                    f"{where}: missing required field {key!r} ({kind}); present fields: {sorted(record.row)}",
+                    "MissingField",
+                )
             if not isinstance(value, str):
-                return RowProblem(f"{where}: field {key!r} is a {type(value).__name__}; expected a string ({kind})", "WrongType")
+                return RowProblem(
+                    f"{where}: field {key!r} is a {type(value).__name__}; expected a string ({kind})", "WrongType"
+                )
         for key in self.rules.path_keys:
             value = record.row.get(key)
             if not isinstance(value, str) or not value:

@@ -97,5 +97,7 @@ def record_failure(inbox: Path, path: Path, message: str) -> Path:
     """Move an unreadable file to inbox/.failed/ with `<name>.error.json` beside it."""
     target = unique_destination(inbox / FAILED, path.name)
     os.replace(path, target)
-    write_json_atomic(target.with_name(target.name + ".error.json"), {"file": path.name, "error": message, "at": time.time()})
+    write_json_atomic(
+        target.with_name(target.name + ".error.json"), {"file": path.name, "error": message, "at": time.time()}
+    )
     return target

@@ -28,7 +28,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.records = Counter("reelflow_records", "Records finished, by step and status (ok, error, skipped).", ["step", "status"], registry=r)
+        self.records = Counter(
+            "reelflow_records",
+            "Records finished, by step and status (ok, error, skipped).",
+            ["step", "status"],
+            registry=r,
+        )
         self.step_seconds = Histogram(
             "reelflow_step_seconds",
             "Seconds per batch in a step's model call.",
@@ -36,16 +41,35 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
-        self.batch_size = Histogram("reelflow_batch_size", "Records per model call.", ["step"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.queue_depth = Gauge("reelflow_queue_depth", "Records waiting in a step's input queue.", ["step"], registry=r)
-        self.inflight = Gauge("reelflow_inflight", "Records inside a step's workers (preparing or in a model call).", ["step"], registry=r)
+        self.batch_size = Histogram(
+            "reelflow_batch_size",
+            "Records per model call.",
+            ["step"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "reelflow_queue_depth", "Records waiting in a step's input queue.", ["step"], registry=r
+        )
+        self.inflight = Gauge(
+            "reelflow_inflight", "Records inside a step's workers (preparing or in a model call).", ["step"], registry=r
+        )
         self.jobs = Gauge("reelflow_jobs", "Jobs by state (claimed, done, failed).", ["state"], registry=r)
-        self.model_load_seconds = Gauge("reelflow_model_load_seconds", "Seconds the last model load of a step took.", ["step"], registry=r)
-        self.model_loads = Counter("reelflow_model_loads", "Stage loads (one per worker start or heavy reload).", ["step"], registry=r)
-        self.config_reloads = Counter("reelflow_config_reloads", "Config reloads by result (ok, error).", ["result"], registry=r)
-        self.worker_restarts = Counter("reelflow_worker_restarts", "Workers restarted after dying.", ["step"], registry=r)
+        self.model_load_seconds = Gauge(
+            "reelflow_model_load_seconds", "Seconds the last model load of a step took.", ["step"], registry=r
+        )
+        self.model_loads = Counter(
+            "reelflow_model_loads", "Stage loads (one per worker start or heavy reload).", ["step"], registry=r
+        )
+        self.config_reloads = Counter(
+            "reelflow_config_reloads", "Config reloads by result (ok, error).", ["result"], registry=r
+        )
+        self.worker_restarts = Counter(
+            "reelflow_worker_restarts", "Workers restarted after dying.", ["step"], registry=r
+        )
         self.usage = {
-            key: Counter(name.removesuffix("_total"), help_text, ["step"], registry=r) for key, (name, help_text) in USAGE_METRICS.items()
+            key: Counter(name.removesuffix("_total"), help_text, ["step"], registry=r)
+            for key, (name, help_text) in USAGE_METRICS.items()
         }
         for state in ("claimed", "done", "failed"):
             self.jobs.labels(state).set(0)
@@ -76,7 +100,9 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror}; pick another daemon.metrics.port (0 = any free port)") from None
+            raise OSError(
+                f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror}; pick another daemon.metrics.port (0 = any free port)"
+            ) from None
         self.port = self._server.sockets[0].getsockname()[1]
         return self.url
 
@@ -107,7 +133,11 @@ class MetricsServer:
         if path == "/healthz":
             return "200 OK", b"ok\n", "text/plain"
         if path == "/readyz":
-            return ("200 OK", b"ready\n", "text/plain") if self.is_ready() else ("503 Service Unavailable", b"loading\n", "text/plain")
+            return (
+                ("200 OK", b"ready\n", "text/plain")
+                if self.is_ready()
+                else ("503 Service Unavailable", b"loading\n", "text/plain")
+            )
         return "404 Not Found", b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
 
     async def stop(self) -> None:

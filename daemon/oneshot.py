@@ -26,7 +26,14 @@ from daemon.readers import META_FORMATS, input_format
 
 log = logging.getLogger("reelflow")
 
-EXTENSIONS = {"jsonl": ".jsonl", "json": ".json", "csv": ".csv", "tsv": ".tsv", "parquet": ".parquet", "video": ".jsonl"}
+EXTENSIONS = {
+    "jsonl": ".jsonl",
+    "json": ".json",
+    "csv": ".csv",
+    "tsv": ".tsv",
+    "parquet": ".parquet",
+    "video": ".jsonl",
+}
 
 
 @dataclass
@@ -47,7 +54,9 @@ def _targets(config: Config) -> tuple[Path, Path, Path, str]:
     elif not file.meta_path.is_file():
         problems.append(f"meta_path: no such file: {file.meta_path}")
     elif input_format(file.meta_path) is None:
-        problems.append(f"meta_path: {file.meta_path.name}: unsupported type; expected one of {sorted(META_FORMATS)} or a video file")
+        problems.append(
+            f"meta_path: {file.meta_path.name}: unsupported type; expected one of {sorted(META_FORMATS)} or a video file"
+        )
     if file.save_folder is None:
         problems.append("save_folder: required for `reelflow run` (where the final results go)")
     if problems:
@@ -154,7 +163,9 @@ def main(config: Config, progress: bool = True) -> int:
     except FileUnreadable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"done: {summary.ok} ok, {summary.errors} errors, {summary.skipped} skipped (already written by an earlier run)")
+    print(
+        f"done: {summary.ok} ok, {summary.errors} errors, {summary.skipped} skipped (already written by an earlier run)"
+    )
     print(f"results: {summary.results}")
     if summary.errors or summary.errors_file.exists():
         print(f"errors:  {summary.errors_file}")

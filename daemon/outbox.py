@@ -136,7 +136,9 @@ class JobWriter:
     def _default(self, value: Any) -> Any:
         if isinstance(value, Path):
             resolved = value.resolve()
-            return str(resolved.relative_to(self.relative_to)) if resolved.is_relative_to(self.relative_to) else str(value)
+            return (
+                str(resolved.relative_to(self.relative_to)) if resolved.is_relative_to(self.relative_to) else str(value)
+            )
         if hasattr(value, "tolist"):  # numpy scalars and arrays
             return value.tolist()
         if isinstance(value, set | frozenset | tuple):
@@ -160,7 +162,17 @@ class JobWriter:
     def write_errors(self, entries: list[tuple[Record, str, str, str]]) -> None:
         """`entries`: (record, step label, error type, message)."""
         data = b"".join(
-            self._dump({"id": r.id, "job": self.job, "row": r.row_number, "step": step, "error": kind, "message": message, "record": r.row})
+            self._dump(
+                {
+                    "id": r.id,
+                    "job": self.job,
+                    "row": r.row_number,
+                    "step": step,
+                    "error": kind,
+                    "message": message,
+                    "record": r.row,
+                }
+            )
             for r, step, kind, message in entries
         )
         self._append(self.paths.errors, data, sync=True)

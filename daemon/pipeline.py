@@ -78,7 +78,9 @@ def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> 
         return ["cpu"]  # an API stage: concurrency slots, not devices
     devices = config.devices or gpus() or ["cpu"]
     group = max(1, int(getattr(config, "tensor_parallel_size", 1) or 1))
-    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [",".join(devices)]
+    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [
+        ",".join(devices)
+    ]
     return [device for device in groups for _ in range(config.workers_per_device)]
 
 
@@ -120,7 +122,11 @@ class Pipeline:
             for n, device in enumerate(devices):
                 name = f"{step.label}/w{n}@{device}"
                 host = self.host_factory(step, device, name)
-                self.workers[step.index].append(Worker(step.index, step.label, host, self.queues[step.index], self.advance, self.metrics, limits, name))
+                self.workers[step.index].append(
+                    Worker(
+                        step.index, step.label, host, self.queues[step.index], self.advance, self.metrics, limits, name
+                    )
+                )
             log.info(
                 "%s: %d worker(s) on %s; batch_size=%d max_wait_ms=%d concurrency=%d queue_size=%d prep_workers=%d",
                 step.label,

@@ -18,8 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-META_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
-VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"})
+META_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
+)
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,22 @@ def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
             try:
                 value = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield line_number, RowProblem(f"{name}: line {line_number} is not valid JSON ({exc}); expected one JSON object per line", "BadJson")
+                yield (
+                    line_number,
+                    RowProblem(
+                        f"{name}: line {line_number} is not valid JSON ({exc}); expected one JSON object per line",
+                        "BadJson",
+                    ),
+                )
                 continue
             if not isinstance(value, dict):
-                yield line_number, RowProblem(f"{name}: line {line_number} is a JSON {type(value).__name__}; expected a JSON object", "NotAnObject")
+                yield (
+                    line_number,
+                    RowProblem(
+                        f"{name}: line {line_number} is a JSON {type(value).__name__}; expected a JSON object",
+                        "NotAnObject",
+                    ),
+                )
                 continue
             yield line_number, value
 
@@ -109,7 +130,9 @@ def _read_json_array(path: Path, name: str, chunk_chars: int = 1 << 16) -> Itera
         except UnicodeDecodeError as exc:
             raise UnreadableFile(f"{name}: not UTF-8 text ({exc})") from None
         if first != "[":
-            raise UnreadableFile(f"{name}: expected a JSON array of objects ([{{...}}, ...]), found {first!r} at the start")
+            raise UnreadableFile(
+                f"{name}: expected a JSON array of objects ([{{...}}, ...]), found {first!r} at the start"
+            )
         position += 1
         element = 0
         while True:
@@ -129,13 +152,25 @@ def _read_json_array(path: Path, name: str, chunk_chars: int = 1 << 16) -> Itera
                 except json.JSONDecodeError as exc:
                     if not eof and fill():
                         continue
-                    yield element, RowProblem(f"{name}: array element {element} is not valid JSON ({exc.msg}); the rest of the file cannot be read", "BadJson")
+                    yield (
+                        element,
+                        RowProblem(
+                            f"{name}: array element {element} is not valid JSON ({exc.msg}); the rest of the file cannot be read",
+                            "BadJson",
+                        ),
+                    )
                     return
             position = end
             if isinstance(value, dict):
                 yield element, value
             else:
-                yield element, RowProblem(f"{name}: array element {element} is a JSON {type(value).__name__}; expected an object", "NotAnObject")
+                yield (
+                    element,
+                    RowProblem(
+                        f"{name}: array element {element} is a JSON {type(value).__name__}; expected an object",
+                        "NotAnObject",
+                    ),
+                )
 
 
 def _read_delimited(path: Path, name: str, delimiter: str) -> Iterator[tuple[int, Any]]:
@@ -151,9 +186,12 @@ def _read_delimited(path: Path, name: str, delimiter: str) -> Iterator[tuple[int
                 if not values or (len(values) == 1 and not values[0].strip()):
                     continue
                 if len(values) != len(header):
-                    yield row_number, RowProblem(
-                        f"{name}: row {row_number} (line {reader.line_num}) has {len(values)} fields; expected {len(header)} like the header {header}",
-                        "BadRow",
+                    yield (
+                        row_number,
+                        RowProblem(
+                            f"{name}: row {row_number} (line {reader.line_num}) has {len(values)} fields; expected {len(header)} like the header {header}",
+                            "BadRow",
+                        ),
                     )
                     continue
                 yield row_number, dict(zip(header, values, strict=True))

@@ -92,7 +92,11 @@ class Daemon:
         if self._signals > 1:
             log.warning("second %s: exiting now without draining", sig.name)
             os._exit(1)
-        log.info("%s: stopping intake and draining (up to %.0f s; send it again to exit at once)", sig.name, self.config.daemon.drain_timeout_s)
+        log.info(
+            "%s: stopping intake and draining (up to %.0f s; send it again to exit at once)",
+            sig.name,
+            self.config.daemon.drain_timeout_s,
+        )
         self._stop.set()
 
     async def _shutdown(self, intake: asyncio.Task, stop: asyncio.Task) -> None:
@@ -104,7 +108,10 @@ class Daemon:
         if self._job_tasks:
             _, pending = await asyncio.wait(self._job_tasks, timeout=self.config.daemon.drain_timeout_s)
             if pending:
-                log.warning("drain timeout: %d job(s) still had records in flight; they stay claimed and resume next start", len(pending))
+                log.warning(
+                    "drain timeout: %d job(s) still had records in flight; they stay claimed and resume next start",
+                    len(pending),
+                )
         await self.engine.stop()
         for task in self._job_tasks:
             task.cancel()
@@ -147,7 +154,13 @@ class Daemon:
         if known is not None and known.state in ("done", "claimed"):
             target = unique_destination(self.inbox_dir / DONE, path.name)
             os.replace(path, target)
-            log.info("%s has the same content as job %s (%s): nothing to do, moved to %s", path.name, known.name, known.state, target)
+            log.info(
+                "%s has the same content as job %s (%s): nothing to do, moved to %s",
+                path.name,
+                known.name,
+                known.state,
+                target,
+            )
             return
         in_work = {p.stem for p in (self.inbox_dir / WORK).iterdir()}
         name = known.name if known is not None else self.ledger.new_name(path.stem, in_work)
@@ -184,6 +197,12 @@ class Daemon:
                 entry.ok, entry.errors = run.writer.results_written, run.writer.errors_written
                 self.ledger.save(entry)
                 self.metrics.jobs.labels("done").inc()
-                log.info("job %s done: %d ok, %d errors (%d skipped as already written)", entry.name, run.ok, run.errors, run.skipped)
+                log.info(
+                    "job %s done: %d ok, %d errors (%d skipped as already written)",
+                    entry.name,
+                    run.ok,
+                    run.errors,
+                    run.skipped,
+                )
             finally:
                 self.metrics.jobs.labels("claimed").dec()

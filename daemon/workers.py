@@ -46,7 +46,9 @@ class LocalHost:
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
         self.stage = stage_cls(config, device)
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
-        self._prep_pool = ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
+        self._prep_pool = (
+            ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
+        )
 
     async def _in_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
@@ -94,7 +96,17 @@ class BatchLimits:
 
 
 class Worker:
-    def __init__(self, step_index: int, step_label: str, host: StageHost, queue: asyncio.Queue, advance: Advance, metrics, limits: BatchLimits, name: str):
+    def __init__(
+        self,
+        step_index: int,
+        step_label: str,
+        host: StageHost,
+        queue: asyncio.Queue,
+        advance: Advance,
+        metrics,
+        limits: BatchLimits,
+        name: str,
+    ):
         self.step_index = step_index
         self.step_label = step_label
         self.host = host
@@ -167,7 +179,9 @@ class Worker:
         try:
             outputs = await self.host.process([prepared for _, prepared in items])
             if not isinstance(outputs, list) or len(outputs) != len(items):
-                raise RuntimeError(f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order")
+                raise RuntimeError(
+                    f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order"
+                )
         except Exception as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -182,9 +196,17 @@ class Worker:
                 record.merge(output)
                 ok.append(record)
             else:
-                failed.append((record, "BadStageOutput", f"stage returned a {type(output).__name__}; expected a dict of new fields or a StageError"))
+                failed.append(
+                    (
+                        record,
+                        "BadStageOutput",
+                        f"stage returned a {type(output).__name__}; expected a dict of new fields or a StageError",
+                    )
+                )
 
-    async def _recover(self, items: list[tuple[Record, dict]], exc: Exception, ok: list[Record], failed: list[Failure]) -> None:
+    async def _recover(
+        self, items: list[tuple[Record, dict]], exc: Exception, ok: list[Record], failed: list[Failure]
+    ) -> None:
         if len(items) == 1:
             record = items[0][0]
             kind = type(exc).__name__
@@ -200,6 +222,12 @@ class Worker:
             await self._call_model(items[:half], ok, failed)
             await self._call_model(items[half:], ok, failed)
             return
-        log.warning("%s: a batch of %d raised %s: %s; retrying record by record to isolate the bad one", self.name, len(items), type(exc).__name__, exc)
+        log.warning(
+            "%s: a batch of %d raised %s: %s; retrying record by record to isolate the bad one",
+            self.name,
+            len(items),
+            type(exc).__name__,
+            exc,
+        )
         for item in items:
             await self._call_model([item], ok, failed)

@@ -13,7 +13,9 @@ from stages.video.frames import sample_frames
 
 class FrameSamplerConfig(StageConfig):
     num_frames: int | None = Field(None, ge=1, le=1024, description="Frames spaced evenly over the video.")
-    fps: float | None = Field(None, gt=0, le=120, description="Frames per second of video to take instead of num_frames.")
+    fps: float | None = Field(
+        None, gt=0, le=120, description="Frames per second of video to take instead of num_frames."
+    )
     max_frames: int | None = Field(None, ge=1, description="With fps: at most this many frames (evenly thinned).")
     max_side: int | None = Field(None, ge=16, description="Downscale so the longer side is at most this many pixels.")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality.")
@@ -41,7 +43,13 @@ class FrameSampler(Stage):
         from PIL import Image
 
         config = self.config
-        sampled = sample_frames(record[config.video_key], num_frames=config.num_frames, fps=config.fps, max_frames=config.max_frames, max_side=config.max_side)
+        sampled = sample_frames(
+            record[config.video_key],
+            num_frames=config.num_frames,
+            fps=config.fps,
+            max_frames=config.max_frames,
+            max_side=config.max_side,
+        )
         folder = Path(record[MEDIA_DIR]) / safe_file_stem(str(record[RECORD_ID]))
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
