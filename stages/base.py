@@ -97,6 +97,9 @@ class Stage:
     """
 
     Config: ClassVar[type[StageConfig]] = StageConfig
+    # True for stages that put a model on an accelerator: by default they get one worker per
+    # visible GPU; the others run on the CPU unless the step names `devices`.
+    accelerated: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, device: str = "cpu"):
         self.config = config
