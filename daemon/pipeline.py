@@ -76,7 +76,7 @@ def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> 
     config = step.config
     if config.devices:
         devices = config.devices
-    elif step.stage_cls.accelerated:
+    elif step.stage_cls.uses_accelerator(config):
         devices = gpus() or ["cpu"]
     else:
         devices = ["cpu"]  # CPU tools and API stages (whose concurrency is max_num_seqs, not devices)

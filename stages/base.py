@@ -106,6 +106,11 @@ class Stage:
         self.device = device
         self.usage: Counter[str] = Counter()
 
+    @classmethod
+    def uses_accelerator(cls, config: StageConfig) -> bool:
+        """Whether this configuration wants a GPU (override when a `backend` key decides)."""
+        return cls.accelerated
+
     def load(self) -> None:
         """Load weights once; may be slow. Called in a worker thread."""
 
