@@ -8,10 +8,13 @@ happen inside the functions, so importing a generator module for `reelflow check
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -73,7 +76,8 @@ class GeneratorConfig(StageConfig):
     )
     filename: str | None = Field(
         None,
-        description="File name template without extension, with {id}, {job} and record fields; default `{id}`.",
+        description="File name template without extension, with {id}, {job} and record fields; default `{id}`, "
+        "or `{id}_<output_key>` when output_key is set to a key of its own.",
     )
 
     @field_validator("scheduler")
@@ -93,9 +97,7 @@ class GeneratorConfig(StageConfig):
 def multiple_of(value: int | None, factor: int, name: str, model: str) -> int | None:
     if value is not None and value % factor:
         lower, upper = value - value % factor, value - value % factor + factor
-        raise ValueError(
-            f"{name} must be a multiple of {factor} for {model}, got {value}; use {lower or upper} or {upper}"
-        )
+        raise ValueError(f"{name} must be a multiple of {factor} for {model}; use {lower or upper} or {upper}")
     return value
 
 
@@ -188,6 +190,28 @@ def ensure_pipeline_class(model_path: str, expected: Iterable[str], stage: str, 
 
 # --- loading --------------------------------------------------------------------------------------
 
+# The daemon loads its steps in parallel threads, and loading is not thread-safe: transformers'
+# and diffusers' lazy modules fail ("cannot import name 'CLIPTextModel' from 'transformers") when
+# several threads resolve them at once, and accelerate's init_empty_weights (diffusers'
+# low_cpu_mem_usage path) patches torch.nn.Module process-wide, so a model built in another
+# thread meanwhile gets meta tensors that its weights are never copied into. Generators hold
+# this lock for all of `load` (and while resolving a class by name).
+LOADING = threading.RLock()
+
+
+def diffusers_class(name: str, *checkpoints: str):
+    """`diffusers.<name>`, after importing every class the checkpoints' model_index.json names."""
+    with LOADING:
+        import diffusers
+
+        found = getattr(diffusers, name)
+        for checkpoint in checkpoints:
+            for value in (checkpoint_json(checkpoint, "model_index.json") or {}).values():
+                if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+                    with contextlib.suppress(ImportError, AttributeError):  # from_pretrained says it better
+                        getattr(importlib.import_module(value[0]), value[1])
+        return found
+
 
 def is_cuda(device: str) -> bool:
     return str(device).startswith("cuda")
@@ -254,12 +278,13 @@ class Knobs:
         self.applied = wanted
 
     def _scheduler(self, name: str | None, overrides: dict[str, Any]):
-        import diffusers
-
         base = self.base_scheduler
         if name is None and not overrides:
             return base
-        cls = type(base) if name is None else getattr(diffusers, name, None)
+        try:
+            cls = type(base) if name is None else diffusers_class(name)
+        except AttributeError:
+            cls = None
         if cls is None or not hasattr(cls, "from_config"):
             compatible = sorted(c.__name__ for c in getattr(base, "compatibles", []))
             raise ValueError(
@@ -456,8 +481,19 @@ def write_png(image, path: Path) -> Path:
     return path
 
 
+def _filename(config: GeneratorConfig, default_key: str) -> str | None:
+    """The file name template: `filename`, else `{id}`, else `{id}_<output_key>` when the step
+    writes under its own output_key (so two generator steps of a pipeline do not overwrite
+    each other's `<id>.mp4`)."""
+    if config.filename:
+        return config.filename
+    if config.output_key and config.output_key != default_key:
+        return "{id}_" + config.output_key.replace("{", "{{").replace("}", "}}")
+    return None
+
+
 def write_videos(record, videos: list, config: GeneratorConfig, fps: float, usage) -> dict[str, Any]:
-    paths = output_paths(record, "mp4", config.filename, len(videos))
+    paths = output_paths(record, "mp4", _filename(config, config.video_key), len(videos))
     for frames, path in zip(videos, paths, strict=True):
         write_video(frames, path, fps)
         usage["generated_frames"] += len(frames)
@@ -466,7 +502,7 @@ def write_videos(record, videos: list, config: GeneratorConfig, fps: float, usag
 
 
 def write_images(record, images: list, config: GeneratorConfig, usage) -> dict[str, Any]:
-    paths = output_paths(record, "png", config.filename, len(images))
+    paths = output_paths(record, "png", _filename(config, config.image_key), len(images))
     for image, path in zip(images, paths, strict=True):
         write_png(image, path)
         usage["generated_frames"] += 1

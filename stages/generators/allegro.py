@@ -123,30 +123,33 @@ class AllegroConfig(common.GeneratorConfig):
 
 class AllegroGenerator(Stage):
     Config = AllegroConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="AllegroGenerator", extra="generators")
-        import diffusers
-        import torch
-        from diffusers.utils import is_bs4_available, is_ftfy_available
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="AllegroGenerator", extra="generators")
+            import torch
+            from diffusers.utils import is_bs4_available, is_ftfy_available
 
-        config = self.config
-        common.check_offload(config, self.device, "AllegroGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "AllegroGenerator")
-        dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-        components = {}
-        if config.subfolder:
-            components["vae"] = diffusers.AutoencoderKLAllegro.from_pretrained(
-                config.model_path, subfolder=config.subfolder, dtype=torch.float32
+            config = self.config
+            common.check_offload(config, self.device, "AllegroGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "AllegroGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
+            components = {}
+            if config.subfolder:
+                components["vae"] = common.diffusers_class("AutoencoderKLAllegro").from_pretrained(
+                    config.model_path, subfolder=config.subfolder, dtype=torch.float32
+                )
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype), **components
             )
-        self.pipe = diffusers.AllegroPipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype), **components
-        )
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "AllegroGenerator")
-        self.can_clean = is_bs4_available() and is_ftfy_available()
-        if config.clean_caption and not self.can_clean:
-            common.log_once("allegro-clean", "AllegroGenerator: clean_caption needs bs4 and ftfy; prompts go uncleaned")
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "AllegroGenerator")
+            self.can_clean = is_bs4_available() and is_ftfy_available()
+            if config.clean_caption and not self.can_clean:
+                common.log_once(
+                    "allegro-clean", "AllegroGenerator: clean_caption needs bs4 and ftfy; prompts go uncleaned"
+                )
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "AllegroGenerator")}}

@@ -127,32 +127,32 @@ def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
 
 class AnimateDiffGenerator(Stage):
     Config = AnimateDiffConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="AnimateDiffGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "AnimateDiffGenerator")
-        kind = kind_of(config.model_path, fetch=True)
-        if kind is None:
-            raise ValueError(
-                f"AnimateDiffGenerator: model_path {config.model_path!r} has neither a MotionAdapter config.json "
-                f"nor a model_index.json; give the motion adapter or the SD 1.5 base model"
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="AnimateDiffGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "AnimateDiffGenerator")
+            kind = kind_of(config.model_path, fetch=True)
+            if kind is None:
+                raise ValueError(
+                    f"AnimateDiffGenerator: model_path {config.model_path!r} has neither a MotionAdapter config.json "
+                    f"nor a model_index.json; give the motion adapter or the SD 1.5 base model"
+                )
+            adapter_path, base_path = config.halves(kind)
+            check_adapter(adapter_path, config.num_frames, fetch=True)
+            common.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
+            dtype = common.torch_dtype(config.dtype, self.device, "float16")
+            adapter = common.diffusers_class("MotionAdapter").from_pretrained(adapter_path, dtype=dtype)
+            # `variant` applies to the base model: adapters are published in one precision.
+            self.pipe = common.diffusers_class("AnimateDiffPipeline", base_path).from_pretrained(
+                base_path, motion_adapter=adapter, **common.pretrained_kwargs(config, dtype)
             )
-        adapter_path, base_path = config.halves(kind)
-        check_adapter(adapter_path, config.num_frames, fetch=True)
-        common.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
-        dtype = common.torch_dtype(config.dtype, self.device, "float16")
-        adapter = diffusers.MotionAdapter.from_pretrained(adapter_path, dtype=dtype)
-        # `variant` applies to the base model: adapters are published in one precision.
-        self.pipe = diffusers.AnimateDiffPipeline.from_pretrained(
-            base_path, motion_adapter=adapter, **common.pretrained_kwargs(config, dtype)
-        )
-        self.max_frames = adapter.config.motion_max_seq_length
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "AnimateDiffGenerator")
-        common.clip_text_model_shim(self.pipe.text_encoder)
+            self.max_frames = adapter.config.motion_max_seq_length
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "AnimateDiffGenerator")
+            common.clip_text_model_shim(self.pipe.text_encoder)
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "AnimateDiffGenerator")}}

@@ -87,22 +87,22 @@ class CogVideoXI2VConfig(common.GeneratorConfig):
 
 class CogVideoXGenerator(Stage):
     Config = CogVideoXI2VConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="CogVideoXGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "CogVideoXGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXGenerator")
-        dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-        self.pipe = diffusers.CogVideoXImageToVideoPipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype)
-        )
-        text_length(self.pipe, config.max_sequence_length, "CogVideoXGenerator")
-        check_resolution(self._trained(), config.height, config.width, config.model_path)
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "CogVideoXGenerator")
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="CogVideoXGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "CogVideoXGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            text_length(self.pipe, config.max_sequence_length, "CogVideoXGenerator")
+            check_resolution(self._trained(), config.height, config.width, config.model_path)
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "CogVideoXGenerator")
 
     def _trained(self) -> tuple[int, int] | None:
         transformer = self.pipe.transformer.config

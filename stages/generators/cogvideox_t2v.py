@@ -22,8 +22,8 @@ def check_frames(value: int) -> int:
     if (value - 1) % 8:
         lower = value - (value - 1) % 8
         raise ValueError(
-            f"num_frames must be 8k+1 for CogVideoX (e.g. 9, 17, 25, 33, 41, 49), got {value}; "
-            f"use {lower if lower > 1 else 9} or {lower + 8}"
+            f"num_frames must be 8k+1 for CogVideoX (e.g. 9, 17, 25, 33, 41, 49); use {lower if lower > 1 else 9} "
+            f"or {lower + 8}"
         )
     return value
 
@@ -83,21 +83,21 @@ class CogVideoXT2VConfig(common.GeneratorConfig):
 
 class CogVideoXT2VGenerator(Stage):
     Config = CogVideoXT2VConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="CogVideoXT2VGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "CogVideoXT2VGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXT2VGenerator")
-        dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-        self.pipe = diffusers.CogVideoXPipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype)
-        )
-        text_length(self.pipe, config.max_sequence_length, "CogVideoXT2VGenerator")
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "CogVideoXT2VGenerator")
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="CogVideoXT2VGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "CogVideoXT2VGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXT2VGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            text_length(self.pipe, config.max_sequence_length, "CogVideoXT2VGenerator")
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "CogVideoXT2VGenerator")
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "CogVideoXT2VGenerator")}}

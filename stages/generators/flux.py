@@ -65,18 +65,20 @@ class FLUXConfig(common.GeneratorConfig):
 
 class FLUXGenerator(Stage):
     Config = FLUXConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="FLUXGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "FLUXGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "FLUXGenerator")
-        dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-        self.pipe = diffusers.FluxPipeline.from_pretrained(config.model_path, **common.pretrained_kwargs(config, dtype))
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "FLUXGenerator")
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="FLUXGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "FLUXGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "FLUXGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "FLUXGenerator")
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "FLUXGenerator")}}

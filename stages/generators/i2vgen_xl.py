@@ -73,24 +73,24 @@ class I2VGenXLConfig(common.GeneratorConfig):
 
 class I2VGenXLGenerator(Stage):
     Config = I2VGenXLConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="I2VGenXLGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "I2VGenXLGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "I2VGenXLGenerator")
-        common.log_once("i2vgenxl", "I2VGenXLGenerator: diffusers has deprecated I2VGenXLPipeline; it still runs")
-        dtype = common.torch_dtype(config.dtype, self.device, "float16")
-        self.pipe = diffusers.I2VGenXLPipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype)
-        )
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "I2VGenXLGenerator")
-        common.clip_text_model_shim(self.pipe.text_encoder)
-        self.encode = SeededEncode(self.pipe.vae.encode)
-        self.pipe.vae.encode = self.encode
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="I2VGenXLGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "I2VGenXLGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "I2VGenXLGenerator")
+            common.log_once("i2vgenxl", "I2VGenXLGenerator: diffusers has deprecated I2VGenXLPipeline; it still runs")
+            dtype = common.torch_dtype(config.dtype, self.device, "float16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "I2VGenXLGenerator")
+            common.clip_text_model_shim(self.pipe.text_encoder)
+            self.encode = SeededEncode(self.pipe.vae.encode)
+            self.pipe.vae.encode = self.encode
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         config = self.config

@@ -51,24 +51,24 @@ class ModelScopeT2VConfig(common.GeneratorConfig):
 
 class ModelScopeT2VGenerator(Stage):
     Config = ModelScopeT2VConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="ModelScopeT2VGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "ModelScopeT2VGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "ModelScopeT2VGenerator")
-        common.log_once(
-            "modelscope", "ModelScopeT2VGenerator: diffusers has deprecated TextToVideoSDPipeline; it still runs"
-        )
-        dtype = common.torch_dtype(config.dtype, self.device, "float16")
-        self.pipe = diffusers.TextToVideoSDPipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype)
-        )
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "ModelScopeT2VGenerator")
-        common.clip_text_model_shim(self.pipe.text_encoder)
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="ModelScopeT2VGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "ModelScopeT2VGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "ModelScopeT2VGenerator")
+            common.log_once(
+                "modelscope", "ModelScopeT2VGenerator: diffusers has deprecated TextToVideoSDPipeline; it still runs"
+            )
+            dtype = common.torch_dtype(config.dtype, self.device, "float16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "ModelScopeT2VGenerator")
+            common.clip_text_model_shim(self.pipe.text_encoder)
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "ModelScopeT2VGenerator")}}

@@ -52,20 +52,20 @@ class StableDiffusion3Config(common.GeneratorConfig):
 
 class StableDiffusionGenerator(Stage):
     Config = StableDiffusion3Config
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="StableDiffusionGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "StableDiffusionGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "StableDiffusionGenerator")
-        dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-        self.pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype)
-        )
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "StableDiffusionGenerator")
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="StableDiffusionGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "StableDiffusionGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "StableDiffusionGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "StableDiffusionGenerator")
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         return {

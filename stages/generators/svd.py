@@ -74,20 +74,20 @@ class SVDConfig(common.GeneratorConfig):
 
 class SVDGenerator(Stage):
     Config = SVDConfig
+    accelerated = True  # one resident pipeline per GPU
 
     def load(self) -> None:
-        require("diffusers", stage="SVDGenerator", extra="generators")
-        import diffusers
-
-        config = self.config
-        common.check_offload(config, self.device, "SVDGenerator")
-        common.ensure_pipeline_class(config.model_path, [PIPELINE], "SVDGenerator")
-        dtype = common.torch_dtype(config.dtype, self.device, "float16")
-        self.pipe = diffusers.StableVideoDiffusionPipeline.from_pretrained(
-            config.model_path, **common.pretrained_kwargs(config, dtype)
-        )
-        common.place(self.pipe, config, self.device)
-        self.knobs = common.Knobs(self.pipe, "SVDGenerator")
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="SVDGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "SVDGenerator")
+            common.ensure_pipeline_class(config.model_path, [PIPELINE], "SVDGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "float16")
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype)
+            )
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "SVDGenerator")
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         config = self.config

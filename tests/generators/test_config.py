@@ -70,7 +70,7 @@ def test_defaults_are_the_models_recommended_ones():
 def test_sides_must_be_multiples_of_16(name):
     extra = {"num_frames": 49} if name.startswith("CogVideoX") else {}
     message = refused(name, height=500, width=720, **extra)
-    assert "height must be a multiple of 16" in message and "got 500" in message and "496 or 512" in message
+    assert "height must be a multiple of 16" in message and "input_value=500" in message and "496 or 512" in message
 
 
 def test_multiples_of_8_for_the_unet_video_models():
@@ -80,7 +80,7 @@ def test_multiples_of_8_for_the_unet_video_models():
 
 def test_cogvideox_frames_are_8k_plus_1():
     message = refused("CogVideoXT2VGenerator", num_frames=48)
-    assert "num_frames must be 8k+1" in message and "got 48" in message and "41 or 49" in message
+    assert "num_frames must be 8k+1" in message and "input_value=48" in message and "41 or 49" in message
     assert "8k+1" in refused("CogVideoXGenerator", num_frames=50)
     config_of("CogVideoXT2VGenerator", num_frames=33)
 
@@ -192,3 +192,42 @@ def test_cogvideox_text_length_must_match_absolute_position_embeddings(tiny_mode
     cls = stage_class(step_type, "CogVideoXGenerator")
     with pytest.raises(ValueError, match="max_sequence_length must be 16 for this checkpoint"):
         cls(cls.Config(**config), "cpu").load()
+
+
+def test_reelflow_check_refuses_each_constraint(tiny_models, tmp_path):
+    """The constraints as a user meets them: `reelflow check` lists every one, exit code 2."""
+    from tests.harness import PYTHON, REPO, _env, write_config
+
+    steps = [
+        ("ImageGenerator", "StableDiffusionGenerator", {"height": 1000}),
+        ("ImageGenerator", "FLUXGenerator", {"model_path": str(tiny_models("sd3"))}),
+        ("VideoGenerator", "CogVideoXT2VGenerator", {"num_frames": 48, "width": 700}),
+        ("VideoGenerator", "CogVideoXGenerator", {"height": 512}),
+        ("VideoGenerator", "AnimateDiffGenerator", {"num_frames": 40}),
+        ("VideoGenerator", "AllegroGenerator", {"num_frames": 16}),
+        ("VideoGenerator", "SVDGenerator", {"prompt": "a cat"}),
+    ]
+    config = {"meta_path": "x.jsonl", "save_folder": "out"}
+    config["steps"] = [{"type": t, "name": n, "config": c} for t, n, c in steps]
+    done = subprocess.run(
+        [PYTHON, "-m", "daemon.cli", "check", "--config", str(write_config(tmp_path, config))],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(None),
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    for expected in [
+        "steps[0].config.height: Value error, height must be a multiple of 16 for Stable Diffusion 3",
+        "steps[1].config.model_path: Value error, model_path",
+        "holds a StableDiffusion3Pipeline (model_index.json _class_name), but FLUXGenerator runs FluxPipeline",
+        "steps[2].config.width: Value error, width must be a multiple of 16 for CogVideoX",
+        "steps[2].config.num_frames: Value error, num_frames must be 8k+1",
+        "steps[3].config: Value error, THUDM/CogVideoX-5b-I2V generates only at its trained resolution 480x720",
+        "steps[4].config: Value error, num_frames must be at most 32",
+        "steps[5].config: Value error, Allegro's VAE decodes in tiles",
+        "steps[6].config.prompt: Value error, SVD takes no prompt",
+    ]:
+        assert expected in output, output
