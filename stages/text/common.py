@@ -3,7 +3,8 @@ and keeping secrets out of messages.
 
 The user message of a record is either a template (the prompt has `{field}` placeholders,
 filled from the record; write literal braces as `{{` and `}}`), or the prompt followed by
-the record's `text_key` content on the next line.
+the record's `text_key` content on the next line. A record without that field is an error
+(`MissingField`) in its own slot, never a request made from the prompt alone.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ def user_message(prompt: str | None, record: dict[str, Any], text_key: str, *, w
     if template_fields(prompt):
         return format_prompt(prompt, record, where=where)
     text = record.get(text_key)
-    if text is None or (isinstance(text, str) and not text.strip()):
-        if prompt:
-            return prompt
+    if text is None:
         raise StageError(
-            f"{where}: the record has no text in {text_key!r} and no prompt is configured "
-            f"(fields: {sorted(k for k in record if not k.startswith('_'))}); set `text_key` or `prompt`",
+            f"{where}: the record has no field {text_key!r} (fields: "
+            f"{sorted(k for k in record if not k.startswith('_'))}); set `text_key`, or use a prompt template",
             error_type="MissingField",
         )
-    return f"{prompt}\n{text}" if prompt else str(text)
+    text = str(text)
+    if not text.strip() and not prompt:
+        raise StageError(f"{where}: {text_key!r} is empty and no prompt is configured", error_type="EmptyText")
+    return f"{prompt}\n{text}" if prompt else text
 
 
 def chat_messages(system: str | None, user: str) -> list[dict[str, str]]:
