@@ -113,6 +113,10 @@ class GPTTextGenerator(Stage):
 
     Config = GPTTextGeneratorConfig
 
+    @classmethod
+    def uses_accelerator(cls, config: GPTTextGeneratorConfig) -> bool:
+        return config.backend == "transformers"  # an API step runs on the CPU, its slots are max_num_seqs
+
     def __new__(cls, config: GPTTextGeneratorConfig, device: str = "cpu"):
         if cls is GPTTextGenerator and config.backend == "transformers":
             from stages.text.gpt_transformers import TransformersTextGenerator

@@ -22,6 +22,7 @@ class TransformersTextGenerator(Stage):
     """What `GPTTextGenerator` builds when its config says `backend: transformers`."""
 
     Config = GPTTextGeneratorConfig
+    accelerated = True
 
     def load(self) -> None:
         self.model, self.tokenizer = load_causal_lm(
@@ -47,7 +48,6 @@ class TransformersTextGenerator(Stage):
         sampling = Sampling(max_tokens=cfg.max_tokens or 256, temperature=cfg.temperature)
         output_key = cfg.output_key or cfg.text_key
         for slot, generated in zip(slots, generate(self.model, self.tokenizer, chats, sampling), strict=True):
-            self.usage["requests"] += 1
             self.usage["tokens_in"] += generated.tokens_in
             self.usage["tokens_out"] += generated.tokens_out
             text = generated.texts[0]

@@ -147,6 +147,11 @@ class LocalModelGenerator(Stage):
 
     Config = LocalModelGeneratorConfig
     config: LocalModelGeneratorConfig
+    accelerated = True
+
+    @classmethod
+    def uses_accelerator(cls, config: LocalModelGeneratorConfig) -> bool:
+        return config.device != "cpu"
 
     def load(self) -> None:
         cfg = self.config
@@ -178,7 +183,6 @@ class LocalModelGenerator(Stage):
             return results
         output_key = cfg.output_key or cfg.text_key
         for slot, generated in zip(slots, generate(self.model, self.tokenizer, chats, cfg.sampling()), strict=True):
-            self.usage["requests"] += 1
             self.usage["tokens_in"] += generated.tokens_in
             self.usage["tokens_out"] += generated.tokens_out
             results[slot] = {output_key: generated.texts if cfg.n > 1 else generated.texts[0]}

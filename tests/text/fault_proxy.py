@@ -193,8 +193,8 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             status = None
             try:
                 status = self._act(fault, raw)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client gave up (its timeout); nothing to answer
+            except OSError:  # the client gave up (its timeout), or the server is gone at teardown
+                self.close_connection = True
             finally:
                 proxy._leave(seen, status)
 

@@ -188,6 +188,9 @@ def test_device_key(text_lm_dir):
 def test_resident_on_the_workers_gpu(text_lm_dir):
     import torch
 
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
     cpu = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), temperature=0, max_tokens=8, dtype="float32"), "cpu")
     cpu.load()
     gpu = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), device="cuda", temperature=0, max_tokens=8), "cuda:0")
