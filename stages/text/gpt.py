@@ -37,7 +37,9 @@ class GPTTextGeneratorConfig(StageConfig):
     backend: Literal["openai", "transformers"] = Field(
         "openai", description="openai: any OpenAI-compatible HTTP API; transformers: a local causal LM."
     )
-    model: str = Field(description="Model name the endpoint serves (transformers: a local folder or hub id).")
+    model: str = Field(
+        description="Model name the endpoint serves (transformers: a local folder, a hub id, or a .gguf file)."
+    )
     api_key: SecretStr | None = Field(
         None,
         description="API key; write `${OPENAI_API_KEY}` to take it from the environment. Default: "
@@ -77,6 +79,12 @@ class GPTTextGeneratorConfig(StageConfig):
         if isinstance(value, dict) and set(value) == {"type"}:
             return value["type"]
         return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_as_text(cls, value: Any) -> Any:
+        # A key YAML reads as a number would otherwise be echoed in the validation error.
+        return str(value) if isinstance(value, int | float) else value
 
     @field_validator("prompt")
     @classmethod

@@ -70,12 +70,20 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     stage: str = "TextGenerator",
 ):
-    """(model, tokenizer) resident on `device`, tokenizer padding on the left."""
+    """(model, tokenizer) resident on `device`, tokenizer padding on the left.
+
+    `model_path` may also name a `.gguf` file: transformers reads its config and tokenizer
+    from the file and dequantizes the weights (needs the `gguf` package).
+    """
     require("torch", stage=stage, extra="text")
     transformers = require("transformers", stage=stage, extra="text")
     import torch
 
     kwargs: dict[str, Any] = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code}
+    if model_path.endswith(".gguf"):
+        require("gguf", stage=stage, extra="text")
+        folder, _, name = model_path.rpartition("/")
+        model_path, kwargs["gguf_file"] = folder or ".", name
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, **kwargs)
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"

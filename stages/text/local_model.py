@@ -35,7 +35,9 @@ def _refuse(key: str, value: Any, why: str, ok: str) -> ValueError:
 class LocalModelGeneratorConfig(StageConfig):
     heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {"device", "download_dir"}
 
-    model_path: str = Field(description="Local model folder (or a hub id already in the cache / download_dir).")
+    model_path: str = Field(
+        description="Local model folder, a .gguf file, or a hub id already in the cache / download_dir."
+    )
     device: str | None = Field(
         None, description="cpu, cuda (the worker's GPU) or cuda:N; default: the worker's device (runtime `devices`)."
     )

@@ -138,3 +138,53 @@ def test_oneshot_text_only(tmp_path, proxy, lm_server):
     assert [s.fault for s in proxy.log][:2] == ["status", "slow"] and len(proxy.log) == 6
     assert leaks(tmp_path / "results") == [] and leaks(tmp_path / "work") == []
     assert SECRET not in finished.stdout + finished.stderr
+
+
+def test_oneshot_local_backends_chained(tmp_path, text_lm_dir):
+    """`reelflow run` with no API at all: GPTTextGenerator's transformers backend, then
+    LocalModelGenerator (n=2) on its answers."""
+    meta = tmp_path / "captions.jsonl"
+    meta.write_text("".join(json.dumps({"id": f"c{i}", "caption": c}) + "\n" for i, c in enumerate(CAPTIONS[:3])))
+    config = {
+        "meta_path": str(meta),
+        "base_folder": str(tmp_path / "work"),
+        "save_folder": str(tmp_path / "results"),
+        "text_key": "caption",
+        "steps": [
+            {
+                "type": "TextGenerator",
+                "name": "GPTTextGenerator",
+                "config": {
+                    "model": str(text_lm_dir),
+                    "backend": "transformers",
+                    "temperature": 0,
+                    "max_tokens": 5,
+                    "prompt": "Rewrite:",
+                    "output_key": "rewritten",
+                    "batch_size": 3,
+                },
+            },
+            {
+                "type": "TextGenerator",
+                "name": "LocalModelGenerator",
+                "config": {
+                    "model_path": str(text_lm_dir),
+                    "user_prompt": "Expand: {rewritten}",
+                    "n": 2,
+                    "temperature": 1.0,
+                    "seed": 1,
+                    "max_tokens": 4,
+                    "output_key": "expanded",
+                    "batch_size": 2,
+                },
+            },
+        ],
+    }
+    finished = run_oneshot(write_config(tmp_path, config), timeout=180)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    results = [row for path in (tmp_path / "results").rglob("*.jsonl") for row in read_jsonl(path)]
+    results = [row for row in results if "expanded" in row]
+    assert sorted(row["id"] for row in results) == ["c0", "c1", "c2"]
+    for row in results:
+        assert isinstance(row["rewritten"], str) and row["rewritten"]
+        assert isinstance(row["expanded"], list) and len(row["expanded"]) == 2
