@@ -30,6 +30,9 @@ BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoGenerator", "I2VGenXLGenerator"): "stages.generators.i2vgen_xl:I2VGenXLGenerator",
     ("VideoGenerator", "ModelScopeT2VGenerator"): "stages.generators.modelscope_t2v:ModelScopeT2VGenerator",
     ("VideoGenerator", "SVDGenerator"): "stages.generators.svd:SVDGenerator",
+    ("TextGenerator", "GPTTextGenerator"): "stages.text.gpt:GPTTextGenerator",
+    ("TextGenerator", "LocalModelGenerator"): "stages.text.local_model:LocalModelGenerator",
+    ("TextGenerator", "APIGenerator"): "stages.text.api_generator:APIGenerator",
 }
 
 ENTRY_POINT_GROUP = "reelflow.stages"
