@@ -33,6 +33,8 @@ class StableDiffusion3Config(common.GeneratorConfig):
     num_images_per_prompt: int = Field(
         1, ge=1, description="Images per record; more than one are saved as <id>_0.png, <id>_1.png, ..."
     )
+    enable_vae_tiling: bool = Field(False, description="Decode in tiles (less memory for large images).")
+    enable_vae_slicing: bool = Field(False, description="Decode one image of the batch at a time (less memory).")
 
     @field_validator("height", "width")
     @classmethod
@@ -78,7 +80,7 @@ class StableDiffusionGenerator(Stage):
 
     def _generate(self, records: list[dict[str, Any]]) -> list[list]:
         config = self.config
-        self.knobs.sync(config.scheduler, config.scheduler_config, None, None)
+        self.knobs.sync(config.scheduler, config.scheduler_config, config.enable_vae_tiling, config.enable_vae_slicing)
         rows, seeds = common.expand(records, config.num_images_per_prompt, config.seed)
         images = self.pipe(
             prompt=[row[common.PREPARED]["prompt"] for row in rows],

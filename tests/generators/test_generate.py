@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from stages.base import StageError
+from stages.generators._common import record_seed
 from stages.registry import stage_class
 from tests.generators.conftest import IMAGE_TO_VIDEO, TINY, make_record, read_png, read_video, stage_config
 
@@ -232,3 +233,112 @@ def test_weights_variant_is_loaded(tiny_models, tmp_path):
     stage.load()
     [result] = stage.process([make_record("v", tmp_path)])
     assert read_video(result["video"])[0].shape == (9, 16, 32, 3)
+
+
+class Spy:
+    """Stands in for the pipeline: records each call's keyword arguments, then runs it."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.pipe(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+# Non-default values for every generation key, and what the pipeline must receive for them.
+HONOURED = {
+    "FLUXGenerator": (
+        {"guidance_scale": 2.5, "true_cfg_scale": 1.5, "negative_prompt": "blurry", "max_sequence_length": 12},
+        {"guidance_scale": 2.5, "true_cfg_scale": 1.5, "negative_prompt": ["blurry"], "max_sequence_length": 12},
+    ),
+    "StableDiffusionGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "max_sequence_length": 12},
+        {"guidance_scale": 2.5, "negative_prompt": ["blurry"], "max_sequence_length": 12},
+    ),
+    "AllegroGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "max_sequence_length": 12, "clean_caption": False},
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "max_sequence_length": 12, "clean_caption": False},
+    ),
+    "AnimateDiffGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "decode_chunk_size": 3, "clip_skip": 1},
+        {"guidance_scale": 2.5, "negative_prompt": ["blurry"], "decode_chunk_size": 3, "clip_skip": 1},
+    ),
+    "CogVideoXT2VGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "use_dynamic_cfg": True, "max_sequence_length": 16},
+        {"guidance_scale": 2.5, "negative_prompt": ["blurry"], "use_dynamic_cfg": True, "max_sequence_length": 16},
+    ),
+    "CogVideoXGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "use_dynamic_cfg": True},
+        {"guidance_scale": 2.5, "negative_prompt": ["blurry"], "use_dynamic_cfg": True, "height": 16, "width": 16},
+    ),
+    "I2VGenXLGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "decode_chunk_size": 2, "clip_skip": None, "fps": 10},
+        {
+            "guidance_scale": 2.5,
+            "negative_prompt": ["blurry"],
+            "decode_chunk_size": 2,
+            "clip_skip": None,
+            "target_fps": 10,
+        },
+    ),
+    "ModelScopeT2VGenerator": (
+        {"guidance_scale": 2.5, "negative_prompt": "blurry", "clip_skip": 1},
+        {"guidance_scale": 2.5, "negative_prompt": ["blurry"], "clip_skip": 1},
+    ),
+    "SVDGenerator": (
+        {"min_guidance_scale": 1.5, "guidance_scale": 2.5, "motion_bucket_id": 60, "noise_aug_strength": 0.1, "fps": 6},
+        {
+            "min_guidance_scale": 1.5,
+            "max_guidance_scale": 2.5,
+            "motion_bucket_id": 60,
+            "noise_aug_strength": 0.1,
+            "fps": 6,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_every_generation_setting_reaches_the_pipeline(name, tiny_models, tmp_path, cond_image):
+    """The seed's CogVideoX ignored its config; here each key is passed on (or the run fails)."""
+    settings, expected = HONOURED[name]
+    step_type, config = stage_config(name, tiny_models, num_inference_steps=1, seed=3, **settings)
+    cls = stage_class(step_type, name)
+    stage = cls(cls.Config(**config), "cpu")
+    stage.load()
+    stage.pipe = spy = Spy(stage.pipe)
+    image = cond_image if name in IMAGE_TO_VIDEO else None
+    [result] = stage.process([make_record("k", tmp_path, image)])
+    assert not isinstance(result, StageError), result
+    [call] = spy.calls
+    sizes = {k: v for k, v in TINY[name][2].items() if k in ("height", "width", "num_frames")}
+    for key, value in {"num_inference_steps": 1, **sizes, **expected}.items():
+        assert call[key] == value, (key, call[key], value)
+    assert len(call["generator"]) == 1 and call["generator"][0].initial_seed() == record_seed(3, "k", 0)
+
+
+def test_dtype_and_vae_switches_are_applied(loaded, tiny_models, tmp_path):
+    import torch
+
+    stage = loaded("CogVideoXT2VGenerator")
+    assert stage.pipe.transformer.dtype == torch.float32  # dtype auto on the CPU
+    stage.process([make_record("t", tmp_path)])  # settings are applied before each batch
+    assert stage.pipe.vae.use_tiling and stage.pipe.vae.use_slicing  # CogVideoX's defaults
+    stage.config = stage.config.model_copy(update={"enable_vae_tiling": False, "enable_vae_slicing": False})
+    try:
+        stage.process([make_record("t", tmp_path)])
+        assert not stage.pipe.vae.use_tiling and not stage.pipe.vae.use_slicing
+    finally:
+        stage.config = stage.config.model_copy(update={"enable_vae_tiling": True, "enable_vae_slicing": True})
+
+    step_type, config = stage_config("ModelScopeT2VGenerator", tiny_models, dtype="bfloat16")
+    cls = stage_class(step_type, "ModelScopeT2VGenerator")
+    half = cls(cls.Config(**config), "cpu")
+    half.load()
+    assert half.pipe.unet.dtype == torch.bfloat16
+    [result] = half.process([make_record("h", tmp_path)])
+    assert read_video(result["video"])[0].shape == (8, 24, 32, 3)
