@@ -1,5 +1,5 @@
-"""What the diffusers generators share: common config fields, checkpoint inspection, seeding,
-loading knobs, the batch loop, and writing media (PyAV h264 for videos, PNG for images).
+"""What the diffusers generators share: common config fields, seeding, loading knobs, the batch
+loop and the output fields (checkpoint checks live in _checkpoints.py, file writing in _media.py).
 
 No stage inherits behaviour from here beyond plain config fields: each generator's own file
 holds its config, its loading and its pipeline call. Heavy imports (torch, diffusers, av, PIL)
@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from stages.base import MEDIA_DIR, RECORD_ID, StageConfig, StageError, format_prompt, media_path
+from stages.base import RECORD_ID, StageConfig, StageError, format_prompt
+from stages.generators._checkpoints import checkpoint_json
+from stages.generators._media import output_paths, write_png, write_video
 
 log = logging.getLogger("reelflow.generators")
 
@@ -89,103 +90,6 @@ class GeneratorConfig(StageConfig):
                 f"DPMSolverMultistepScheduler, got {value!r}"
             )
         return value
-
-
-# --- validation helpers (no heavy imports) --------------------------------------------------------
-
-
-def multiple_of(value: int | None, factor: int, name: str, model: str) -> int | None:
-    if value is not None and value % factor:
-        lower, upper = value - value % factor, value - value % factor + factor
-        raise ValueError(f"{name} must be a multiple of {factor} for {model}; use {lower or upper} or {upper}")
-    return value
-
-
-def _looks_like_path(model_path: str) -> bool:
-    return model_path.startswith(("/", "./", "../", "~")) or model_path.count("/") > 1 or "\\" in model_path
-
-
-def checkpoint_file(model_path: str, filename: str) -> Path | None:
-    """`filename` of a local checkpoint folder or of a hub id already in the local hub cache; never downloads."""
-    local = Path(model_path).expanduser()
-    if local.is_dir():
-        found = local / filename
-        return found if found.is_file() else None
-    if _looks_like_path(model_path):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(model_path, filename)
-    except (ValueError, OSError):  # not a valid repo id
-        return None
-    return Path(cached) if isinstance(cached, str) else None
-
-
-def checkpoint_json(model_path: str, filename: str) -> dict | None:
-    found = checkpoint_file(model_path, filename)
-    if found is None:
-        return None
-    try:
-        data = json.loads(found.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def check_model_path(model_path: str, key: str = "model_path") -> str:
-    """A local folder that exists, or something shaped like a hub id (`org/name`)."""
-    local = Path(model_path).expanduser()
-    if not local.is_dir() and (local.exists() or _looks_like_path(model_path)):
-        what = "a file" if local.exists() else "not an existing directory"
-        raise ValueError(
-            f"{key} {model_path!r} is {what}; give a diffusers checkpoint folder (with model_index.json) "
-            f"or a hub id such as org/name"
-        )
-    return model_path
-
-
-def check_pipeline_class(model_path: str, expected: Iterable[str], stage: str, key: str = "model_path") -> None:
-    """Refuse a checkpoint whose model_index.json names another pipeline (diffusers would load it silently).
-
-    Checks local folders and hub ids already cached; a hub id not yet downloaded is checked at load.
-    """
-    expected = tuple(expected)
-    index = checkpoint_json(model_path, "model_index.json")
-    if index is None:
-        if Path(model_path).expanduser().is_dir():
-            raise ValueError(
-                f"{key} {model_path!r} has no model_index.json, so it is not a diffusers pipeline folder; "
-                f"{stage} needs a {' or '.join(expected)} checkpoint"
-            )
-        return
-    found = index.get("_class_name")
-    if found not in expected:
-        raise ValueError(
-            f"{key} {model_path!r} holds a {found} (model_index.json _class_name), but {stage} runs "
-            f"{' or '.join(expected)}; point {key} at a checkpoint of that pipeline or pick the step for {found}"
-        )
-
-
-def fetch_json(model_path: str, filename: str) -> dict | None:
-    """Like `checkpoint_json`, but fetches the file from the hub when it is not local (at load only)."""
-    found = checkpoint_json(model_path, filename)
-    if found is not None or Path(model_path).expanduser().is_dir():
-        return found
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        hf_hub_download(model_path, filename)
-    except EntryNotFoundError:
-        return None
-    return checkpoint_json(model_path, filename)
-
-
-def ensure_pipeline_class(model_path: str, expected: Iterable[str], stage: str, key: str = "model_path") -> None:
-    """At load: the same check, fetching model_index.json from the hub when it is not local (may download)."""
-    fetch_json(model_path, "model_index.json")
-    check_pipeline_class(model_path, expected, stage, key)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -417,70 +321,6 @@ def run_batch(
     return results  # type: ignore[return-value]
 
 
-# --- media ------------------------------------------------------------------------------------------
-
-
-def to_uint8(array):
-    """Float frames in [0, 1] (diffusers' `output_type="np"`) -> uint8, rounded as diffusers does."""
-    import numpy as np
-
-    # C order: some pipelines return transposed views, and PyAV's from_ndarray reads a strided
-    # array as if it were contiguous (garbage frames, different on every run).
-    return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255).round(), dtype=np.uint8)
-
-
-def output_paths(record: dict[str, Any], extension: str, template: str | None, count: int) -> list[Path]:
-    if MEDIA_DIR not in record:
-        raise StageError("the record has no media folder (_media_dir); the runtime sets it", error_type="NoMediaDir")
-    base = media_path(record, extension, template)
-    if count == 1:
-        return [base]
-    return [base.with_name(f"{base.stem}_{index}{base.suffix}") for index in range(count)]
-
-
-def _even(frames):
-    """yuv420p needs even sides: repeat the last row/column where a side is odd."""
-    import numpy as np
-
-    height, width = frames.shape[1:3]
-    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
-    return np.pad(frames, pad, mode="edge") if height % 2 or width % 2 else frames
-
-
-def write_video(frames, path: Path, fps: float, crf: int = 18) -> Path:
-    """T x H x W x 3 uint8 RGB -> h264 (yuv420p) mp4 at `fps`; written to a temp name, then renamed."""
-    from fractions import Fraction
-
-    import av
-    import numpy as np
-
-    frames = _even(frames)
-    temp = path.with_name(f".{path.name}.part")
-    with av.open(str(temp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        # mbtree off: with it, x264's lookahead gave different bytes for the same frames from one
-        # call to the next inside a process that had just run a model (measured here); without it
-        # the same frames always encode to the same file.
-        stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    os.replace(temp, path)
-    return path
-
-
-def write_png(image, path: Path) -> Path:
-    from PIL import Image
-
-    temp = path.with_name(f".{path.name}.part")
-    Image.fromarray(image).save(temp, format="PNG")
-    os.replace(temp, path)
-    return path
-
-
 def _filename(config: GeneratorConfig, default_key: str) -> str | None:
     """The file name template: `filename`, else `{id}`, else `{id}_<output_key>` when the step
     writes under its own output_key (so two generator steps of a pipeline do not overwrite
@@ -525,12 +365,3 @@ def regroup(samples, count: int) -> list[list]:
     """Per-sample outputs back into per-record lists of `count`."""
     samples = list(samples)
     return [samples[start : start + count] for start in range(0, len(samples), count)]
-
-
-def fit_image(image, width: int, height: int):
-    """Scale and centre-crop to width x height, so the pipeline's own resize does not stretch it."""
-    from PIL import Image, ImageOps
-
-    if image.size == (width, height):
-        return image
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)

@@ -15,7 +15,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "AllegroPipeline"
 TILE_FRAMES, TILE_FRAMES_OVERLAP, TILE_OVERLAP_H, TILE_OVERLAP_W = 24, 8, 120, 80
@@ -64,7 +66,7 @@ def grid_problems(frames: int, height: int, width: int, sample_size: int, spatia
 
 def vae_grid(model_path: str, subfolder: str | None) -> tuple[int, int, int]:
     """(sample_size, spatial, temporal) of the checkpoint's VAE; Allegro's own when not on disk."""
-    vae = common.checkpoint_json(model_path, f"{subfolder or 'vae'}/config.json") or {}
+    vae = checkpoints.checkpoint_json(model_path, f"{subfolder or 'vae'}/config.json") or {}
     spatial = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
     return vae.get("sample_size", 320), spatial, int(vae.get("temporal_compression_ratio", 4))
 
@@ -102,8 +104,8 @@ class AllegroConfig(common.GeneratorConfig):
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "AllegroGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "AllegroGenerator")
         return value
 
     @model_validator(mode="after")
@@ -133,7 +135,7 @@ class AllegroGenerator(Stage):
 
             config = self.config
             common.check_offload(config, self.device, "AllegroGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "AllegroGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "AllegroGenerator")
             dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
             components = {}
             if config.subfolder:
@@ -174,7 +176,7 @@ class AllegroGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).frames
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)

@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 BASE_PIPELINES = ("StableDiffusionPipeline", "AnimateDiffPipeline")
 DEFAULT_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -26,7 +28,7 @@ KNOWN_KINDS: dict[str, Kind] = {DEFAULT_ADAPTER: "adapter", DEFAULT_BASE: "base"
 
 def kind_of(model_path: str, fetch: bool = False) -> Kind | None:
     """ "adapter" (MotionAdapter config.json), "base" (a pipeline's model_index.json), or None if unknown."""
-    read = common.fetch_json if fetch else common.checkpoint_json
+    read = checkpoints.fetch_json if fetch else checkpoints.checkpoint_json
     config = read(model_path, "config.json")
     if config is not None and config.get("_class_name") == "MotionAdapter":
         return "adapter"
@@ -67,12 +69,12 @@ class AnimateDiffConfig(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _eight(cls, value: int, info) -> int:
-        return common.multiple_of(value, 8, info.field_name, "AnimateDiff")
+        return checkpoints.multiple_of(value, 8, info.field_name, "AnimateDiff")
 
     @field_validator("model_path", "motion_adapter_path", "base_model_path")
     @classmethod
     def _path(cls, value: str, info) -> str:
-        return common.check_model_path(value, info.field_name)
+        return checkpoints.check_model_path(value, info.field_name)
 
     def halves(self, kind: Kind) -> tuple[str, str]:
         """(adapter, base) for a model_path of this kind."""
@@ -95,7 +97,7 @@ class AnimateDiffConfig(common.GeneratorConfig):
             return self
         adapter, base = self.halves(kind)
         key = "base_model_path" if kind == "adapter" else "model_path"
-        common.check_pipeline_class(base, BASE_PIPELINES, "AnimateDiffGenerator (base model)", key)
+        checkpoints.check_pipeline_class(base, BASE_PIPELINES, "AnimateDiffGenerator (base model)", key)
         check_adapter(adapter, self.num_frames)
         return self
 
@@ -105,7 +107,7 @@ class AnimateDiffConfig(common.GeneratorConfig):
 
 def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
     """Refuse what is not a MotionAdapter, and more frames than it was trained for; the limit."""
-    config = (common.fetch_json if fetch else common.checkpoint_json)(adapter, "config.json")
+    config = (checkpoints.fetch_json if fetch else checkpoints.checkpoint_json)(adapter, "config.json")
     if config is None and Path(adapter).expanduser().is_dir():
         raise ValueError(f"motion adapter {adapter!r} has no config.json; it is not a MotionAdapter checkpoint")
     if config is None:
@@ -142,7 +144,7 @@ class AnimateDiffGenerator(Stage):
                 )
             adapter_path, base_path = config.halves(kind)
             check_adapter(adapter_path, config.num_frames, fetch=True)
-            common.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
+            checkpoints.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
             dtype = common.torch_dtype(config.dtype, self.device, "float16")
             adapter = common.diffusers_class("MotionAdapter").from_pretrained(adapter_path, dtype=dtype)
             # `variant` applies to the base model: adapters are published in one precision.
@@ -179,7 +181,7 @@ class AnimateDiffGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).frames
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)

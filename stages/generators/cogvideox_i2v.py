@@ -13,7 +13,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 from stages.generators.cogvideox_t2v import check_frames, text_length
 
 PIPELINE = "CogVideoXImageToVideoPipeline"
@@ -23,12 +25,12 @@ KNOWN_RESOLUTION = {"THUDM/CogVideoX-5b-I2V": (480, 720)}
 
 def trained_resolution(model_path: str) -> tuple[int, int] | None:
     """(height, width) a checkpoint is bound to, or None if it takes any size (no learned positions)."""
-    transformer = common.checkpoint_json(model_path, "transformer/config.json")
+    transformer = checkpoints.checkpoint_json(model_path, "transformer/config.json")
     if transformer is None:
         return KNOWN_RESOLUTION.get(model_path)
     if not transformer.get("use_learned_positional_embeddings", False):
         return None
-    vae = common.checkpoint_json(model_path, "vae/config.json") or {}
+    vae = checkpoints.checkpoint_json(model_path, "vae/config.json") or {}
     scale = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
     return transformer["sample_height"] * scale, transformer["sample_width"] * scale
 
@@ -62,7 +64,7 @@ class CogVideoXI2VConfig(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _sixteen(cls, value: int | None, info) -> int | None:
-        return common.multiple_of(value, 16, info.field_name, "CogVideoX")
+        return checkpoints.multiple_of(value, 16, info.field_name, "CogVideoX")
 
     @field_validator("num_frames")
     @classmethod
@@ -72,8 +74,8 @@ class CogVideoXI2VConfig(common.GeneratorConfig):
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "CogVideoXGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "CogVideoXGenerator")
         return value
 
     @model_validator(mode="after")
@@ -94,7 +96,7 @@ class CogVideoXGenerator(Stage):
             require("diffusers", stage="CogVideoXGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "CogVideoXGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXGenerator")
             dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
             self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
                 config.model_path, **common.pretrained_kwargs(config, dtype)
@@ -123,7 +125,7 @@ class CogVideoXGenerator(Stage):
         height, width = self._size()
         image = common.load_image(record, self.config.image_key, "CogVideoXGenerator")
         prompt = common.prompt_of(record, self.config, "CogVideoXGenerator")
-        return {**record, common.PREPARED: {"prompt": prompt, "image": common.fit_image(image, width, height)}}
+        return {**record, common.PREPARED: {"prompt": prompt, "image": media.fit_image(image, width, height)}}
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         return common.run_batch(batch, self.prepare, self._generate, self._write)
@@ -135,7 +137,7 @@ class CogVideoXGenerator(Stage):
         height, width = self._size()
         rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
         frames = self.pipe(
-            image=[common.fit_image(row[common.PREPARED]["image"], width, height) for row in rows],
+            image=[media.fit_image(row[common.PREPARED]["image"], width, height) for row in rows],
             prompt=[row[common.PREPARED]["prompt"] for row in rows],
             negative_prompt=[config.negative_prompt] * len(rows) if config.negative_prompt else None,
             height=height,
@@ -148,7 +150,7 @@ class CogVideoXGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).frames
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)

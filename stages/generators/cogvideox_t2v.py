@@ -13,7 +13,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "CogVideoXPipeline"
 
@@ -63,7 +65,7 @@ class CogVideoXT2VConfig(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _sixteen(cls, value: int, info) -> int:
-        return common.multiple_of(value, 16, info.field_name, "CogVideoX")
+        return checkpoints.multiple_of(value, 16, info.field_name, "CogVideoX")
 
     @field_validator("num_frames")
     @classmethod
@@ -73,8 +75,8 @@ class CogVideoXT2VConfig(common.GeneratorConfig):
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "CogVideoXT2VGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "CogVideoXT2VGenerator")
         return value
 
     def input_fields(self) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class CogVideoXT2VGenerator(Stage):
             require("diffusers", stage="CogVideoXT2VGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "CogVideoXT2VGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXT2VGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXT2VGenerator")
             dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
             self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
                 config.model_path, **common.pretrained_kwargs(config, dtype)
@@ -122,7 +124,7 @@ class CogVideoXT2VGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).frames
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)

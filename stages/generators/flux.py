@@ -12,7 +12,9 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "FluxPipeline"
 
@@ -43,13 +45,13 @@ class FLUXConfig(common.GeneratorConfig):
     @classmethod
     def _sixteen(cls, value: int, info) -> int:
         # FluxPipeline floors other sizes silently (to vae_scale_factor * 2 = 16).
-        return common.multiple_of(value, 16, info.field_name, "FLUX (the pipeline would silently floor it)")
+        return checkpoints.multiple_of(value, 16, info.field_name, "FLUX (the pipeline would silently floor it)")
 
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "FLUXGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "FLUXGenerator")
         return value
 
     @model_validator(mode="after")
@@ -74,7 +76,7 @@ class FLUXGenerator(Stage):
             require("diffusers", stage="FLUXGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "FLUXGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "FLUXGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "FLUXGenerator")
             dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
             self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
                 config.model_path, **common.pretrained_kwargs(config, dtype)
@@ -104,7 +106,7 @@ class FLUXGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).images
-        return common.regroup(common.to_uint8(images), config.num_images_per_prompt)
+        return common.regroup(media.to_uint8(images), config.num_images_per_prompt)
 
     def _write(self, record: dict[str, Any], images: list) -> dict[str, Any]:
         return common.write_images(record, images, self.config, self.usage)

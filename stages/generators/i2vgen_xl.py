@@ -15,7 +15,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from stages.base import RECORD_ID, Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "I2VGenXLPipeline"
 NEGATIVE = (
@@ -58,13 +60,13 @@ class I2VGenXLConfig(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _eight(cls, value: int, info) -> int:
-        return common.multiple_of(value, 8, info.field_name, "I2VGen-XL")
+        return checkpoints.multiple_of(value, 8, info.field_name, "I2VGen-XL")
 
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "I2VGenXLGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "I2VGenXLGenerator")
         return value
 
     def input_fields(self) -> dict[str, Any]:
@@ -80,7 +82,7 @@ class I2VGenXLGenerator(Stage):
             require("diffusers", stage="I2VGenXLGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "I2VGenXLGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "I2VGenXLGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "I2VGenXLGenerator")
             common.log_once("i2vgenxl", "I2VGenXLGenerator: diffusers has deprecated I2VGenXLPipeline; it still runs")
             dtype = common.torch_dtype(config.dtype, self.device, "float16")
             self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
@@ -98,7 +100,7 @@ class I2VGenXLGenerator(Stage):
         prompt = common.prompt_of(record, config, "I2VGenXLGenerator")
         return {
             **record,
-            common.PREPARED: {"prompt": prompt, "image": common.fit_image(image, config.width, config.height)},
+            common.PREPARED: {"prompt": prompt, "image": media.fit_image(image, config.width, config.height)},
         }
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
@@ -116,7 +118,7 @@ class I2VGenXLGenerator(Stage):
         self.encode.generators = common.cpu_generators(image_seeds)
         try:
             frames = self.pipe(
-                image=[common.fit_image(row[common.PREPARED]["image"], config.width, config.height) for row in rows],
+                image=[media.fit_image(row[common.PREPARED]["image"], config.width, config.height) for row in rows],
                 prompt=[row[common.PREPARED]["prompt"] for row in rows],
                 negative_prompt=[config.negative_prompt] * len(rows) if config.negative_prompt else None,
                 height=config.height,
@@ -132,7 +134,7 @@ class I2VGenXLGenerator(Stage):
             ).frames
         finally:
             self.encode.generators = None
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)

@@ -13,7 +13,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "TextToVideoSDPipeline"
 
@@ -36,13 +38,13 @@ class ModelScopeT2VConfig(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _eight(cls, value: int, info) -> int:
-        return common.multiple_of(value, 8, info.field_name, "ModelScope text-to-video")
+        return checkpoints.multiple_of(value, 8, info.field_name, "ModelScope text-to-video")
 
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "ModelScopeT2VGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "ModelScopeT2VGenerator")
         return value
 
     def input_fields(self) -> dict[str, Any]:
@@ -58,7 +60,7 @@ class ModelScopeT2VGenerator(Stage):
             require("diffusers", stage="ModelScopeT2VGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "ModelScopeT2VGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "ModelScopeT2VGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "ModelScopeT2VGenerator")
             common.log_once(
                 "modelscope", "ModelScopeT2VGenerator: diffusers has deprecated TextToVideoSDPipeline; it still runs"
             )
@@ -92,7 +94,7 @@ class ModelScopeT2VGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).frames
-        return common.regroup(common.to_uint8(frames), config.num_videos_per_prompt)
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)

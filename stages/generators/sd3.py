@@ -12,7 +12,9 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "StableDiffusion3Pipeline"
 
@@ -39,13 +41,13 @@ class StableDiffusion3Config(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _sixteen(cls, value: int, info) -> int:
-        return common.multiple_of(value, 16, info.field_name, "Stable Diffusion 3")
+        return checkpoints.multiple_of(value, 16, info.field_name, "Stable Diffusion 3")
 
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "StableDiffusionGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "StableDiffusionGenerator")
         return value
 
     def input_fields(self) -> dict[str, Any]:
@@ -61,7 +63,7 @@ class StableDiffusionGenerator(Stage):
             require("diffusers", stage="StableDiffusionGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "StableDiffusionGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "StableDiffusionGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "StableDiffusionGenerator")
             dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
             self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
                 config.model_path, **common.pretrained_kwargs(config, dtype)
@@ -93,7 +95,7 @@ class StableDiffusionGenerator(Stage):
             generator=common.cpu_generators(seeds),
             output_type="np",
         ).images
-        return common.regroup(common.to_uint8(images), config.num_images_per_prompt)
+        return common.regroup(media.to_uint8(images), config.num_images_per_prompt)
 
     def _write(self, record: dict[str, Any], images: list) -> dict[str, Any]:
         return common.write_images(record, images, self.config, self.usage)

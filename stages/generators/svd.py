@@ -14,7 +14,9 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator
 
 from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
+from stages.generators import _media as media
 
 PIPELINE = "StableVideoDiffusionPipeline"
 
@@ -59,13 +61,13 @@ class SVDConfig(common.GeneratorConfig):
     @field_validator("height", "width")
     @classmethod
     def _eight(cls, value: int, info) -> int:
-        return common.multiple_of(value, 8, info.field_name, "Stable Video Diffusion")
+        return checkpoints.multiple_of(value, 8, info.field_name, "Stable Video Diffusion")
 
     @field_validator("model_path")
     @classmethod
     def _model(cls, value: str) -> str:
-        common.check_model_path(value)
-        common.check_pipeline_class(value, [PIPELINE], "SVDGenerator")
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "SVDGenerator")
         return value
 
     def input_fields(self) -> dict[str, Any]:
@@ -81,7 +83,7 @@ class SVDGenerator(Stage):
             require("diffusers", stage="SVDGenerator", extra="generators")
             config = self.config
             common.check_offload(config, self.device, "SVDGenerator")
-            common.ensure_pipeline_class(config.model_path, [PIPELINE], "SVDGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "SVDGenerator")
             dtype = common.torch_dtype(config.dtype, self.device, "float16")
             self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
                 config.model_path, **common.pretrained_kwargs(config, dtype)
@@ -92,7 +94,7 @@ class SVDGenerator(Stage):
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         config = self.config
         image = common.load_image(record, config.image_key, "SVDGenerator")
-        return {**record, common.PREPARED: {"image": common.fit_image(image, config.width, config.height)}}
+        return {**record, common.PREPARED: {"image": media.fit_image(image, config.width, config.height)}}
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         return common.run_batch(batch, self.prepare, self._generate, self._write)
@@ -103,7 +105,7 @@ class SVDGenerator(Stage):
         rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
         num_frames = config.num_frames or self.pipe.unet.config.num_frames
         latents = self.pipe(
-            image=[common.fit_image(row[common.PREPARED]["image"], config.width, config.height) for row in rows],
+            image=[media.fit_image(row[common.PREPARED]["image"], config.width, config.height) for row in rows],
             height=config.height,
             width=config.width,
             num_frames=num_frames,
@@ -128,7 +130,7 @@ class SVDGenerator(Stage):
 
         with torch.no_grad():
             frames = self.pipe.decode_latents(latents, num_frames, self.config.decode_chunk_size)
-        return common.to_uint8(self.pipe.video_processor.postprocess_video(video=frames, output_type="np"))[0]
+        return media.to_uint8(self.pipe.video_processor.postprocess_video(video=frames, output_type="np"))[0]
 
     def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
