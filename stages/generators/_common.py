@@ -158,6 +158,17 @@ def place(pipe, config: GeneratorConfig, device: str) -> None:
     pipe.set_progress_bar_config(disable=True)
 
 
+def release(device: str) -> None:
+    """After dropping a pipeline: give its GPU memory back (a reload after a config change needs it)."""
+    import gc
+
+    gc.collect()
+    if is_cuda(device):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 class Knobs:
     """Applies the settings that can change between batches without a reload (hot reload swaps
     `stage.config` in place): the scheduler and VAE tiling/slicing. Keeps the checkpoint's own

@@ -100,4 +100,5 @@ class ModelScopeT2VGenerator(Stage):
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
 
     def close(self) -> None:
-        self.pipe = None
+        self.pipe = self.knobs = None
+        common.release(self.device)

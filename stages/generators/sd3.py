@@ -101,4 +101,5 @@ class StableDiffusionGenerator(Stage):
         return common.write_images(record, images, self.config, self.usage)
 
     def close(self) -> None:
-        self.pipe = None
+        self.pipe = self.knobs = None
+        common.release(self.device)

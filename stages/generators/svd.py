@@ -136,4 +136,5 @@ class SVDGenerator(Stage):
         return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
 
     def close(self) -> None:
-        self.pipe = None
+        self.pipe = self.knobs = None
+        common.release(self.device)
