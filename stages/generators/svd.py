@@ -39,6 +39,7 @@ class SVDConfig(common.GeneratorConfig):
     noise_aug_strength: float = Field(0.02, ge=0, description="Noise added to the conditioning image.")
     decode_chunk_size: int = Field(8, ge=1, description="Frames decoded at a time (lower: less memory).")
     num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>_0.mp4, <id>_1.mp4, ...).")
+    prompt: str | None = Field(None, description="Not used: SVD animates the image alone (refused if set).")
     enable_vae_tiling: bool = Field(False, description="Not supported by SVD's VAE: use decode_chunk_size.")
     enable_vae_slicing: bool = Field(False, description="Not supported by SVD's VAE: use decode_chunk_size.")
 
