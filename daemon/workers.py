@@ -45,6 +45,8 @@ class LocalHost:
 
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
         self.stage = stage_cls(config, device)
+        self._label = label
+        self._prep_size = prep_workers
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
         self._prep_pool = (
             ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
@@ -78,7 +80,13 @@ class LocalHost:
         return self.stage.take_usage()
 
     def reconfigure(self, config: StageConfig) -> None:
+        """Light change: the stage reads `self.config` on every call. Called while the worker is drained."""
         self.stage.config = config
+        size = config.prep_workers
+        if self._prep_pool is not None and size != self._prep_size:
+            old, self._prep_pool = self._prep_pool, ThreadPoolExecutor(size, thread_name_prefix=f"{self._label}-prep")
+            self._prep_size = size
+            old.shutdown(wait=False)  # drained: nothing is queued on it
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -96,6 +104,13 @@ class BatchLimits:
 
 
 class Worker:
+    """One resident stage on its step's queue.
+
+    `pause()` stops it taking records off the queue (records already taken still finish),
+    `drain()` waits until it holds none, `resume()` starts taking again: hot reload uses the
+    three to swap a worker's stage or settings between two records, never in the middle of one.
+    """
+
     def __init__(
         self,
         step_index: int,
@@ -106,6 +121,8 @@ class Worker:
         metrics,
         limits: BatchLimits,
         name: str,
+        config_digest: str | None = None,
+        device: str = "cpu",
     ):
         self.step_index = step_index
         self.step_label = step_label
@@ -115,48 +132,104 @@ class Worker:
         self.metrics = metrics
         self.limits = limits
         self.name = name
+        self.device = device
+        self.config_digest = config_digest  # the config whose settings this worker runs with
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
-        self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
-        self._paused = asyncio.Event()
+        self._ready: asyncio.Queue = asyncio.Queue()  # depth bounded by batch_cap in _prefetch
+        self._room = asyncio.Event()  # set when _batches takes from _ready
+        self._paused = asyncio.Event()  # set = running: the prefetch loop takes records
         self._paused.set()
+        self._held = 0  # records taken off the queue and not yet handed on
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._running_batches = 0
+        self._batch_done = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._prefetcher: asyncio.Task | None = None
 
     def set_limits(self, limits: BatchLimits) -> None:
         self.limits = limits
         self.batch_cap = limits.batch_size
+        self._room.set()
+        self._batch_done.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._paused.is_set()
+
+    def pause(self) -> None:
+        """Stop taking records. A record cannot be lost: the prefetch loop only waits outside of one."""
+        self._paused.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.cancel()
+            self._prefetcher = None
+
+    def resume(self) -> None:
+        self._paused.set()
+        if self._group is not None and self._prefetcher is None:
+            self._prefetcher = self._group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+
+    async def drain(self) -> None:
+        """Wait until every record this worker took has been handed on (next queue, results or errors)."""
+        await self._idle.wait()
+
+    def _release(self, count: int) -> None:
+        self._held -= count
+        if self._held == 0:
+            self._idle.set()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+            self._group = group
+            if self._paused.is_set():
+                self._prefetcher = group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
             group.create_task(self._batches(group), name=f"{self.name}-batches")
 
     async def _prefetch(self) -> None:
+        # Cancelled by pause(): each await below holds no record, and asyncio.Queue.get gives
+        # the record back to the queue when it is cancelled.
         while True:
             await self._paused.wait()
+            while self._ready.qsize() >= max(1, self.batch_cap):
+                self._room.clear()
+                await self._room.wait()
             record: Record = await self.queue.get()
+            self._held += 1
+            self._idle.clear()
+            record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
             task = asyncio.ensure_future(self.host.prepare(record.fields))
-            await self._ready.put((record, task))
+            self._ready.put_nowait((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
-        slots = asyncio.Semaphore(self.limits.concurrency)
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._ready.get()]
+            self._room.set()
             deadline = loop.time() + self.limits.max_wait_s
             while len(batch) < self.batch_cap:
                 if not self._ready.empty():
                     batch.append(self._ready.get_nowait())
+                    self._room.set()
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._ready.get(), remaining))
+                    self._room.set()
                 except TimeoutError:
                     break
-            await slots.acquire()
+            while self._running_batches >= self.limits.concurrency:  # re-read: a reload may change it
+                self._batch_done.clear()
+                await self._batch_done.wait()
+            self._running_batches += 1
             task = group.create_task(self._run_prepared(batch))
-            task.add_done_callback(lambda _t: slots.release())
+            task.add_done_callback(self._batch_finished)
+
+    def _batch_finished(self, _task: asyncio.Task) -> None:
+        self._running_batches -= 1
+        self._batch_done.set()
 
     async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]]) -> None:
         ready: list[tuple[Record, dict]] = []
@@ -172,7 +245,10 @@ class Worker:
             await self._call_model(ready, ok, failed)
         self.metrics.inflight.labels(self.step_label).dec(len(batch))
         self.metrics.count_usage(self.step_label, self.host.take_usage())
-        await self.advance(self.step_index, ok, failed)
+        try:
+            await self.advance(self.step_index, ok, failed)
+        finally:
+            self._release(len(batch))
 
     async def _call_model(self, items: list[tuple[Record, dict]], ok: list[Record], failed: list[Failure]) -> None:
         started = time.perf_counter()
