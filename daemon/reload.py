@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from daemon.config import Config, ConfigError, parse_config
 from daemon.inbox import DEFAULT_IGNORE
-from daemon.rollout import Rebuild, ReloadFailed, Rollout, StepChange
+from daemon.rollout import PLACEMENT_KEYS, Rebuild, ReloadFailed, Rollout, StepChange
 
 if TYPE_CHECKING:
     from daemon.serve import Daemon
@@ -76,7 +76,12 @@ class Plan:
         parts = []
         for change in self.steps:
             if change.changed:
-                kind = "reload" if change.reloads_model else "in place"
+                if change.reloads_model:
+                    kind = "model reloaded"
+                elif change.changed & PLACEMENT_KEYS:
+                    kind = "workers re-placed"
+                else:
+                    kind = "in place"
                 parts.append(f"{change.new.label} {kind}: {', '.join(sorted(change.changed))}")
         if self.daemon_keys:
             parts.append(f"daemon: {', '.join(sorted(self.daemon_keys))}")
