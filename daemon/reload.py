@@ -134,11 +134,18 @@ class Reloader:
     def task(self) -> asyncio.Task | None:
         return self._task
 
+    def watch(self) -> None:
+        """Start watching the file; call it before the models load so that an edit made
+        meanwhile is not missed (its reload waits for `start`)."""
+        self._set_watch(self.daemon.config.daemon.watch_config)
+
     def start(self) -> None:
+        """Serve reload requests, beginning with a check that the file is still the one loaded."""
         if self.path is None:
             return
-        self._task = asyncio.create_task(self._serve(), name="config-reload")
         self._set_watch(self.daemon.config.daemon.watch_config)
+        self.request(forced=False)
+        self._task = asyncio.create_task(self._serve(), name="config-reload")
 
     async def stop(self) -> None:
         """Let a reload in progress finish (a half-done rollout must not be cut), then stop."""

@@ -75,10 +75,12 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request)  # served once ready
         heartbeat = asyncio.create_task(self._heartbeat(), name="sd-notify")
+        self.reloader.watch()
         self.notifier.status("loading models")
         try:
             return await self._serve()
         finally:
+            await self.reloader.stop()
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             self.notifier.close()
@@ -100,8 +102,8 @@ class Daemon:
             {"pid": os.getpid(), "metrics_url": url, "config": str(self.config_path or ""), "started_at": time.time()},
         )
         log.info("ready: watching %s, writing to %s", self.inbox_dir, self.outbox_dir)
-        self.notifier.ready(self.status_line())
         self.reloader.start()
+        self.notifier.ready(self.status_line())
         intake = asyncio.create_task(self._intake(), name="intake")
         stop = asyncio.create_task(self._stop.wait(), name="stop-signal")
         watched = {intake, stop, self.engine.task} | ({self.reloader.task} if self.reloader.task else set())
