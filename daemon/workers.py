@@ -179,11 +179,17 @@ class Worker:
             self._idle.set()
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            if self._paused.is_set():
-                self._prefetcher = group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
-            group.create_task(self._batches(group), name=f"{self.name}-batches")
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                if self._paused.is_set():
+                    self._prefetcher = group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+                group.create_task(self._batches(group), name=f"{self.name}-batches")
+        finally:
+            self._group = self._prefetcher = None
+            while not self._ready.empty():  # prepares started for records that will not run now
+                _, task = self._ready.get_nowait()
+                task.cancel()
 
     async def _prefetch(self) -> None:
         # Cancelled by pause(): each await below holds no record, and asyncio.Queue.get gives
