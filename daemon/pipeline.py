@@ -81,7 +81,9 @@ def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> 
     else:
         devices = ["cpu"]  # CPU tools and API stages (whose concurrency is max_num_seqs, not devices)
     group = max(1, int(getattr(config, "tensor_parallel_size", 1) or 1))
-    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [",".join(devices)]
+    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [
+        ",".join(devices)
+    ]
     return [device for device in groups for _ in range(config.workers_per_device)]
 
 

@@ -23,6 +23,9 @@ from stages.base import Stage
 BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
     ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+    ("TextGenerator", "GPTTextGenerator"): "stages.text.gpt:GPTTextGenerator",
+    ("TextGenerator", "LocalModelGenerator"): "stages.text.local_model:LocalModelGenerator",
+    ("TextGenerator", "APIGenerator"): "stages.text.api_generator:APIGenerator",
 }
 
 ENTRY_POINT_GROUP = "reelflow.stages"
