@@ -17,7 +17,8 @@ from pydantic import Field
 
 from stages.base import Stage, StageConfig, StageError
 
-EXTRA_STAGES = "Test.Tagger=tests.ops.stages:Tagger"
+# Tagger2 is the same class under a second name: a step graph with two distinct stages.
+EXTRA_STAGES = "Test.Tagger=tests.ops.stages:Tagger,Test.Tagger2=tests.ops.stages:Tagger"
 ENV = {"REELFLOW_EXTRA_STAGES": EXTRA_STAGES}
 
 
