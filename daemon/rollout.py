@@ -137,16 +137,25 @@ class Rollout:
         self.loads += 1
         return host
 
+    async def _quiesce(self, worker: Worker) -> None:
+        """Stop feeding the worker, wait until it holds no record, end its loops."""
+        worker.pause()
+        await worker.drain()
+        await self.pipeline.stop_worker(worker)
+
+    def _restart(self, worker: Worker) -> None:
+        self.pipeline.start_worker(worker)
+        worker.resume()
+
     async def _light(self, worker: Worker, step: Step, digest: str, old: Step, old_digest: str) -> None:
         """Settings only: drain the worker so no record straddles two configs, then hand them over."""
-        worker.pause()
+        await self._quiesce(worker)
         try:
-            await worker.drain()
             worker.host.reconfigure(step.config)
             worker.set_limits(batch_limits(step))
             worker.config_digest = digest
         finally:
-            worker.resume()
+            self._restart(worker)
         self.undo.append((f"settings of {worker.name}", lambda: self._light(worker, old, old_digest, step, digest)))
 
     async def _swap(
@@ -157,8 +166,7 @@ class Rollout:
         If the new one does not load, the old one (`back_to`) is loaded again; without
         `back_to` (or if that fails too) the worker is retired.
         """
-        worker.pause()
-        await worker.drain()
+        await self._quiesce(worker)
         old_step = self.pipeline.config.steps[worker.step_index]
         old_device, old_name, old_digest = worker.device, worker.name, worker.config_digest
         await close_quietly(worker.host, worker.name)
@@ -167,14 +175,14 @@ class Rollout:
             host = await self._load(step, device, name)
         except Exception:
             if back_to is not None and await self._reload_old(worker, back_to[0], old_device, old_name):
-                worker.resume()
+                self._restart(worker)
             else:
                 await self._drop(worker)
             raise
         worker.host, worker.device, worker.name = host, device, name
         worker.set_limits(batch_limits(step))
         worker.config_digest = digest
-        worker.resume()
+        self._restart(worker)
         log.info("%s now runs the new stage", name)
         self.undo.append(
             (f"the stage of {name}", lambda: self._swap(worker, old_step, old_device, old_digest, back_to=None))
@@ -194,13 +202,10 @@ class Rollout:
             worker.name,
             len(self.pipeline.workers[worker.step_index]) - 1,
         )
-        await self.pipeline.stop_worker(worker)
         self.pipeline.workers[worker.step_index].remove(worker)
 
     async def _retire(self, worker: Worker, old: Step, undo_digest: str | None) -> None:
-        worker.pause()
-        await worker.drain()
-        await self.pipeline.stop_worker(worker)
+        await self._quiesce(worker)
         await close_quietly(worker.host, worker.name)
         self.pipeline.workers[worker.step_index].remove(worker)
         log.info("%s retired", worker.name)

@@ -106,9 +106,10 @@ class BatchLimits:
 class Worker:
     """One resident stage on its step's queue.
 
-    `pause()` stops it taking records off the queue (records already taken still finish),
-    `drain()` waits until it holds none, `resume()` starts taking again: hot reload uses the
-    three to swap a worker's stage or settings between two records, never in the middle of one.
+    Hot reload changes a worker between two records, never in the middle of one: `pause()`
+    stops it taking records off the queue, `drain()` waits until every record it took has
+    been handed on (`advance`), then the reloader stops its loops, swaps its stage or its
+    settings (`set_limits` takes effect when `run` starts again) and `resume()`s it.
     """
 
     def __init__(
@@ -128,114 +129,93 @@ class Worker:
         self.step_label = step_label
         self.host = host
         self.queue = queue
-        self.advance = advance
+        self._forward = advance
         self.metrics = metrics
         self.limits = limits
         self.name = name
         self.device = device
         self.config_digest = config_digest  # the config whose settings this worker runs with
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
-        self._ready: asyncio.Queue = asyncio.Queue()  # depth bounded by batch_cap in _prefetch
-        self._room = asyncio.Event()  # set when _batches takes from _ready
+        self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
         self._paused = asyncio.Event()  # set = running: the prefetch loop takes records
         self._paused.set()
         self._held = 0  # records taken off the queue and not yet handed on
         self._idle = asyncio.Event()
         self._idle.set()
-        self._running_batches = 0
-        self._batch_done = asyncio.Event()
-        self._group: asyncio.TaskGroup | None = None
-        self._prefetcher: asyncio.Task | None = None
 
     def set_limits(self, limits: BatchLimits) -> None:
         self.limits = limits
         self.batch_cap = limits.batch_size
-        self._room.set()
-        self._batch_done.set()
 
     @property
     def paused(self) -> bool:
         return not self._paused.is_set()
 
     def pause(self) -> None:
-        """Stop taking records. A record cannot be lost: the prefetch loop only waits outside of one."""
+        """Take no more records off the queue (those already taken still finish)."""
         self._paused.clear()
-        if self._prefetcher is not None:
-            self._prefetcher.cancel()
-            self._prefetcher = None
 
     def resume(self) -> None:
         self._paused.set()
-        if self._group is not None and self._prefetcher is None:
-            self._prefetcher = self._group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
 
     async def drain(self) -> None:
-        """Wait until every record this worker took has been handed on (next queue, results or errors)."""
+        """Wait until every record this worker took is in the next queue, the results or the errors."""
         await self._idle.wait()
 
-    def _release(self, count: int) -> None:
-        self._held -= count
-        if self._held == 0:
-            self._idle.set()
+    async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
+        """Hand a finished batch on; only then does the worker stop holding its records."""
+        try:
+            await self._forward(step_index, ok, failed)
+        finally:
+            self._held -= len(ok) + len(failed)
+            if self._held == 0:
+                self._idle.set()
 
     async def run(self) -> None:
+        self._ready = asyncio.Queue(maxsize=max(1, self.limits.batch_size))  # limits may have changed
         try:
             async with asyncio.TaskGroup() as group:
-                self._group = group
-                if self._paused.is_set():
-                    self._prefetcher = group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+                group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
                 group.create_task(self._batches(group), name=f"{self.name}-batches")
         finally:
-            self._group = self._prefetcher = None
             while not self._ready.empty():  # prepares started for records that will not run now
                 _, task = self._ready.get_nowait()
                 task.cancel()
 
     async def _prefetch(self) -> None:
-        # Cancelled by pause(): each await below holds no record, and asyncio.Queue.get gives
-        # the record back to the queue when it is cancelled.
         while True:
             await self._paused.wait()
-            while self._ready.qsize() >= max(1, self.batch_cap):
-                self._room.clear()
-                await self._room.wait()
             record: Record = await self.queue.get()
+            if not self._paused.is_set():  # paused while waiting: give it back (no await since get: room)
+                self.queue.put_nowait(record)
+                continue
             self._held += 1
             self._idle.clear()
             record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
             task = asyncio.ensure_future(self.host.prepare(record.fields))
-            self._ready.put_nowait((record, task))
+            await self._ready.put((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
+        slots = asyncio.Semaphore(self.limits.concurrency)
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._ready.get()]
-            self._room.set()
             deadline = loop.time() + self.limits.max_wait_s
             while len(batch) < self.batch_cap:
                 if not self._ready.empty():
                     batch.append(self._ready.get_nowait())
-                    self._room.set()
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._ready.get(), remaining))
-                    self._room.set()
                 except TimeoutError:
                     break
-            while self._running_batches >= self.limits.concurrency:  # re-read: a reload may change it
-                self._batch_done.clear()
-                await self._batch_done.wait()
-            self._running_batches += 1
+            await slots.acquire()
             task = group.create_task(self._run_prepared(batch))
-            task.add_done_callback(self._batch_finished)
-
-    def _batch_finished(self, _task: asyncio.Task) -> None:
-        self._running_batches -= 1
-        self._batch_done.set()
+            task.add_done_callback(lambda _t: slots.release())
 
     async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]]) -> None:
         ready: list[tuple[Record, dict]] = []
@@ -251,10 +231,7 @@ class Worker:
             await self._call_model(ready, ok, failed)
         self.metrics.inflight.labels(self.step_label).dec(len(batch))
         self.metrics.count_usage(self.step_label, self.host.take_usage())
-        try:
-            await self.advance(self.step_index, ok, failed)
-        finally:
-            self._release(len(batch))
+        await self.advance(self.step_index, ok, failed)
 
     async def _call_model(self, items: list[tuple[Record, dict]], ok: list[Record], failed: list[Failure]) -> None:
         started = time.perf_counter()
