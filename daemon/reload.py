@@ -217,6 +217,8 @@ class Reloader:
                 new = await asyncio.to_thread(parse_config, text, str(self.path))
             except ConfigError as exc:
                 return self._refuse(exc.problems)
+            except Exception as exc:  # e.g. a stage module that no longer imports cleanly
+                return self._refuse([f"validating it raised {type(exc).__name__}: {exc}"])
             return await self._apply(new)
         finally:
             notify.ready(self.daemon.status_line())

@@ -22,6 +22,7 @@ Two strategies (daemon/reload.py picks one per reload):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -313,8 +314,11 @@ class Rebuild:
                     device,
                 )
             )
-        for step in pipeline.config.steps:
-            pipeline.metrics.queue_depth.remove(step.label)
+        gone = {step.label for step in pipeline.config.steps} - {step.label for step in config.steps}
+        for metric in (pipeline.metrics.queue_depth, pipeline.metrics.inflight, pipeline.metrics.model_load_seconds):
+            for label in gone:
+                with contextlib.suppress(KeyError):  # a series that was never set
+                    metric.remove(label)
         for step, queue in zip(config.steps, queues, strict=True):
             pipeline.metrics.queue_depth.labels(step.label).set_function(queue.qsize)
         pipeline.config, pipeline.queues, pipeline.workers = config, queues, workers
