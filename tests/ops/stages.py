@@ -18,7 +18,9 @@ from pydantic import Field
 from stages.base import Stage, StageConfig, StageError
 
 # Tagger2 is the same class under a second name: a step graph with two distinct stages.
-EXTRA_STAGES = "Test.Tagger=tests.ops.stages:Tagger,Test.Tagger2=tests.ops.stages:Tagger"
+EXTRA_STAGES = (
+    "Test.Tagger=tests.ops.stages:Tagger,Test.Tagger2=tests.ops.stages:Tagger,Test.GpuBlob=tests.ops.stages:GpuBlob"
+)
 ENV = {"REELFLOW_EXTRA_STAGES": EXTRA_STAGES}
 
 
@@ -50,3 +52,33 @@ class Tagger(Stage):
 
     def close(self) -> None:
         self.model = None
+
+
+class GpuBlobConfig(StageConfig):
+    model_path: str = Field(description="Any string; changing it reloads the stage (a heavy key).")
+    size_mib: int = Field(1024, ge=1, description="GPU memory the 'model' holds once loaded.")
+
+
+class GpuBlob(Stage):
+    """Holds `size_mib` of GPU memory while loaded and reports the process's peak allocation so far:
+    a heavy reload must unload a worker's model before it loads the new one."""
+
+    Config = GpuBlobConfig
+    accelerated = True
+
+    def load(self) -> None:
+        import torch
+
+        self.blob = torch.empty(self.config.size_mib << 20, dtype=torch.uint8, device=self.device)
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        import torch
+
+        allocated = torch.cuda.max_memory_allocated(self.device) / 2**20  # the peak so far, loads included
+        return [{"gpu_mib": allocated, "device": self.device, "model": self.config.model_path} for _ in batch]
+
+    def close(self) -> None:
+        import torch
+
+        self.blob = None
+        torch.cuda.empty_cache()
