@@ -35,6 +35,13 @@ class Inbox:
         self._pending: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, unchanged since)
         self._taken: set[Path] = set()  # yielded, not yet moved away by the claimer
 
+    def configure(self, settle_ms: int, rescan_s: float, ignore: tuple[str, ...]) -> None:
+        """New settings from a config reload; they apply from the next scan, which starts now."""
+        self.settle_s = settle_ms / 1000
+        self.rescan_s = rescan_s
+        self.ignore = tuple(ignore)
+        self._wake.set()
+
     def _scan(self) -> list[tuple[Path, int, int]]:
         found = []
         try:
