@@ -80,15 +80,14 @@ class Engine:
         first = self.config.steps[0].config
         meta_folder = file.meta_folder.resolve() if file.meta_folder else None
         base = meta_folder or job.meta_root.resolve()
-        return RowRules(
-            required=first.input_fields(),
-            path_keys=frozenset(
-                {file.video_key, file.image_key}
-                | {k for k, kind in first.input_fields().items() if kind in ("video", "image")}
-            ),
-            roots=(base,),
-            base=base,
-        )
+        required = dict(first.input_fields())
+        path_keys = {file.video_key, file.image_key} | {k for k, kind in required.items() if kind in ("video", "image")}
+        if job.fmt == "video":
+            # The row names the dropped file, which is the claimed file itself (no longer in the
+            # inbox, maybe renamed to <stem>-2): `_feed` sets its real path, nothing to resolve here.
+            required.pop(file.video_key, None)
+            path_keys.discard(file.video_key)
+        return RowRules(required=required, path_keys=frozenset(path_keys), roots=(base,), base=base)
 
     async def run_job(self, job: JobInput) -> JobRun:
         paths = self.layout.for_job(job.name)
