@@ -68,7 +68,10 @@ def test_jsonl_bom_crlf_blank_broken_and_non_object_lines(tmp_path):
     assert problems[3].error_type == "BadJson"
     assert problems[3].message.startswith("m.jsonl: line 3 is not valid JSON")
     assert "expected one JSON object per line" in problems[3].message
-    assert problems[4].error_type == "NotAnObject" and "line 4 is a JSON list; expected a JSON object" in problems[4].message
+    assert (
+        problems[4].error_type == "NotAnObject"
+        and "line 4 is a JSON list; expected a JSON object" in problems[4].message
+    )
     assert "line 6 is a JSON str" in problems[6].message
     assert problems[8].error_type == "BadJson"
 
@@ -90,7 +93,7 @@ def test_jsonl_streams(tmp_path):
 
 def test_json_array_with_nested_brackets_in_strings_and_chunk_boundaries(tmp_path):
     elements = [
-        {"id": "a", "text": "brackets ] } [ { and \"quotes\" and , commas"},
+        {"id": "a", "text": 'brackets ] } [ { and "quotes" and , commas'},
         {"id": "b", "nested": {"list": [1, [2, {"x": "]"}]]}, "text": "é" * 50},
         {"id": "c", "text": "x" * 300},
     ]
@@ -244,7 +247,9 @@ def test_parquet_garbage_is_unreadable(tmp_path):
 def test_raw_video_is_one_record(tmp_path):
     path = tmp_path / "clip.mp4"
     path.write_bytes(b"anything")
-    assert list(read_rows(path, "video", "clip_path", display_name="My Clip.mp4")) == [(1, {"clip_path": "My Clip.mp4"})]
+    assert list(read_rows(path, "video", "clip_path", display_name="My Clip.mp4")) == [
+        (1, {"clip_path": "My Clip.mp4"})
+    ]
 
 
 def test_missing_file_is_unreadable(tmp_path):
