@@ -9,6 +9,7 @@ jobs stay claimed for the next start. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from daemon.readers import input_format
 log = logging.getLogger("reelflow")
 
 MAX_ACTIVE_JOBS = 64
+ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
 
 
 class Daemon:
@@ -105,20 +107,33 @@ class Daemon:
         stop.cancel()
         await asyncio.gather(intake, stop, return_exceptions=True)
         self.engine.stop_intake()
+        abandoned = False
         if self._job_tasks:
             _, pending = await asyncio.wait(self._job_tasks, timeout=self.config.daemon.drain_timeout_s)
             if pending:
+                abandoned = True
                 log.warning(
                     "drain timeout: %d job(s) still had records in flight; they stay claimed and resume next start",
                     len(pending),
                 )
-        await self.engine.stop()
+        if abandoned:
+            # A stage call still running in its thread cannot be interrupted, and closing the stage
+            # waits behind it: give it a moment, no more.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.stop(), ABANDON_GRACE_S)
+        else:
+            await self.engine.stop()
         for task in self._job_tasks:
             task.cancel()
         await asyncio.gather(*self._job_tasks, return_exceptions=True)
         await self.server.stop()
         (self.state_dir / "daemon.json").unlink(missing_ok=True)
         log.info("stopped")
+        if abandoned:
+            # Python would join those busy threads at exit, outliving drain_timeout_s. Every line
+            # written is already flushed and fsynced, so leaving now loses nothing.
+            logging.shutdown()
+            os._exit(0)
 
     # --- intake ----------------------------------------------------------------------------
 
