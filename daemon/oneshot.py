@@ -74,6 +74,12 @@ async def run_once(config: Config, progress: bool = True) -> Summary:
     base_folder.mkdir(parents=True, exist_ok=True)
     save_folder.mkdir(parents=True, exist_ok=True)
     layout = OutboxLayout.one_shot(base_folder.resolve(), save_folder.resolve())
+    for key, path in (("save_folder", final), ("base_folder", layout.for_job(meta_path.stem).results)):
+        if path.resolve() == meta_path.resolve():
+            raise ConfigError(
+                str(config.source or "<config>"),
+                [f"{key}: the results would be written to {path}, which is meta_path itself; choose another {key}"],
+            )
     engine = Engine(config, layout, Metrics())
     await engine.start()
     job = JobInput(meta_path.stem, meta_path.resolve(), fmt, meta_path.name, meta_path.parent)
