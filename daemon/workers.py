@@ -125,9 +125,14 @@ class Worker:
         self.batch_cap = limits.batch_size
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
-            group.create_task(self._batches(group), name=f"{self.name}-batches")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+                group.create_task(self._batches(group), name=f"{self.name}-batches")
+        finally:
+            while not self._ready.empty():  # prepares started for records that will not run now
+                _, task = self._ready.get_nowait()
+                task.cancel()
 
     async def _prefetch(self) -> None:
         while True:
