@@ -143,7 +143,10 @@ class Worker:
             await self._ready.put((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
-        slots = asyncio.Semaphore(self.limits.concurrency)
+        slots = asyncio.Semaphore(self.limits.concurrency)  # batches in the model at once
+        # A batch leaves its model slot before it is routed and written (the outbox fsyncs), so the
+        # model never waits for the disk; one batch more than the model holds may be in that phase.
+        routing = asyncio.Semaphore(self.limits.concurrency + 1)
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._ready.get()]
@@ -159,22 +162,26 @@ class Worker:
                     batch.append(await asyncio.wait_for(self._ready.get(), remaining))
                 except TimeoutError:
                     break
+            await routing.acquire()
             await slots.acquire()
-            task = group.create_task(self._run_prepared(batch))
-            task.add_done_callback(lambda _t: slots.release())
+            task = group.create_task(self._run_prepared(batch, slots))
+            task.add_done_callback(lambda _t: routing.release())
 
-    async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]]) -> None:
+    async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]], slots: asyncio.Semaphore) -> None:
         ready: list[tuple[Record, dict]] = []
         failed: list[Failure] = []
-        for record, task in batch:
-            try:
-                ready.append((record, await task))
-            except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
-                error = StageError.from_exception(exc)
-                failed.append((record, error.error_type, error.message))
         ok: list[Record] = []
-        if ready:
-            await self._call_model(ready, ok, failed)
+        try:
+            for record, task in batch:
+                try:
+                    ready.append((record, await task))
+                except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
+                    error = StageError.from_exception(exc)
+                    failed.append((record, error.error_type, error.message))
+            if ready:
+                await self._call_model(ready, ok, failed)
+        finally:
+            slots.release()
         self.metrics.inflight.labels(self.step_label).dec(len(batch))
         self.metrics.count_usage(self.step_label, self.host.take_usage())
         await self.advance(self.step_index, ok, failed)

@@ -230,3 +230,26 @@ async def test_the_loop_is_not_blocked_by_a_slow_stage():
             ticks += 1
         assert ticks >= 10  # the loop kept running while process slept in its thread
         await h.wait_for(1)
+
+
+async def test_the_model_does_not_wait_for_the_outbox_but_writing_stays_bounded():
+    """While one batch is routed and written (slow disk), the model runs the next one; no more than
+    one batch beyond the model's own waits to be written."""
+    async with Harness(batch_size=1, max_wait_ms=0) as h:
+        writing = {"now": 0, "most": 0}
+        original = h.advance
+
+        async def slow_advance(step, ok, failed):
+            writing["now"] += 1
+            writing["most"] = max(writing["most"], writing["now"])
+            await asyncio.sleep(0.2)
+            writing["now"] -= 1
+            await original(step, ok, failed)
+
+        h.worker.advance = slow_advance
+        started = time.monotonic()
+        await h.feed(range(1, 7))
+        await h.wait_for(6)
+        elapsed = time.monotonic() - started
+    assert writing["most"] == 2  # this batch's write overlaps the next batch, never more
+    assert elapsed < 6 * 0.2 + 0.5 and len(h.stage.batches) == 6
