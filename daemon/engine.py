@@ -141,10 +141,11 @@ class Engine:
 
         while True:
             chunk, failure, at_end = await asyncio.to_thread(next_chunk)
+            rejected = [(c.record, c.problem.error_type, c.problem.message) for c in chunk if c.problem]
+            if rejected:  # one write (and fsync) for the chunk's bad rows, not one each
+                await self.pipeline.reject(rejected)
             for checked in chunk:
-                if checked.problem:
-                    await self.pipeline.reject(checked.record, checked.problem.error_type, checked.problem.message)
-                else:
+                if not checked.problem:
                     await self.pipeline.submit(checked.record)
             if failure is not None:
                 if state["rows"] == 0 and run.outstanding == 0 and run.skipped == 0:
@@ -161,4 +162,6 @@ class Engine:
         if key in checker.done:
             return
         record = Record(id=None, job=job.name, row_number=row_number, row={}, fields={}, key=key)
-        await self.pipeline.reject(record, "UnreadableFile", f"{failure}; rows from {row_number} on could not be read")
+        await self.pipeline.reject(
+            [(record, "UnreadableFile", f"{failure}; rows from {row_number} on could not be read")]
+        )

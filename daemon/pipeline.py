@@ -81,7 +81,9 @@ def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> 
     else:
         devices = ["cpu"]  # CPU tools and API stages (whose concurrency is max_num_seqs, not devices)
     group = max(1, int(getattr(config, "tensor_parallel_size", 1) or 1))
-    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [",".join(devices)]
+    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [
+        ",".join(devices)
+    ]
     return [device for device in groups for _ in range(config.workers_per_device)]
 
 
@@ -169,10 +171,12 @@ class Pipeline:
         await self.queues[0].put(record)
         self.jobs[record.job].admit()  # after put: a put cancelled by shutdown admits nothing
 
-    async def reject(self, record: Record, error_type: str, message: str) -> None:
-        """A record that failed before any step (bad row): straight to errors."""
-        self.jobs[record.job].admit()
-        await self.advance(-1, [], [(record, error_type, message)])
+    async def reject(self, failures: list[Failure]) -> None:
+        """Records that failed before any step (bad rows): straight to errors, in one write."""
+        for record, _, _ in failures:
+            self.jobs[record.job].admit()
+        # Shielded: once admitted they must be settled, also when the reader is cancelled (shutdown).
+        await asyncio.shield(self.advance(-1, [], failures))
 
     async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
         label = self.steps[step_index].label if step_index >= 0 else "read"

@@ -97,3 +97,25 @@ def test_a_second_signal_exits_at_once(tmp_path):
         assert "exiting now without draining" in daemon.log()
     assert not read_jsonl(daemon.outbox / "rows.jsonl")
     finish_and_check(config)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_reading_a_file_of_bad_rows(tmp_path):
+    """Rows rejected at reading are admitted and written together; a shutdown landing in the middle
+    must not leave them counted as in flight (the drain would then wait out drain_timeout_s)."""
+    config = daemon_config(tmp_path, [{**ECHO, "config": {}}], drain_timeout_s=60)
+    rows = 200_000
+    with DaemonProcess(config, env=ENV) as daemon:
+        daemon.drop_text("bad.jsonl", '{"id": broken\n' * rows)
+        wait_until(lambda: (daemon.outbox / "bad.errors.jsonl").exists(), 30, "first errors", daemon.log)
+        started = time.monotonic()
+        assert daemon.stop(timeout=60) == 0
+        assert time.monotonic() - started < 20, "the drain waited for rejected rows"
+        written = len(daemon.errors("bad"))
+    with DaemonProcess(config, env=ENV) as daemon:
+        assert daemon.wait_for_job("bad", timeout=90)["errors"] == rows
+        assert daemon.stop() == 0
+    errors = daemon.errors("bad")
+    assert sorted(e["row"] for e in errors) == list(range(1, rows + 1))
+    assert all(e["error"] == "BadJson" and e["message"].startswith("bad.jsonl: line ") for e in errors[:10])
+    assert written > 0
