@@ -59,7 +59,11 @@ def main() -> int:
             root,
             {
                 "steps": [
-                    {"type": "Test", "name": "Spin", "config": {"work": 0, "batch_size": args.batch_size, "devices": ["cpu"]}}
+                    {
+                        "type": "Test",
+                        "name": "Spin",
+                        "config": {"work": 0, "batch_size": args.batch_size, "devices": ["cpu"]},
+                    }
                 ],
                 "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 200, "metrics": {"port": 0}},
             },
@@ -96,7 +100,9 @@ def main() -> int:
             f"RSS: ready {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB (VmHWM {high_water / 1024:.1f} MiB), "
             f"{len(samples)} samples"
         )
-        print(f"growth = {growth_mb:.1f} MiB; goal < {GOAL_MB} MB: {'met' if growth_mb * 1.048576 < GOAL_MB else 'MISSED'}")
+        print(
+            f"growth = {growth_mb:.1f} MiB; goal < {GOAL_MB} MB: {'met' if growth_mb * 1.048576 < GOAL_MB else 'MISSED'}"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
