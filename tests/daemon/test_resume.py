@@ -141,6 +141,12 @@ def test_same_content_again_does_no_work_and_a_new_file_under_a_used_name_is_num
 
         daemon.drop_text("clips.jsonl", "garbage that is not json\n")  # a third version
         assert daemon.wait_for_job("clips-3")["errors"] == 1
+
+        # clips.errors.jsonl is job clips' errors file: a file of that name must not become job "clips.errors"
+        daemon.drop_text("clips.errors.jsonl", json.dumps({"id": "e1"}) + "\n")
+        assert daemon.wait_for_job("clips_errors")["ok"] == 1
+        assert [r["id"] for r in daemon.results("clips_errors")] == ["e1"]
+        assert not daemon.errors("clips")
         assert daemon.stop() == 0
 
 
