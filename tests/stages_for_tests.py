@@ -15,7 +15,7 @@ from pydantic import Field
 
 from stages.base import FieldKind, Stage, StageConfig, StageError
 
-EXTRA_STAGES = "Test.Echo=tests.stages_for_tests:Echo,Test.Spin=tests.stages_for_tests:Spin"
+EXTRA_STAGES = ",".join(f"Test.{name}=tests.stages_for_tests:{name}" for name in ("Echo", "Spin", "Accel"))
 ENV = {"REELFLOW_EXTRA_STAGES": EXTRA_STAGES}
 
 
@@ -109,3 +109,14 @@ class Spin(Stage):
                 acc = (acc * 31 + i) & 0xFFFFFFFF
             out.append({"spin": acc ^ len(str(record["id"]))})
         return out
+
+
+class AccelConfig(EchoConfig):
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per worker.")
+
+
+class Accel(Echo):
+    """Like Echo, but asks for accelerators (one worker per GPU, or per group of tensor_parallel_size)."""
+
+    Config = AccelConfig
+    accelerated = True
