@@ -147,6 +147,11 @@ class Worker:
         # A batch leaves its model slot before it is routed and written (the outbox fsyncs), so the
         # model never waits for the disk; one batch more than the model holds may be in that phase.
         routing = asyncio.Semaphore(self.limits.concurrency + 1)
+        # With one batch in the model at a time, batches are routed in the order they came, so a
+        # single worker keeps its input's order; with many (async stages) a slow one must not hold
+        # up the others.
+        ordered = self.limits.concurrency == 1
+        previous: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._ready.get()]
@@ -164,10 +169,18 @@ class Worker:
                     break
             await routing.acquire()
             await slots.acquire()
-            task = group.create_task(self._run_prepared(batch, slots))
+            routed = loop.create_future()
+            task = group.create_task(self._run_prepared(batch, slots, previous if ordered else None, routed))
             task.add_done_callback(lambda _t: routing.release())
+            previous = routed
 
-    async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]], slots: asyncio.Semaphore) -> None:
+    async def _run_prepared(
+        self,
+        batch: list[tuple[Record, asyncio.Future]],
+        slots: asyncio.Semaphore,
+        after: asyncio.Future | None = None,
+        routed: asyncio.Future | None = None,
+    ) -> None:
         ready: list[tuple[Record, dict]] = []
         failed: list[Failure] = []
         ok: list[Record] = []
@@ -182,9 +195,15 @@ class Worker:
                 await self._call_model(ready, ok, failed)
         finally:
             slots.release()
-        self.metrics.inflight.labels(self.step_label).dec(len(batch))
-        self.metrics.count_usage(self.step_label, self.host.take_usage())
-        await self.advance(self.step_index, ok, failed)
+        try:
+            if after is not None:
+                await after
+            self.metrics.inflight.labels(self.step_label).dec(len(batch))
+            self.metrics.count_usage(self.step_label, self.host.take_usage())
+            await self.advance(self.step_index, ok, failed)
+        finally:
+            if routed is not None and not routed.done():
+                routed.set_result(None)
 
     async def _call_model(self, items: list[tuple[Record, dict]], ok: list[Record], failed: list[Failure]) -> None:
         started = time.perf_counter()

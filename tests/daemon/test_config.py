@@ -202,3 +202,13 @@ def test_shipped_config_validates(path, monkeypatch):
         monkeypatch.setenv(name, __import__("os").environ.get(name, "placeholder"))
     config = load_config(path)
     assert config.steps
+
+
+def test_extra_stages_env_var(monkeypatch):
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", "Test.Echo=tests.stages_for_tests:Echo")
+    assert parse_config(
+        GOOD.replace("VideoProcessor", "Test").replace("FrameSampler", "Echo").replace("num_frames: 4, ", "")
+    )
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", "Test.Echo")
+    (message,) = problems_of(GOOD)
+    assert "REELFLOW_EXTRA_STAGES: cannot read 'Test.Echo'; expected Type.Name=module:Class" in message

@@ -232,24 +232,29 @@ async def test_the_loop_is_not_blocked_by_a_slow_stage():
         await h.wait_for(1)
 
 
-async def test_the_model_does_not_wait_for_the_outbox_but_writing_stays_bounded():
-    """While one batch is routed and written (slow disk), the model runs the next one; no more than
-    one batch beyond the model's own waits to be written."""
+async def test_the_model_does_not_wait_for_the_outbox_but_writing_stays_bounded_and_ordered():
+    """While one batch is routed and written (slow disk), the model runs the next one; batches are
+    written in the order they came; no more than one batch beyond the model's waits to be written."""
     async with Harness(batch_size=1, max_wait_ms=0) as h:
-        writing = {"now": 0, "most": 0}
-        original = h.advance
+        events: list[tuple[str, str]] = []
+        original_advance, original_process = h.advance, h.stage.process
+
+        def process(batch):
+            events.append(("process", batch[0]["id"]))
+            return original_process(batch)
 
         async def slow_advance(step, ok, failed):
-            writing["now"] += 1
-            writing["most"] = max(writing["most"], writing["now"])
+            events.append(("write", ok[0].id))
             await asyncio.sleep(0.2)
-            writing["now"] -= 1
-            await original(step, ok, failed)
+            events.append(("written", ok[0].id))
+            await original_advance(step, ok, failed)
 
+        h.stage.process = process
         h.worker.advance = slow_advance
-        started = time.monotonic()
         await h.feed(range(1, 7))
         await h.wait_for(6)
-        elapsed = time.monotonic() - started
-    assert writing["most"] == 2  # this batch's write overlaps the next batch, never more
-    assert elapsed < 6 * 0.2 + 0.5 and len(h.stage.batches) == 6
+    assert [r.id for r in h.ok] == [str(n) for n in range(1, 7)]  # the input's order
+    assert events.index(("process", "2")) < events.index(("written", "1"))  # no waiting for the disk
+    for n in range(1, 6):  # bounded: batch n+2 reaches the model only once batch n is written
+        if ("process", str(n + 2)) in events:
+            assert events.index(("written", str(n))) < events.index(("process", str(n + 2)))
