@@ -92,8 +92,11 @@ class Inbox:
                 for gone in set(self._taken) - present:
                     del self._taken[gone]
                 wait = min(self.rescan_s, max(0.05, self.settle_s / 2)) if self._pending else self.rescan_s
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+                # lands as the event is set (a file event), and the daemon's shutdown then hangs.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

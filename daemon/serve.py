@@ -120,7 +120,8 @@ class Daemon:
             # A stage call still running in its thread cannot be interrupted, and closing the stage
             # waits behind it: give it a moment, no more.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.engine.stop(), ABANDON_GRACE_S)
+                async with asyncio.timeout(ABANDON_GRACE_S):
+                    await self.engine.stop()
         else:
             await self.engine.stop()
         for task in self._job_tasks:

@@ -163,8 +163,9 @@ class Worker:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._ready.get(), remaining))
+                try:  # asyncio.timeout: wait_for (3.11) can swallow a cancel landing as an item arrives
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._ready.get())
                 except TimeoutError:
                     break
             await routing.acquire()

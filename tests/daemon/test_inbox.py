@@ -118,3 +118,18 @@ async def test_a_missing_inbox_is_created(tmp_path):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("turns", range(5))
+async def test_a_cancel_landing_with_a_file_event_is_not_swallowed(tmp_path, turns):
+    """Python 3.11's wait_for returns normally when the awaited event fires as the cancel lands,
+    which left the daemon's shutdown waiting for an inbox that never stopped."""
+    inbox = Inbox(tmp_path, settle_ms=0, rescan_s=30)
+    task = asyncio.create_task(collect(inbox, [], asyncio.Event()))
+    await asyncio.sleep(0.3)  # scanned, now waiting for an event or the rescan
+    inbox._wake.set()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done, f"the inbox ignored its cancellation (event set {turns} loop turns before)"

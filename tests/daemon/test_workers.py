@@ -258,3 +258,21 @@ async def test_the_model_does_not_wait_for_the_outbox_but_writing_stays_bounded_
     for n in range(1, 6):  # bounded: batch n+2 reaches the model only once batch n is written
         if ("process", str(n + 2)) in events:
             assert events.index(("written", str(n))) < events.index(("process", str(n + 2)))
+
+
+@pytest.mark.parametrize("turns", range(5))
+async def test_a_cancel_landing_as_a_record_arrives_stops_the_worker(turns):
+    """Python 3.11's wait_for returns the item when the cancel lands just as it arrives: the
+    worker then kept running and stopping the pipeline hung."""
+    h = Harness(batch_size=4, max_wait_ms=5000)
+    await h.host.load()
+    task = asyncio.create_task(h.worker.run())
+    await h.feed([1])
+    await asyncio.sleep(0.2)  # the batcher holds record 1 and waits for more
+    await h.feed([2])
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=3)
+    await h.host.close()
+    assert done, f"the worker ignored its cancellation (record arrived {turns} loop turns before)"
