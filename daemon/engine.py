@@ -53,6 +53,7 @@ class Engine:
         self.tag_results = tag_results
         self._task: asyncio.Task | None = None
         self._feeds: set[asyncio.Task] = set()
+        self._intake_stopped = False
 
     async def start(self) -> None:
         self.pipeline.build_workers()
@@ -72,6 +73,7 @@ class Engine:
 
     def stop_intake(self) -> None:
         """Stop reading every job's file; records already read still finish."""
+        self._intake_stopped = True  # also for jobs still opening their writer: they must not start reading
         for feed in list(self._feeds):
             feed.cancel()
 
@@ -100,6 +102,8 @@ class Engine:
         checker = RowChecker(job.name, job.display_name, self._rules(job), done, paths.media)
         feed = asyncio.create_task(self._feed(job, run, checker), name=f"read-{job.name}")
         self._feeds.add(feed)
+        if self._intake_stopped:
+            feed.cancel()
         try:
             try:
                 await feed
