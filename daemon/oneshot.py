@@ -26,6 +26,8 @@ from daemon.readers import META_FORMATS, input_format
 
 log = logging.getLogger("reelflow")
 
+PARQUET_ROWS = 65536  # rows per row group when writing parquet results
+
 EXTENSIONS = {
     "jsonl": ".jsonl",
     "json": ".json",
@@ -152,12 +154,41 @@ def export_results(results: Path, fmt: str, target: Path) -> None:
             for row in _rows(results):
                 writer.writerow({k: _cell(v) for k, v in row.items()})
     elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = list(_rows(results))
-        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), tmp)
+        _export_parquet(results, tmp)
     tmp.replace(target)
+
+
+def _chunks(results: Path, size: int | None = None):
+    size = size or PARQUET_ROWS
+    chunk = []
+    for row in _rows(results):
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _export_parquet(results: Path, target: Path) -> None:
+    """Two streaming passes, one row group per chunk: the schema of every chunk, unified; then the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # from_pylist alone takes the columns of the first row only: rows with more keys would lose them.
+    schemas = [
+        pa.Table.from_pydict(
+            {key: [row.get(key) for row in chunk] for key in dict.fromkeys(k for r in chunk for k in r)}
+        ).schema
+        for chunk in _chunks(results)
+    ]
+    if not schemas:
+        pq.write_table(pa.table({}), target)
+        return
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    with pq.ParquetWriter(target, schema) as writer:
+        for chunk in _chunks(results):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
 
 def main(config: Config, progress: bool = True) -> int:

@@ -156,3 +156,19 @@ def test_unreadable_input_exits_1(tmp_path):
     result = run_oneshot(config, env=ENV)
     assert result.returncode == 1
     assert "m.json: expected a JSON array of objects" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json", "jsonl"])
+def test_export_keeps_columns_that_only_later_rows_have(tmp_path, monkeypatch, fmt):
+    from daemon import oneshot
+
+    monkeypatch.setattr(oneshot, "PARQUET_ROWS", 4)  # several row groups, each with its own inferred types
+    rows = [{"id": str(n), "a": None if n < 5 else "x", **({"late": [n, 1]} if n > 7 else {})} for n in range(12)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    oneshot.export_results(results, fmt, tmp_path / f"out.{fmt}")
+    back = read_back(tmp_path / f"out.{fmt}", fmt)
+    assert [r["id"] for r in back] == [str(n) for n in range(12)]
+    late = back[-1]["late"]
+    assert (json.loads(late) if fmt == "csv" else late) == [11, 1]
+    assert back[0].get("late") in (None, "")
