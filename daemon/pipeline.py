@@ -211,11 +211,13 @@ class Pipeline:
         finally:
             self._entering -= 1
 
-    async def reject(self, record: Record, error_type: str, message: str) -> None:
-        """A record that failed before any step (bad row): straight to errors."""
+    async def reject(self, failures: list[Failure]) -> None:
+        """Records that failed before any step (bad rows): straight to errors, in one write."""
         await self._intake_open.wait()
-        self.jobs[record.job].admit()
-        await self.advance(-1, [], [(record, error_type, message)])
+        for record, _, _ in failures:
+            self.jobs[record.job].admit()
+        # Shielded: once admitted they must be settled, also when the reader is cancelled (shutdown).
+        await asyncio.shield(self.advance(-1, [], failures))
 
     async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
         label = self.steps[step_index].label if step_index >= 0 else "read"

@@ -94,6 +94,7 @@ class IdSet:
     def _grow(self) -> None:
         old = self._slots[self._slots != 0]
         self._slots = np.zeros(len(self._slots) * 2, dtype=np.uint64)
-        for value in old.tolist():
-            index, _ = self._find(value)
-            self._slots[index] = value
+        for start in range(0, len(old), 1 << 16):  # in slices: a Python list of every hash costs ~36 B each
+            for value in old[start : start + (1 << 16)].tolist():
+                index, _ = self._find(value)
+                self._slots[index] = value

@@ -11,6 +11,7 @@ state over sd_notify (daemon/notify.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ log = logging.getLogger("reelflow")
 
 MAX_ACTIVE_JOBS = 64
 STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this often when enabled)
+ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
 
 
 class Daemon:
@@ -136,20 +138,34 @@ class Daemon:
         stop.cancel()
         await asyncio.gather(intake, stop, return_exceptions=True)
         self.engine.stop_intake()
+        abandoned = False
         if self._job_tasks:
             _, pending = await asyncio.wait(self._job_tasks, timeout=self.config.daemon.drain_timeout_s)
             if pending:
+                abandoned = True
                 log.warning(
                     "drain timeout: %d job(s) still had records in flight; they stay claimed and resume next start",
                     len(pending),
                 )
-        await self.engine.stop()
+        if abandoned:
+            # A stage call still running in its thread cannot be interrupted, and closing the stage
+            # waits behind it: give it a moment, no more.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ABANDON_GRACE_S):
+                    await self.engine.stop()
+        else:
+            await self.engine.stop()
         for task in self._job_tasks:
             task.cancel()
         await asyncio.gather(*self._job_tasks, return_exceptions=True)
         await self.server.stop()
         (self.state_dir / "daemon.json").unlink(missing_ok=True)
         log.info("stopped")
+        if abandoned:
+            # Python would join those busy threads at exit, outliving drain_timeout_s. Every line
+            # written is already flushed and fsynced, so leaving now loses nothing.
+            logging.shutdown()
+            os._exit(0)
 
     # --- reload, health, sd_notify --------------------------------------------------------
 

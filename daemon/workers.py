@@ -206,7 +206,15 @@ class Worker:
             await self._ready.put((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
-        slots = asyncio.Semaphore(self.limits.concurrency)
+        slots = asyncio.Semaphore(self.limits.concurrency)  # batches in the model at once
+        # A batch leaves its model slot before it is routed and written (the outbox fsyncs), so the
+        # model never waits for the disk; one batch more than the model holds may be in that phase.
+        routing = asyncio.Semaphore(self.limits.concurrency + 1)
+        # With one batch in the model at a time, batches are routed in the order they came, so a
+        # single worker keeps its input's order; with many (async stages) a slow one must not hold
+        # up the others.
+        ordered = self.limits.concurrency == 1
+        previous: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._ready.get()]
@@ -218,29 +226,48 @@ class Worker:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._ready.get(), remaining))
+                try:  # asyncio.timeout: wait_for (3.11) can swallow a cancel landing as an item arrives
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._ready.get())
                 except TimeoutError:
                     break
+            await routing.acquire()
             await slots.acquire()
-            task = group.create_task(self._run_prepared(batch))
-            task.add_done_callback(lambda _t: slots.release())
+            routed = loop.create_future()
+            task = group.create_task(self._run_prepared(batch, slots, previous if ordered else None, routed))
+            task.add_done_callback(lambda _t: routing.release())
+            previous = routed
 
-    async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]]) -> None:
+    async def _run_prepared(
+        self,
+        batch: list[tuple[Record, asyncio.Future]],
+        slots: asyncio.Semaphore,
+        after: asyncio.Future | None = None,
+        routed: asyncio.Future | None = None,
+    ) -> None:
         ready: list[tuple[Record, dict]] = []
         failed: list[Failure] = []
-        for record, task in batch:
-            try:
-                ready.append((record, await task))
-            except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
-                error = StageError.from_exception(exc)
-                failed.append((record, error.error_type, error.message))
         ok: list[Record] = []
-        if ready:
-            await self._call_model(ready, ok, failed)
-        self.metrics.inflight.labels(self.step_label).dec(len(batch))
-        self.metrics.count_usage(self.step_label, self.host.take_usage())
-        await self.advance(self.step_index, ok, failed)
+        try:
+            for record, task in batch:
+                try:
+                    ready.append((record, await task))
+                except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
+                    error = StageError.from_exception(exc)
+                    failed.append((record, error.error_type, error.message))
+            if ready:
+                await self._call_model(ready, ok, failed)
+        finally:
+            slots.release()
+        try:
+            if after is not None:
+                await after
+            self.metrics.inflight.labels(self.step_label).dec(len(batch))
+            self.metrics.count_usage(self.step_label, self.host.take_usage())
+            await self.advance(self.step_index, ok, failed)
+        finally:
+            if routed is not None and not routed.done():
+                routed.set_result(None)
 
     async def _call_model(self, items: list[tuple[Record, dict]], ok: list[Record], failed: list[Failure]) -> None:
         started = time.perf_counter()
