@@ -4,12 +4,17 @@ Modules are imported on first use, not at `import stages`, so `reelflow check` a
 daemon's start-up stay fast and a missing optional dependency only matters to the step
 that needs it. Third-party stages register through the `reelflow.stages` entry-point
 group, named "Type.Name" with the value "module:Class".
+
+For stages that live outside any installed package (tests, quick experiments), the
+environment variable `REELFLOW_EXTRA_STAGES` adds more, comma-separated, in the same form:
+`REELFLOW_EXTRA_STAGES="Test.SlowEcho=tests.stages_for_tests:SlowEcho,Test.Echo=mymod:Echo"`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from importlib.metadata import entry_points
 
 from stages.base import Stage
@@ -18,6 +23,21 @@ from stages.base import Stage
 BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
     ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+    ("ImageGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
+    ("VideoGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
+    ("ImageGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",
+    ("ImageGenerator", "StableDiffusion3Generator"): "stages.generators.sd3:StableDiffusionGenerator",
+    ("VideoGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",
+    ("VideoGenerator", "AllegroGenerator"): "stages.generators.allegro:AllegroGenerator",
+    ("VideoGenerator", "AnimateDiffGenerator"): "stages.generators.animatediff:AnimateDiffGenerator",
+    ("VideoGenerator", "CogVideoXT2VGenerator"): "stages.generators.cogvideox_t2v:CogVideoXT2VGenerator",
+    ("VideoGenerator", "CogVideoXGenerator"): "stages.generators.cogvideox_i2v:CogVideoXGenerator",
+    ("VideoGenerator", "I2VGenXLGenerator"): "stages.generators.i2vgen_xl:I2VGenXLGenerator",
+    ("VideoGenerator", "ModelScopeT2VGenerator"): "stages.generators.modelscope_t2v:ModelScopeT2VGenerator",
+    ("VideoGenerator", "SVDGenerator"): "stages.generators.svd:SVDGenerator",
+    ("TextGenerator", "GPTTextGenerator"): "stages.text.gpt:GPTTextGenerator",
+    ("TextGenerator", "LocalModelGenerator"): "stages.text.local_model:LocalModelGenerator",
+    ("TextGenerator", "APIGenerator"): "stages.text.api_generator:APIGenerator",
     ("VideoCaptioner", "Qwen2VLCaptioner"): "stages.captioners.qwen2vl:Qwen2VLCaptioner",
     ("VideoCaptioner", "QwenVLCaptioner"): "stages.captioners.qwen2vl:Qwen2VLCaptioner",
     ("VideoCaptioner", "LLaVANeXTVideoCaptioner"): "stages.captioners.llava_next_video:LLaVANeXTVideoCaptioner",
@@ -25,6 +45,7 @@ BUILTIN_STAGES: dict[tuple[str, str], str] = {
 }
 
 ENTRY_POINT_GROUP = "reelflow.stages"
+EXTRA_STAGES_ENV = "REELFLOW_EXTRA_STAGES"
 
 
 class UnknownStage(LookupError):
@@ -37,6 +58,14 @@ def known_stages() -> dict[tuple[str, str], str]:
         step_type, _, name = entry.name.partition(".")
         if name:
             found.setdefault((step_type, name), entry.value)
+    for item in filter(None, (part.strip() for part in os.environ.get(EXTRA_STAGES_ENV, "").split(","))):
+        label, _, target = item.partition("=")
+        step_type, _, name = label.strip().partition(".")
+        if not (name and ":" in target):
+            raise UnknownStage(
+                f"{EXTRA_STAGES_ENV}: cannot read {item!r}; expected Type.Name=module:Class, comma-separated"
+            )
+        found.setdefault((step_type, name), target.strip())
     return found
 
 

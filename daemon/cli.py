@@ -1,0 +1,104 @@
+"""Command line: `reelflow serve | run | check | steps`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from daemon.config import ConfigError, load_config
+from stages.registry import known_stages, stage_class
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change set at INFO
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(config.steps)} step(s): {', '.join(f'{s.type}/{s.name}' for s in config.steps)})")
+    return 0
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    for (step_type, name), target in sorted(known_stages().items()):
+        print(f"{step_type}/{name}  ({target})")
+        if args.verbose:
+            try:
+                fields = stage_class(step_type, name).Config.model_fields
+            except ImportError as exc:
+                print(f"    (cannot import: {exc})")
+                continue
+            for key, field in fields.items():
+                default = "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
+                print(f"    {key}{default}: {field.description or ''}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon import oneshot
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level or config.daemon.log_level)
+    return oneshot.main(config, progress=not args.no_progress)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daemon.serve import Daemon
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level or config.daemon.log_level)
+    try:
+        return asyncio.run(Daemon(config, Path(args.config).resolve(), log_level_pinned=bool(args.log_level)).run())
+    except OSError as exc:
+        logging.getLogger("reelflow").error("%s", exc)
+        return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="reelflow", description="Streaming video-dataset daemon: inbox -> model stages -> outbox."
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("serve", "run the daemon over daemon.inbox / daemon.outbox"),
+        ("run", "one-shot: process meta_path into save_folder and exit"),
+        ("check", "validate a config, print every problem, exit 2 on any"),
+    ):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("--config", "-c", required=True, help="the YAML config file")
+        if name != "check":
+            cmd.add_argument(
+                "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override daemon.log_level"
+            )
+        if name == "run":
+            cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    steps = sub.add_parser("steps", help="list the registered stages")
+    steps.add_argument("--verbose", "-v", action="store_true", help="also list each stage's config keys")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "run": cmd_run, "check": cmd_check, "steps": cmd_steps}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The YAML config: parse, expand `${ENV}`, validate the whole file, report every error at once.
+
+The seed's keys keep their meaning (`meta_path`, `meta_folder`, `base_folder`, `save_folder`,
+`image_key`, `text_key`, `video_key`, `steps: [{type, name, config}]`); the `daemon:` section
+configures the long-running mode. Each step's `config:` block is validated by the stage's own
+`Config` model combined with the runtime keys below, so one block holds both, as in the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from stages.base import StageConfig
+from stages.registry import UnknownStage, stage_class
+
+
+class StepRuntime(BaseModel):
+    """Per-step keys the runtime reads from a step's `config:` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(1, ge=1, description="Most records per model call.")
+    devices: list[str] | None = Field(
+        None, description='Devices to run workers on, e.g. ["cuda:0", "cuda:1"]; default: all GPUs, else ["cpu"].'
+    )
+    workers_per_device: int = Field(1, ge=1, description="Workers (resident stage copies) per device.")
+    max_wait_ms: int = Field(50, ge=0, description="How long a worker waits to fill a batch before running it.")
+    prep_workers: int = Field(
+        2, ge=1, description="Threads running the stage's per-record `prepare` ahead of the model."
+    )
+    queue_size: int = Field(64, ge=1, description="Capacity of the step's input queue (backpressure bound).")
+
+
+RUNTIME_KEYS = frozenset(StepRuntime.model_fields)
+
+
+class MetricsSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field("127.0.0.1", description="Address the metrics server binds (loopback by default).")
+    port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 picks a free one.")
+
+
+class DaemonSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inbox: Path = Field(Path("inbox"), description="Folder watched for meta files and videos.")
+    outbox: Path = Field(Path("outbox"), description="Folder where results, errors and media are written.")
+    settle_ms: int = Field(2000, ge=0, description="A file is taken once its size and mtime are stable this long.")
+    rescan_s: float = Field(30.0, gt=0, description="Full rescan of the inbox every this many seconds.")
+    drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description='Extra file-name patterns the inbox ignores (fnmatch, e.g. "*.json"), besides .*, *.tmp, *.part, *.partial, *~.',
+    )
+    watch_config: bool = Field(
+        True, description="Reload the config file when it changes (SIGHUP / `systemctl reload` always reloads)."
+    )
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="Stage family as registered, e.g. VideoCaptioner.")
+    name: str = Field(description="Stage name as registered, e.g. Qwen2VLCaptioner.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The stage's settings plus runtime keys.")
+
+
+class PipelineFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    meta_path: Path | None = Field(None, description="One-shot input: a jsonl/json/csv/tsv/parquet file.")
+    meta_folder: Path | None = Field(None, description="Folder that relative media paths in rows resolve under.")
+    base_folder: Path | None = Field(None, description="One-shot: where intermediate per-step results go.")
+    save_folder: Path | None = Field(
+        None, description="One-shot: where the final results go (a folder or a file path)."
+    )
+    image_key: str = Field("image", description="Row field holding an image path.")
+    text_key: str = Field("text", description="Row field holding text.")
+    video_key: str = Field("video", description="Row field holding a video path.")
+    steps: list[StepSpec] = Field(min_length=1, description="The stages, in order.")
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    type: str
+    name: str
+    stage_cls: type
+    config: StageConfig  # the stage's Config combined with StepRuntime (isinstance of both)
+
+    @property
+    def label(self) -> str:
+        return f"step_{self.index}_{self.type}_{self.name}"
+
+    @property
+    def runtime(self) -> StepRuntime:
+        return StepRuntime(**{k: getattr(self.config, k) for k in RUNTIME_KEYS})
+
+
+@dataclass(frozen=True)
+class Config:
+    file: PipelineFile
+    steps: tuple[Step, ...]
+    source: Path | None
+    digest: str  # short hash of the file's text: recorded with each result
+
+    @property
+    def daemon(self) -> DaemonSection:
+        return self.file.daemon
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each with its key path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name, default)
+            if value is None:
+                problems.append(
+                    f"{path}: environment variable ${{{name}}} is not set (set it, or write ${{{name}:-default}})"
+                )
+                return ""
+            return value
+
+        return _ENV.sub(substitute, node)
+    return node
+
+
+def _describe(error: dict, prefix: str) -> str:
+    loc = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    loc = loc.lstrip(".") or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (check its spelling; see `reelflow steps` and the README's config reference)"
+    if error["type"] == "missing":
+        return f"{loc}: required key is missing"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    return f"{loc}: {message}{shown}"
+
+
+def step_config_model(stage_cls: type) -> type[StageConfig]:
+    """The stage's Config plus the runtime keys, as one model that refuses unknown keys."""
+    return create_model(f"{stage_cls.__name__}StepConfig", __base__=(stage_cls.Config, StepRuntime))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    problems: list[str] = []
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            source, [f"expected a mapping with a `steps:` list at the top level, got {type(raw).__name__}"]
+        )
+    raw = _expand_env(raw, "", problems)
+    try:
+        pipeline = PipelineFile.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(e, "") for e in exc.errors()]
+        pipeline = None
+    steps: list[Step] = []
+    for index, spec in enumerate(raw.get("steps") or []):
+        step = _validate_step(index, spec, raw, problems)
+        if step:
+            steps.append(step)
+    if problems or pipeline is None:
+        raise ConfigError(source, problems)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return Config(
+        file=pipeline, steps=tuple(steps), source=Path(source) if source != "<config>" else None, digest=digest
+    )
+
+
+def _validate_step(index: int, spec: Any, raw: dict, problems: list[str]) -> Step | None:
+    where = f"steps[{index}]"
+    if not isinstance(spec, dict) or "type" not in spec or "name" not in spec:
+        return None  # the file-level validation has reported it
+    try:
+        cls = stage_class(str(spec["type"]), str(spec["name"]))
+    except UnknownStage as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    except ImportError as exc:
+        problems.append(f"{where}: stage {spec['type']}/{spec['name']} cannot be imported: {exc}")
+        return None
+    settings = dict(spec.get("config") or {})
+    _seed_device_key(settings, cls)
+    # The pipeline-wide keys fill in what the step does not set itself.
+    for key in ("text_key", "video_key", "image_key"):
+        if key in raw and key not in settings and key in cls.Config.model_fields:
+            settings[key] = raw[key]
+    try:
+        config = step_config_model(cls).model_validate(settings)
+    except ValidationError as exc:
+        problems.extend(_describe(e, f"{where}.config") for e in exc.errors())
+        return None
+    return Step(index=index, type=spec["type"], name=spec["name"], stage_cls=cls, config=config)
+
+
+def _seed_device_key(settings: dict, cls: type) -> None:
+    """DataFlow-Gen's configs say `device: cuda` (or `cuda:1`, `cpu`): read it as `devices`.
+
+    Plain `cuda` means "on GPUs", which is already the default of GPU stages (one worker per
+    visible GPU); a numbered device pins the step to it.
+    """
+    if "device" not in settings or "device" in cls.Config.model_fields:
+        return
+    device = settings.pop("device")
+    if "devices" in settings or device in (None, "cuda", "gpu", "auto"):
+        return
+    settings["devices"] = device if isinstance(device, list) else [device]
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the config file: {exc.strerror}"]) from None
+    return parse_config(text, str(path))

@@ -1,0 +1,171 @@
+"""The engine both modes share: a loaded pipeline plus `run_job`, which streams one file through it.
+
+`reelflow serve` feeds it files from the inbox; `reelflow run` feeds it `meta_path` once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.config import Config
+from daemon.intake import Checked, RowChecker, RowRules
+from daemon.metrics import Metrics
+from daemon.outbox import JobWriter, OutboxLayout
+from daemon.pipeline import HostFactory, JobRun, Pipeline, local_host
+from daemon.readers import UnreadableFile, read_rows
+from daemon.records import Record, unreadable_row_key
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class JobInput:
+    name: str
+    path: Path  # the file to read (already claimed)
+    fmt: str  # jsonl | json | csv | tsv | parquet | video
+    display_name: str  # the name the user gave the file, used in messages
+    meta_root: Path  # where relative media paths resolve when meta_folder is not set
+
+
+class FileUnreadable(Exception):
+    """Not one row could be read: the file is not what its name says."""
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        layout: OutboxLayout,
+        metrics: Metrics,
+        host_factory: HostFactory = local_host,
+        tag_results: bool = False,
+    ):
+        self.config = config
+        self.layout = layout
+        self.metrics = metrics
+        self.pipeline = Pipeline(config, metrics, host_factory)
+        self.tag_results = tag_results
+        self._task: asyncio.Task | None = None
+        self._feeds: set[asyncio.Task] = set()
+        self._intake_stopped = False
+
+    async def start(self) -> None:
+        self.pipeline.build_workers()
+        await self.pipeline.load()
+        self._task = asyncio.create_task(self.pipeline.run(), name="pipeline")
+
+    @property
+    def task(self) -> asyncio.Task:
+        assert self._task is not None, "Engine.start() first"
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.pipeline.close()
+
+    def stop_intake(self) -> None:
+        """Stop reading every job's file; records already read still finish."""
+        self._intake_stopped = True  # also for jobs still opening their writer: they must not start reading
+        for feed in list(self._feeds):
+            feed.cancel()
+
+    def _rules(self, job: JobInput) -> RowRules:
+        file = self.config.file
+        first = self.config.steps[0].config
+        meta_folder = file.meta_folder.resolve() if file.meta_folder else None
+        base = meta_folder or job.meta_root.resolve()
+        required = dict(first.input_fields())
+        path_keys = {file.video_key, file.image_key} | {k for k, kind in required.items() if kind in ("video", "image")}
+        if job.fmt == "video":
+            # The row names the dropped file, which is the claimed file itself (no longer in the
+            # inbox, maybe renamed to <stem>-2): `_feed` sets its real path, nothing to resolve here.
+            required.pop(file.video_key, None)
+            path_keys.discard(file.video_key)
+        return RowRules(required=required, path_keys=frozenset(path_keys), roots=(base,), base=base)
+
+    async def run_job(self, job: JobInput) -> JobRun:
+        paths = self.layout.for_job(job.name)
+        digest = self.config.digest if self.tag_results else None
+        writer = JobWriter(job.name, paths, self.layout.relative_to, digest)
+        done = await asyncio.to_thread(writer.open)
+        run = JobRun(job.name, writer)
+        run.skipped = len(done)
+        self.pipeline.open_job(run)
+        checker = RowChecker(job.name, job.display_name, self._rules(job), done, paths.media)
+        feed = asyncio.create_task(self._feed(job, run, checker), name=f"read-{job.name}")
+        self._feeds.add(feed)
+        if self._intake_stopped:
+            feed.cancel()
+        try:
+            try:
+                await feed
+            except asyncio.CancelledError:
+                if not feed.cancelled() or asyncio.current_task().cancelling():
+                    raise
+                # stop_intake(): no more rows; let what is in flight finish and keep the job claimed.
+                run.interrupted = True
+                await run.idle.wait()
+                return run
+            await run.finished.wait()
+        finally:
+            self._feeds.discard(feed)
+            await asyncio.to_thread(writer.close)
+            self.pipeline.jobs.pop(job.name, None)
+        return run
+
+    async def _feed(self, job: JobInput, run: JobRun, checker: RowChecker) -> None:
+        video_key = self.config.file.video_key
+        rows = read_rows(job.path, job.fmt, video_key, job.display_name)
+        state = {"rows": 0}
+
+        def next_chunk() -> tuple[list[Checked], Exception | None, bool]:
+            """Read up to READ_CHUNK rows; also say whether the file is at its end."""
+            chunk: list[Checked] = []
+            pulled = 0
+            try:
+                for number, row in itertools.islice(rows, READ_CHUNK):
+                    pulled += 1
+                    state["rows"] = number
+                    checked = checker.check(number, row)
+                    if checked is not None:
+                        if job.fmt == "video" and checked.problem is None:
+                            checked.record.fields[video_key] = job.path.resolve()
+                        chunk.append(checked)
+            except UnreadableFile as exc:
+                return chunk, exc, True
+            return chunk, None, pulled < READ_CHUNK
+
+        while True:
+            chunk, failure, at_end = await asyncio.to_thread(next_chunk)
+            rejected = [(c.record, c.problem.error_type, c.problem.message) for c in chunk if c.problem]
+            if rejected:  # one write (and fsync) for the chunk's bad rows, not one each
+                await self.pipeline.reject(rejected)
+            for checked in chunk:
+                if not checked.problem:
+                    await self.pipeline.submit(checked.record)
+            if failure is not None:
+                if state["rows"] == 0 and run.outstanding == 0 and run.skipped == 0:
+                    run.mark_read()
+                    raise FileUnreadable(str(failure))
+                await self._reject_rest(job, state["rows"] + 1, failure, checker)
+            if at_end:
+                break
+        run.mark_read()
+
+    async def _reject_rest(self, job: JobInput, row_number: int, failure: Exception, checker: RowChecker) -> None:
+        """The file broke off mid-way: one error line stands for everything after the last good row."""
+        key = unreadable_row_key(row_number)
+        if key in checker.done:
+            return
+        record = Record(id=None, job=job.name, row_number=row_number, row={}, fields={}, key=key)
+        await self.pipeline.reject(
+            [(record, "UnreadableFile", f"{failure}; rows from {row_number} on could not be read")]
+        )

@@ -1,0 +1,119 @@
+"""Turn raw rows into Records: ids, duplicates, required fields, safe paths, resume skips.
+
+Every row comes out as exactly one of: a Record to process, a Record that already failed
+here (with the reason in `problem`), or nothing because a previous run already wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.readers import RowProblem
+from daemon.records import IdSet, Record, duplicate_key, unreadable_row_key
+from stages.base import JOB, MEDIA_DIR, RECORD_ID, FieldKind
+
+PATH_KINDS = ("video", "image")
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What the first step needs from each row and where media paths may point."""
+
+    required: dict[str, FieldKind]
+    path_keys: frozenset[str]  # fields resolved to absolute paths when present
+    roots: tuple[Path, ...]  # allowed folders for those paths
+    base: Path  # relative paths resolve against this
+
+
+@dataclass
+class Checked:
+    record: Record
+    problem: RowProblem | None = None
+
+
+class RowChecker:
+    def __init__(self, job: str, file_name: str, rules: RowRules, done: IdSet, media_dir: Path):
+        self.job = job
+        self.file_name = file_name
+        self.rules = rules
+        self.done = done
+        self.seen = IdSet()
+        self.media_dir = media_dir
+
+    def check(self, row_number: int, row: Any) -> Checked | None:
+        """None means: already written by an earlier run, skip it."""
+        if isinstance(row, RowProblem):
+            key = unreadable_row_key(row_number)
+            return None if key in self.done else Checked(self._record(None, row_number, {}, key), row)
+        record_id = _record_id(row, row_number)
+        if not self.seen.add(record_id):
+            key = duplicate_key(record_id, row_number)
+            if key in self.done:
+                return None
+            problem = RowProblem(
+                f"{self.file_name}: row {row_number}: id {record_id!r} was already used by an earlier row of this file; ids must be unique within a file",
+                "DuplicateId",
+            )
+            return Checked(self._record(record_id, row_number, row, key), problem)
+        if record_id in self.done:
+            return None
+        record = self._record(record_id, row_number, row, record_id)
+        problem = self._check_fields(row_number, record)
+        return Checked(record, problem)
+
+    def _record(self, record_id: str | None, row_number: int, row: dict, key: str) -> Record:
+        fields = dict(row)
+        fields[RECORD_ID] = record_id
+        fields[JOB] = self.job
+        fields[MEDIA_DIR] = self.media_dir
+        return Record(id=record_id, job=self.job, row_number=row_number, row=row, fields=fields, key=key)
+
+    def _check_fields(self, row_number: int, record: Record) -> RowProblem | None:
+        where = f"{self.file_name}: row {row_number}"
+        for key, kind in self.rules.required.items():
+            value = record.row.get(key)
+            if value is None or value == "":
+                return RowProblem(
+                    f"{where}: missing required field {key!r} ({kind}); present fields: {sorted(record.row)}",
+                    "MissingField",
+                )
+            if not isinstance(value, str):
+                return RowProblem(
+                    f"{where}: field {key!r} is a {type(value).__name__}; expected a string ({kind})", "WrongType"
+                )
+        for key in self.rules.path_keys:
+            value = record.row.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            resolved = self._resolve(value)
+            if resolved is None:
+                return RowProblem(
+                    f"{where}: field {key!r} = {value!r} points outside the allowed folders {[str(r) for r in self.rules.roots]}; "
+                    "media paths must stay under meta_folder (or the meta file's folder)",
+                    "PathOutsideRoot",
+                )
+            if self.rules.required.get(key) in PATH_KINDS and not resolved.is_file():
+                return RowProblem(f"{where}: field {key!r}: file not found: {resolved}", "FileNotFound")
+            record.fields[key] = resolved
+        return None
+
+    def _resolve(self, value: str) -> Path | None:
+        candidate = Path(value)
+        if not candidate.is_absolute():
+            candidate = self.rules.base / candidate
+        resolved = candidate.resolve()
+        for root in self.rules.roots:
+            if resolved.is_relative_to(root):
+                return resolved
+        return None
+
+
+def _record_id(row: dict, row_number: int) -> str:
+    value = row.get(RECORD_ID)
+    if value is None or value == "":
+        return str(row_number)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)

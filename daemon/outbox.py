@@ -1,0 +1,214 @@
+"""Where a job's output goes, and the append-only writers that make it crash-safe.
+
+Results and errors are appended, flushed and fsynced once per batch, so after a crash
+the files hold every line written before it plus at most one torn line, which `open`
+truncates. The ids found in them on open are the resume ledger: those records are not
+run again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from daemon.records import IdSet, Record, duplicate_key, unreadable_row_key
+
+STATE_DIR = ".reelflow"
+
+
+@dataclass(frozen=True)
+class OutboxLayout:
+    """The folders a run writes to. `for_job` gives one job's files."""
+
+    results_dir: Path
+    errors_dir: Path
+    media_root: Path
+    intermediate_root: Path
+    relative_to: Path  # paths in result lines are written relative to this folder
+    job_subfolders: bool = True  # media/<job>/ and intermediate/<job>/ (daemon) or flat (one-shot)
+
+    @classmethod
+    def daemon(cls, outbox: Path) -> OutboxLayout:
+        return cls(outbox, outbox, outbox / "media", outbox / "intermediate", outbox)
+
+    @classmethod
+    def one_shot(cls, base_folder: Path, save_folder: Path) -> OutboxLayout:
+        return cls(base_folder, save_folder, save_folder / "media", base_folder, save_folder, job_subfolders=False)
+
+    def for_job(self, job: str) -> JobPaths:
+        media = self.media_root / job if self.job_subfolders else self.media_root
+        intermediate = self.intermediate_root / job if self.job_subfolders else self.intermediate_root
+        return JobPaths(
+            results=self.results_dir / f"{job}.jsonl",
+            errors=self.errors_dir / f"{job}.errors.jsonl",
+            media=media,
+            intermediate=intermediate,
+        )
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    results: Path
+    errors: Path
+    media: Path
+    intermediate: Path
+
+
+def _truncate_torn_line(path: Path) -> None:
+    """Cut a last line that a crash left without its newline."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        size = handle.seek(0, os.SEEK_END)
+        block = 1 << 16
+        position = size
+        while position > 0:
+            start = max(0, position - block)
+            handle.seek(start)
+            chunk = handle.read(position - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(start + newline + 1)
+                return
+            position = start
+        handle.truncate(0)
+
+
+def _keys_in(path: Path, is_errors: bool, into: IdSet) -> int:
+    count = 0
+    if not path.exists():
+        return 0
+    with path.open("rb") as handle:
+        for line in handle:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            record_id = entry.get("id")
+            if is_errors and entry.get("error") == "DuplicateId":
+                into.add(duplicate_key(str(record_id), int(entry.get("row", 0))))
+            elif record_id is None:
+                into.add(unreadable_row_key(int(entry.get("row", 0))))
+            else:
+                into.add(str(record_id))
+            count += 1
+    return count
+
+
+def config_hash_fields(record: Record, fallback: str) -> dict[str, Any]:
+    """`_config_hash`: the digest of the config the record's steps ran with.
+
+    A record in flight across a hot reload can go through one step under the old config
+    and a later one under the new: then `_config_hash` is the last step's and
+    `_config_hash_by_step` gives each step's.
+    """
+    digests = [d for d in record.step_digests.values() if d]
+    if not digests:
+        return {"_config_hash": fallback}
+    if len(set(digests)) == 1:
+        return {"_config_hash": digests[0]}
+    return {"_config_hash": digests[-1], "_config_hash_by_step": dict(record.step_digests)}
+
+
+class JobWriter:
+    """Appends one job's result, error and intermediate lines. Thread-safe; blocking IO."""
+
+    def __init__(self, job: str, paths: JobPaths, relative_to: Path, config_digest: str | None = None):
+        self.job = job
+        self.paths = paths
+        self.relative_to = relative_to.resolve()
+        self.config_digest = config_digest
+        self._lock = threading.Lock()
+        self._files: dict[Path, Any] = {}
+        self.results_written = 0
+        self.errors_written = 0
+
+    def open(self) -> IdSet:
+        """Repair torn last lines and return the keys already written (the resume ledger)."""
+        done = IdSet()
+        for path in (self.paths.results, self.paths.errors):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_torn_line(path)
+        self.results_written = _keys_in(self.paths.results, False, done)
+        self.errors_written = _keys_in(self.paths.errors, True, done)
+        return done
+
+    def _handle(self, path: Path):
+        handle = self._files.get(path)
+        if handle is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self._files[path] = path.open("ab")
+        return handle
+
+    def _default(self, value: Any) -> Any:
+        if isinstance(value, Path):
+            resolved = value.resolve()
+            return (
+                str(resolved.relative_to(self.relative_to)) if resolved.is_relative_to(self.relative_to) else str(value)
+            )
+        if hasattr(value, "tolist"):  # numpy scalars and arrays
+            return value.tolist()
+        if isinstance(value, set | frozenset | tuple):
+            return list(value)
+        return str(value)
+
+    def _dump(self, entry: dict) -> bytes:
+        return orjson.dumps(entry, default=self._default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+
+    def result_line(self, record: Record) -> dict:
+        line = {**record.row, "id": record.id, **record.outputs}
+        if self.config_digest:
+            line.update(config_hash_fields(record, self.config_digest))
+        return line
+
+    def write_results(self, records: list[Record]) -> None:
+        data = b"".join(self._dump(self.result_line(r)) for r in records)
+        self._append(self.paths.results, data, sync=True)
+        self.results_written += len(records)
+
+    def write_errors(self, entries: list[tuple[Record, str, str, str]]) -> None:
+        """`entries`: (record, step label, error type, message)."""
+        data = b"".join(
+            self._dump(
+                {
+                    "id": r.id,
+                    "job": self.job,
+                    "row": r.row_number,
+                    "step": step,
+                    "error": kind,
+                    "message": message,
+                    "record": r.row,
+                }
+            )
+            for r, step, kind, message in entries
+        )
+        self._append(self.paths.errors, data, sync=True)
+        self.errors_written += len(entries)
+
+    def write_intermediate(self, step_label: str, records: list[Record]) -> None:
+        data = b"".join(self._dump(self.result_line(r)) for r in records)
+        self._append(self.paths.intermediate / f"{step_label}.jsonl", data, sync=False)
+
+    def _append(self, path: Path, data: bytes, sync: bool) -> None:
+        with self._lock:
+            handle = self._handle(path)
+            handle.write(data)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._files.values():
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+            self._files.clear()

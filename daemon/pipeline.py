@@ -1,0 +1,253 @@
+"""The stage graph: bounded queues between steps, the workers on them, and where records end.
+
+`Pipeline` owns the queues and workers and routes each finished batch: successes go to the
+next step's queue (waiting while it is full: that is the backpressure) or, after the last
+step, into the job's results; failures go to the job's errors. A record leaves the
+pipeline exactly once, and its job hears about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from daemon.config import Config, Step
+from daemon.metrics import Metrics
+from daemon.outbox import JobWriter
+from daemon.records import Record
+from daemon.workers import BatchLimits, Failure, LocalHost, StageHost, Worker
+from stages.base import is_async
+
+log = logging.getLogger(__name__)
+
+
+class JobRun:
+    """A job's live state: its writer and how many of its records are still on their way."""
+
+    def __init__(self, name: str, writer: JobWriter):
+        self.name = name
+        self.writer = writer
+        self.outstanding = 0
+        self.reading_done = False
+        self.ok = 0
+        self.errors = 0
+        self.skipped = 0
+        self.interrupted = False  # reading was stopped by a shutdown; the job stays claimed
+        self.finished = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def settle(self, ok: int = 0, errors: int = 0) -> None:
+        self.ok += ok
+        self.errors += errors
+        self.outstanding -= ok + errors
+        self._check()
+
+    def mark_read(self) -> None:
+        self.reading_done = True
+        self._check()
+
+    def admit(self) -> None:
+        self.outstanding += 1
+        self.idle.clear()
+
+    def _check(self) -> None:
+        if self.outstanding == 0:
+            self.idle.set()
+            if self.reading_done:
+                self.finished.set()
+
+
+def visible_gpus() -> list[str]:
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> list[str]:
+    """One entry per worker: a device, or a comma-joined group for tensor parallelism."""
+    config = step.config
+    if config.devices:
+        devices = config.devices
+    elif step.stage_cls.uses_accelerator(config):
+        devices = gpus() or ["cpu"]
+    else:
+        devices = ["cpu"]  # CPU tools and API stages (whose concurrency is max_num_seqs, not devices)
+    group = max(1, int(getattr(config, "tensor_parallel_size", 1) or 1))
+    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [
+        ",".join(devices)
+    ]
+    return [device for device in groups for _ in range(config.workers_per_device)]
+
+
+def batch_limits(step: Step) -> BatchLimits:
+    config = step.config
+    concurrency = 1
+    if is_async(step.stage_cls):
+        slots = int(getattr(config, "max_num_seqs", 0) or 0)
+        concurrency = max(1, math.ceil(slots / config.batch_size)) if slots else 1
+    return BatchLimits(batch_size=config.batch_size, max_wait_s=config.max_wait_ms / 1000, concurrency=concurrency)
+
+
+HostFactory = Callable[[Step, str, str], StageHost]
+
+
+def local_host(step: Step, device: str, name: str) -> StageHost:
+    return LocalHost(step.stage_cls, step.config, device, step.config.prep_workers, name)
+
+
+class Pipeline:
+    def __init__(self, config: Config, metrics: Metrics, host_factory: HostFactory = local_host):
+        self.config = config
+        self.metrics = metrics
+        self.host_factory = host_factory
+        self.queues: list[asyncio.Queue[Record]] = [asyncio.Queue(maxsize=s.config.queue_size) for s in config.steps]
+        self.workers: list[list[Worker]] = [[] for _ in config.steps]
+        self.jobs: dict[str, JobRun] = {}
+        for step, queue in zip(config.steps, self.queues, strict=True):
+            metrics.queue_depth.labels(step.label).set_function(queue.qsize)
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: dict[Worker, asyncio.Task] = {}
+        self._intake_open = asyncio.Event()  # cleared while a reload rebuilds the step graph
+        self._intake_open.set()
+        self._entering = 0  # submit/reject calls past the gate, not yet admitted
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.config.steps
+
+    def make_worker(self, step: Step, device: str, n: int, digest: str | None) -> Worker:
+        name = f"{step.label}/w{n}@{device}"
+        host = self.host_factory(step, device, name)
+        queue = self.queues[step.index]
+        return Worker(
+            step.index, step.label, host, queue, self.advance, self.metrics, batch_limits(step), name, digest, device
+        )
+
+    def build_workers(self) -> None:
+        for step in self.steps:
+            limits = batch_limits(step)
+            devices = worker_devices(step)
+            for n, device in enumerate(devices):
+                self.workers[step.index].append(self.make_worker(step, device, n, self.config.digest))
+            log.info(
+                "%s: %d worker(s) on %s; batch_size=%d max_wait_ms=%d concurrency=%d queue_size=%d prep_workers=%d",
+                step.label,
+                len(devices),
+                devices,
+                limits.batch_size,
+                step.config.max_wait_ms,
+                limits.concurrency,
+                step.config.queue_size,
+                step.config.prep_workers,
+            )
+
+    async def load_host(self, step: Step, host: StageHost, name: str) -> None:
+        """Load one stage copy and count it (reelflow_model_loads_total, reelflow_model_load_seconds)."""
+        started = time.perf_counter()
+        await host.load()
+        self.metrics.model_load_seconds.labels(step.label).set(time.perf_counter() - started)
+        self.metrics.model_loads.labels(step.label).inc()
+        log.info("%s loaded in %.1f s", name, time.perf_counter() - started)
+
+    async def load(self) -> None:
+        """Load every worker's stage; the first failure stops start-up with its message."""
+        await asyncio.gather(
+            *(self.load_host(step, w.host, w.name) for step in self.steps for w in self.workers[step.index])
+        )
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for workers in self.workers:
+                for worker in workers:
+                    self.start_worker(worker)
+            # Hot reload adds and retires workers in this group; it must outlive any one of them.
+            await asyncio.get_running_loop().create_future()
+
+    def start_worker(self, worker: Worker) -> None:
+        assert self._group is not None, "Pipeline.run() first"
+        self._tasks[worker] = self._group.create_task(worker.run(), name=worker.name)
+
+    async def stop_worker(self, worker: Worker) -> None:
+        """End a worker's loops (pause and drain it first, or its records are lost); its host stays open."""
+        task = self._tasks.pop(worker, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def close_intake(self) -> None:
+        """Hold new records at the door (submit/reject wait) until `open_intake`."""
+        self._intake_open.clear()
+
+    def open_intake(self) -> None:
+        self._intake_open.set()
+
+    async def wait_empty(self, poll_s: float = 0.02) -> None:
+        """With intake closed: wait until no record is anywhere in the pipeline."""
+        while self._entering or any(job.outstanding for job in self.jobs.values()):
+            await asyncio.sleep(poll_s)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.host.close() for ws in self.workers for w in ws), return_exceptions=True)
+
+    def open_job(self, job: JobRun) -> None:
+        self.jobs[job.name] = job
+
+    async def submit(self, record: Record) -> None:
+        """Enter a record at step 0; waits while the queue is full (or a reload holds intake)."""
+        await self._intake_open.wait()
+        self._entering += 1
+        try:
+            await self.queues[0].put(record)
+            self.jobs[record.job].admit()  # after put: a put cancelled by shutdown admits nothing
+        finally:
+            self._entering -= 1
+
+    async def reject(self, failures: list[Failure]) -> None:
+        """Records that failed before any step (bad rows): straight to errors, in one write."""
+        await self._intake_open.wait()
+        for record, _, _ in failures:
+            self.jobs[record.job].admit()
+        # Shielded: once admitted they must be settled, also when the reader is cancelled (shutdown).
+        await asyncio.shield(self.advance(-1, [], failures))
+
+    async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
+        label = self.steps[step_index].label if step_index >= 0 else "read"
+        if failed:
+            self.metrics.records.labels(label, "error").inc(len(failed))
+            by_job: dict[str, list] = defaultdict(list)
+            for record, kind, message in failed:
+                by_job[record.job].append((record, label, kind, message))
+            for job_name, entries in by_job.items():
+                job = self.jobs[job_name]
+                await asyncio.to_thread(job.writer.write_errors, entries)
+                job.settle(errors=len(entries))
+        if not ok:
+            return
+        self.metrics.records.labels(label, "ok").inc(len(ok))
+        by_job_ok: dict[str, list[Record]] = defaultdict(list)
+        for record in ok:
+            by_job_ok[record.job].append(record)
+        last = step_index == len(self.steps) - 1
+        for job_name, records in by_job_ok.items():
+            job = self.jobs[job_name]
+            await asyncio.to_thread(self._write_step_output, job, label, records, last)
+            if last:
+                job.settle(ok=len(records))
+        if not last:
+            for record in ok:
+                await self.queues[step_index + 1].put(record)
+
+    @staticmethod
+    def _write_step_output(job: JobRun, label: str, records: list[Record], last: bool) -> None:
+        job.writer.write_intermediate(label, records)
+        if last:
+            job.writer.write_results(records)

@@ -1,0 +1,328 @@
+"""Workers: one resident Stage each, fed from its step's queue, micro-batching, isolating failures.
+
+A worker runs two loops: `prefetch` takes records off the step's queue and runs the
+stage's `prepare` in the worker's own thread pool (so frames for the next batch decode
+while the model runs this one), and `batches` collects prepared records into a batch of up
+to `batch_size` or whatever arrived within `max_wait_ms`, and calls the model.
+
+Where the stage runs is behind `StageHost`: `LocalHost` keeps it in this process (threads
+for blocking code); another host (e.g. a Ray actor) only has to offer the same four calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from daemon.records import Record
+from stages.base import Stage, StageConfig, StageError, has_prepare, is_async
+
+log = logging.getLogger(__name__)
+
+Failure = tuple[Record, str, str]  # record, error type, message
+Advance = Callable[[int, list[Record], list[Failure]], Awaitable[None]]
+
+
+class StageHost(Protocol):
+    """Where one resident stage lives. All calls are awaitable and never block the loop."""
+
+    async def load(self) -> None: ...
+    async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]: ...
+    async def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]: ...
+    async def close(self) -> None: ...
+    def take_usage(self) -> Counter[str]: ...
+    def reconfigure(self, config: StageConfig) -> None: ...
+
+
+class LocalHost:
+    """The stage in this process: blocking calls in threads, `aprocess` awaited on the loop."""
+
+    # Model loading is not thread-safe (transformers' lazy imports, accelerate's init_empty_weights
+    # patching torch process-wide), so the stages of one process load one at a time.
+    _loading = threading.Lock()
+
+    def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
+        self.stage = stage_cls(config, device)
+        self._label = label
+        self._prep_size = prep_workers
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
+        self._prep_pool = (
+            ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
+        )
+
+    async def _in_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    def _load(self) -> None:
+        with LocalHost._loading:
+            self.stage.load()
+
+    async def load(self) -> None:
+        await self._in_model_thread(self._load)
+
+    async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if self._prep_pool is None:
+            return fields
+        return await asyncio.get_running_loop().run_in_executor(self._prep_pool, self.stage.prepare, fields)
+
+    async def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        if is_async(self.stage):
+            return await self.stage.aprocess(batch)
+        return await self._in_model_thread(self.stage.process, batch)
+
+    async def close(self) -> None:
+        try:
+            await self._in_model_thread(self.stage.close)
+        finally:
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
+            if self._prep_pool:
+                self._prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    def take_usage(self) -> Counter[str]:
+        return self.stage.take_usage()
+
+    def reconfigure(self, config: StageConfig) -> None:
+        """Light change: the stage reads `self.config` on every call. Called while the worker is drained."""
+        self.stage.config = config
+        size = config.prep_workers
+        if self._prep_pool is not None and size != self._prep_size:
+            old, self._prep_pool = self._prep_pool, ThreadPoolExecutor(size, thread_name_prefix=f"{self._label}-prep")
+            self._prep_size = size
+            old.shutdown(wait=False)  # drained: nothing is queued on it
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if type(exc).__name__ in {"OutOfMemoryError", "MemoryError"}:
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text and ("cuda" in text or "alloc" in text or "device" in text)
+
+
+@dataclass
+class BatchLimits:
+    batch_size: int
+    max_wait_s: float
+    concurrency: int  # batches in flight at once (async stages, remote hosts)
+
+
+class Worker:
+    """One resident stage on its step's queue.
+
+    Hot reload changes a worker between two records, never in the middle of one: `pause()`
+    stops it taking records off the queue, `drain()` waits until every record it took has
+    been handed on (`advance`), then the reloader stops its loops, swaps its stage or its
+    settings (`set_limits` takes effect when `run` starts again) and `resume()`s it.
+    """
+
+    def __init__(
+        self,
+        step_index: int,
+        step_label: str,
+        host: StageHost,
+        queue: asyncio.Queue,
+        advance: Advance,
+        metrics,
+        limits: BatchLimits,
+        name: str,
+        config_digest: str | None = None,
+        device: str = "cpu",
+    ):
+        self.step_index = step_index
+        self.step_label = step_label
+        self.host = host
+        self.queue = queue
+        self._forward = advance
+        self.metrics = metrics
+        self.limits = limits
+        self.name = name
+        self.device = device
+        self.config_digest = config_digest  # the config whose settings this worker runs with
+        self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
+        self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
+        self._paused = asyncio.Event()  # set = running: the prefetch loop takes records
+        self._paused.set()
+        self._held = 0  # records taken off the queue and not yet handed on
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def set_limits(self, limits: BatchLimits) -> None:
+        self.limits = limits
+        self.batch_cap = limits.batch_size
+
+    @property
+    def paused(self) -> bool:
+        return not self._paused.is_set()
+
+    def pause(self) -> None:
+        """Take no more records off the queue (those already taken still finish)."""
+        self._paused.clear()
+
+    def resume(self) -> None:
+        self._paused.set()
+
+    async def drain(self) -> None:
+        """Wait until every record this worker took is in the next queue, the results or the errors."""
+        await self._idle.wait()
+
+    async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
+        """Hand a finished batch on; only then does the worker stop holding its records."""
+        try:
+            await self._forward(step_index, ok, failed)
+        finally:
+            self._held -= len(ok) + len(failed)
+            if self._held == 0:
+                self._idle.set()
+
+    async def run(self) -> None:
+        self._ready = asyncio.Queue(maxsize=max(1, self.limits.batch_size))  # limits may have changed
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+                group.create_task(self._batches(group), name=f"{self.name}-batches")
+        finally:
+            while not self._ready.empty():  # prepares started for records that will not run now
+                _, task = self._ready.get_nowait()
+                task.cancel()
+
+    async def _prefetch(self) -> None:
+        while True:
+            await self._paused.wait()
+            record: Record = await self.queue.get()
+            if not self._paused.is_set():  # paused while waiting: give it back (no await since get: room)
+                self.queue.put_nowait(record)
+                continue
+            self._held += 1
+            self._idle.clear()
+            record.step_digests[self.step_label] = self.config_digest
+            self.metrics.inflight.labels(self.step_label).inc()
+            task = asyncio.ensure_future(self.host.prepare(record.fields))
+            await self._ready.put((record, task))
+
+    async def _batches(self, group: asyncio.TaskGroup) -> None:
+        slots = asyncio.Semaphore(self.limits.concurrency)  # batches in the model at once
+        # A batch leaves its model slot before it is routed and written (the outbox fsyncs), so the
+        # model never waits for the disk; one batch more than the model holds may be in that phase.
+        routing = asyncio.Semaphore(self.limits.concurrency + 1)
+        # With one batch in the model at a time, batches are routed in the order they came, so a
+        # single worker keeps its input's order; with many (async stages) a slow one must not hold
+        # up the others.
+        ordered = self.limits.concurrency == 1
+        previous: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._ready.get()]
+            deadline = loop.time() + self.limits.max_wait_s
+            while len(batch) < self.batch_cap:
+                if not self._ready.empty():
+                    batch.append(self._ready.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:  # asyncio.timeout: wait_for (3.11) can swallow a cancel landing as an item arrives
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._ready.get())
+                except TimeoutError:
+                    break
+            await routing.acquire()
+            await slots.acquire()
+            routed = loop.create_future()
+            task = group.create_task(self._run_prepared(batch, slots, previous if ordered else None, routed))
+            task.add_done_callback(lambda _t: routing.release())
+            previous = routed
+
+    async def _run_prepared(
+        self,
+        batch: list[tuple[Record, asyncio.Future]],
+        slots: asyncio.Semaphore,
+        after: asyncio.Future | None = None,
+        routed: asyncio.Future | None = None,
+    ) -> None:
+        ready: list[tuple[Record, dict]] = []
+        failed: list[Failure] = []
+        ok: list[Record] = []
+        try:
+            for record, task in batch:
+                try:
+                    ready.append((record, await task))
+                except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
+                    error = StageError.from_exception(exc)
+                    failed.append((record, error.error_type, error.message))
+            if ready:
+                await self._call_model(ready, ok, failed)
+        finally:
+            slots.release()
+        try:
+            if after is not None:
+                await after
+            self.metrics.inflight.labels(self.step_label).dec(len(batch))
+            self.metrics.count_usage(self.step_label, self.host.take_usage())
+            await self.advance(self.step_index, ok, failed)
+        finally:
+            if routed is not None and not routed.done():
+                routed.set_result(None)
+
+    async def _call_model(self, items: list[tuple[Record, dict]], ok: list[Record], failed: list[Failure]) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = await self.host.process([prepared for _, prepared in items])
+            if not isinstance(outputs, list) or len(outputs) != len(items):
+                raise RuntimeError(
+                    f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order"
+                )
+        except Exception as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await self._recover(items, exc, ok, failed)
+            return
+        self.metrics.step_seconds.labels(self.step_label).observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(self.step_label).observe(len(items))
+        for (record, _), output in zip(items, outputs, strict=True):
+            if isinstance(output, StageError):
+                failed.append((record, output.error_type, output.message))
+            elif isinstance(output, dict):
+                record.merge(output)
+                ok.append(record)
+            else:
+                failed.append(
+                    (
+                        record,
+                        "BadStageOutput",
+                        f"stage returned a {type(output).__name__}; expected a dict of new fields or a StageError",
+                    )
+                )
+
+    async def _recover(
+        self, items: list[tuple[Record, dict]], exc: Exception, ok: list[Record], failed: list[Failure]
+    ) -> None:
+        if len(items) == 1:
+            record = items[0][0]
+            kind = type(exc).__name__
+            message = str(exc) or repr(exc)
+            if is_out_of_memory(exc):
+                message = f"out of memory even with a batch of one record: {message}; lower max_pixels/num_frames or use a larger device"
+            failed.append((record, kind, message))
+            return
+        if is_out_of_memory(exc):
+            half = len(items) // 2
+            self.batch_cap = max(1, half)
+            log.warning("%s: out of memory with a batch of %d; halving to %d and retrying", self.name, len(items), half)
+            await self._call_model(items[:half], ok, failed)
+            await self._call_model(items[half:], ok, failed)
+            return
+        log.warning(
+            "%s: a batch of %d raised %s: %s; retrying record by record to isolate the bad one",
+            self.name,
+            len(items),
+            type(exc).__name__,
+            exc,
+        )
+        for item in items:
+            await self._call_model([item], ok, failed)
