@@ -197,6 +197,7 @@ class VideoCaptioner(Stage):
 
     Config: ClassVar[type[CaptionerConfig]] = CaptionerConfig
     config: CaptionerConfig
+    accelerated: ClassVar[bool] = True  # one worker per GPU by default, on either backend
 
     # -- hooks -----------------------------------------------------------------------------
     def loaded_cost(self) -> VideoCost:
@@ -313,7 +314,7 @@ class VideoCaptioner(Stage):
             "width": int(frames.shape[2]),
             "height": int(frames.shape[1]),
         }
-        self.usage["frames"] += int(frames.shape[0])
+        self.usage["sampled_frames"] += int(frames.shape[0])
         if self.backend_name == "vllm":
             from stages.captioners.vllm_backend import VideoRequest
 
@@ -384,7 +385,7 @@ class VideoCaptioner(Stage):
     def _results(self, outcomes: list[Any], requests: int) -> list[dict[str, Any] | StageError]:
         key = self.config.caption_key
         results: list[dict[str, Any] | StageError] = []
-        self.usage["requests"] += requests
+        self.usage["captions"] += requests
         for outcome in outcomes:
             if isinstance(outcome, StageError):
                 results.append(outcome)

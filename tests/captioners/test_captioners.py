@@ -1,5 +1,5 @@
 """Each captioner, loaded from a tiny checkpoint through from_pretrained, captions real and
-synthetic videos on the transformers backend; broken files become StageErrors."""
+synthetic clips on the transformers backend; broken files become StageErrors."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def test_registered_names_and_alias():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_captions_real_and_synthetic_videos_batched_like_single(family, make_captioner, videos):
+def test_captions_real_and_synthetic_videos_batched_like_single(family, make_captioner, clips):
     stage = make_captioner(family, prompt="Describe the clip {title}.")
-    records = [record(videos[name], rid=name, title=name) for name in GOOD]
+    records = [record(clips[name], rid=name, title=name) for name in GOOD]
     prepared = [stage.prepare(r) for r in records]
     batch = stage.process(prepared)
 
@@ -43,19 +43,19 @@ def test_captions_real_and_synthetic_videos_batched_like_single(family, make_cap
     # the same caption, in the same slot.
     alone = [stage.process([p])[0] for p in prepared]
     assert alone == batch
-    # Different videos and prompts give different captions (the random model does see its input).
+    # Different clips and prompts give different captions (the random model does see its input).
     assert len({r["text"] for r in batch}) >= 3, batch
     used = stage.take_usage()
-    assert used["requests"] == 2 * len(records)
-    assert used["tokens_out"] > 0 and used["tokens_in"] > 0 and used["frames"] > 0
+    assert used["captions"] == 2 * len(records)
+    assert used["tokens_out"] > 0 and used["tokens_in"] > 0 and used["sampled_frames"] > 0
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_broken_videos_become_errors_and_the_batch_goes_on(family, make_captioner, videos, broken_videos):
+def test_broken_videos_become_errors_and_the_batch_goes_on(family, make_captioner, clips, broken_videos):
     stage = make_captioner(family)
-    records = [record(videos["bikes"], rid="good-1")]
+    records = [record(clips["bikes"], rid="good-1")]
     records += [record(path, rid=name) for name, (path, _) in broken_videos.items()]
-    records += [record(videos["moving_h264"], rid="good-2")]
+    records += [record(clips["moving_h264"], rid="good-2")]
     # Unprepared records (a caller with no prepare step) are prepared inside process.
     results = stage.process(records)
 
@@ -79,55 +79,55 @@ def test_prepare_raises_stage_error_for_the_runtime(make_captioner, broken_video
         stage.prepare({"id": "1", "_job": "t", "clip": "x.mp4"})
 
 
-def test_prompt_placeholders_come_from_the_record(make_captioner, videos):
+def test_prompt_placeholders_come_from_the_record(make_captioner, clips):
     stage = make_captioner("llava_onevision", prompt="Caption {title} shot by {author}.")
-    prepared = stage.prepare(record(videos["bikes"], title="Bikes at dusk", author="Ana"))
+    prepared = stage.prepare(record(clips["bikes"], title="Bikes at dusk", author="Ana"))
     tokens = prepared[PREPARED]["input_ids"][0]
     text = stage.processor.decode(tokens, skip_special_tokens=False)
     assert "Caption Bikes at dusk shot by Ana." in text
     assert text.count("<video>") == prepared[PREPARED]["pixel_values_videos"].shape[1] * 16 + 1
 
-    results = stage.process([record(videos["bikes"], title="no author here")])
+    results = stage.process([record(clips["bikes"], title="no author here")])
     assert isinstance(results[0], StageError) and results[0].error_type == "MissingField"
     assert "{author}" in results[0].message
 
 
-def test_output_key_and_text_key(make_captioner, videos):
+def test_output_key_and_text_key(make_captioner, clips):
     stage = make_captioner("llava_next_video", output_key="caption")
-    assert set(stage.process([record(videos["bikes"])])[0]) == {"caption"}
+    assert set(stage.process([record(clips["bikes"])])[0]) == {"caption"}
     stage = make_captioner("llava_next_video", text_key="description")
-    assert set(stage.process([record(videos["bikes"])])[0]) == {"description"}
+    assert set(stage.process([record(clips["bikes"])])[0]) == {"description"}
 
 
-def test_qwen25_gets_the_real_frame_rate(make_captioner, videos):
+def test_qwen25_gets_the_real_frame_rate(make_captioner, clips):
     """Qwen2.5-VL's time encoding: seconds per frame pair from the video's own fps (25), not 24."""
     stage = make_captioner("qwen2_5_vl", num_frames=8)
-    prepared = stage.prepare(record(videos["bikes"]))[PREPARED]  # 250 frames at 25 fps
+    prepared = stage.prepare(record(clips["bikes"]))[PREPARED]  # 250 frames at 25 fps
     sampled_fps = 8 / 250 * 25
     assert prepared["second_per_grid_ts"].tolist() == pytest.approx([2 / sampled_fps])
 
 
-def test_qwen_short_clip_is_padded_to_frame_pairs(make_captioner, videos):
+def test_qwen_short_clip_is_padded_to_frame_pairs(make_captioner, clips):
     stage = make_captioner("qwen2_vl", num_frames=8)
-    prepared = stage.prepare(record(videos["five_frames_mpeg4"]))[PREPARED]
+    prepared = stage.prepare(record(clips["five_frames_mpeg4"]))[PREPARED]
     assert prepared["video_grid_thw"][0, 0].item() == 3  # 5 frames -> 6 -> 3 pairs
-    assert "text" in stage.process([record(videos["five_frames_mpeg4"])])[0]
+    assert "text" in stage.process([record(clips["five_frames_mpeg4"])])[0]
 
 
-def test_frames_are_decoded_at_the_size_the_processor_wants(make_captioner, videos):
+def test_frames_are_decoded_at_the_size_the_processor_wants(make_captioner, clips):
     """Qwen: decoded straight at smart_resize's size; nothing is resized twice."""
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 
     stage = make_captioner("qwen2_vl", num_frames=2)
-    prepared = stage.prepare(record(videos["bigbuckbunny"]))[PREPARED]
+    prepared = stage.prepare(record(clips["bigbuckbunny"]))[PREPARED]
     height, width = smart_resize(720, 1280, factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
     assert prepared["video_grid_thw"][0].tolist() == [1, height // 14, width // 14]
     assert stage.decode_size(1280, 720) == (width, height)
 
 
-async def test_aprocess_runs_the_transformers_path_off_the_event_loop(make_captioner, videos):
+async def test_aprocess_runs_the_transformers_path_off_the_event_loop(make_captioner, clips):
     stage = make_captioner("llava_onevision")
-    prepared = [stage.prepare(record(videos[name], rid=name)) for name in ("bikes", "moving_h264")]
+    prepared = [stage.prepare(record(clips[name], rid=name)) for name in ("bikes", "moving_h264")]
     ticks = 0
 
     async def ticker():
@@ -161,3 +161,13 @@ def test_vllm_backend_without_vllm_says_how_to_install(make_captioner):
         pass
     with pytest.raises(ImportError, match=r"pip install 'reelflow\[vllm\]'"):
         make_captioner("qwen2_vl", backend="vllm")
+
+
+def test_rotated_video_is_captioned_upright(make_captioner, videos):
+    """A phone clip stored landscape with a 90 degree display rotation reaches Qwen as portrait."""
+    if "rotated" not in videos:
+        pytest.skip("needs the ffmpeg CLI to tag the rotation")
+    stage = make_captioner("qwen2_vl", num_frames=2)
+    prepared = stage.prepare(record(videos["rotated"]))[PREPARED]  # coded 96x64, displayed 64x96
+    assert prepared["video_grid_thw"][0].tolist() == [1, 84 // 14, 56 // 14]
+    assert "text" in stage.process([record(videos["rotated"])])[0]

@@ -1,5 +1,5 @@
 """The frame budget: automatic frame counts that fit max_model_len, refusals at validation,
-and videos too long for the context."""
+and clips too long for the context."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def test_seed_config_fits_every_captioner_with_hub_defaults(name, per_frame_grou
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("max_model_len", [200, 640])
-def test_automatic_frame_count_fills_the_context(family, max_model_len, make_captioner, videos):
+def test_automatic_frame_count_fills_the_context(family, max_model_len, make_captioner, clips):
     stage = make_captioner(family, max_model_len=max_model_len)
-    prepared = stage.prepare(record(videos["bikes"]))[PREPARED]
+    prepared = stage.prepare(record(clips["bikes"]))[PREPARED]
     frames = video_frames(prepared)
     prompt_tokens = int(prepared["input_ids"].shape[1])
     per_group, group, _ = TINY_COST[family]
@@ -73,11 +73,11 @@ def test_automatic_frame_count_fills_the_context(family, max_model_len, make_cap
     assert frames >= group
 
 
-def test_automatic_count_is_capped_at_max_frames(make_captioner, videos):
+def test_automatic_count_is_capped_at_max_frames(make_captioner, clips):
     stage = make_captioner("llava_next_video", max_model_len=4096, max_frames=32)
-    assert video_frames(stage.prepare(record(videos["bikes"]))[PREPARED]) == 32
+    assert video_frames(stage.prepare(record(clips["bikes"]))[PREPARED]) == 32
     stage = make_captioner("llava_next_video", max_model_len=4096, max_frames=6)
-    assert video_frames(stage.prepare(record(videos["bikes"]))[PREPARED]) == 6
+    assert video_frames(stage.prepare(record(clips["bikes"]))[PREPARED]) == 6
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -109,9 +109,9 @@ def test_num_frames_and_fps_are_exclusive(tiny_models):
         config_for("llava_next_video", tiny_models, num_frames=4, fps=1.0)
 
 
-def test_video_too_long_for_the_context_at_that_fps(make_captioner, videos):
+def test_video_too_long_for_the_context_at_that_fps(make_captioner, clips):
     stage = make_captioner("llava_next_video", fps=8.0, max_model_len=400)
-    results = stage.process([record(videos["bikes"], rid="long"), record(videos["five_frames_mpeg4"], rid="short")])
+    results = stage.process([record(clips["bikes"], rid="long"), record(clips["five_frames_mpeg4"], rid="short")])
     error = results[0]
     assert isinstance(error, StageError) and error.error_type == "VideoTooLong"
     assert "bikes.mp4 lasts 10.0 s" in error.message and "80 frames" in error.message
@@ -119,14 +119,14 @@ def test_video_too_long_for_the_context_at_that_fps(make_captioner, videos):
     assert "text" in results[1]  # 5 frames at 24 fps sampled at 8 fps: 1 frame, fits
 
 
-def test_fps_sampling_takes_frames_at_that_rate(make_captioner, videos):
+def test_fps_sampling_takes_frames_at_that_rate(make_captioner, clips):
     stage = make_captioner("llava_onevision", fps=2.0, max_model_len=640)
-    prepared = stage.prepare(record(videos["bikes"]))[PREPARED]  # 10 s
+    prepared = stage.prepare(record(clips["bikes"]))[PREPARED]  # 10 s
     assert video_frames(prepared) == 20
 
 
-def test_prompt_longer_than_the_context_is_an_error(make_captioner, videos):
+def test_prompt_longer_than_the_context_is_an_error(make_captioner, clips):
     stage = make_captioner("llava_onevision", prompt="Describe {notes}", max_model_len=300)
-    results = stage.process([record(videos["bikes"], notes="word " * 400)])
+    results = stage.process([record(clips["bikes"], notes="word " * 400)])
     assert isinstance(results[0], StageError) and results[0].error_type == "PromptTooLong"
     assert "shorten the prompt" in results[0].message

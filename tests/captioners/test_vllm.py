@@ -60,9 +60,9 @@ CLIPS = ["moving_h264", "portrait_vp9", "five_frames_mpeg4"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-async def test_vllm_captions_match_transformers(family, tiny_models, videos, broken_videos):
+async def test_vllm_captions_match_transformers(family, tiny_models, clips, broken_videos):
     names = CLIPS if family.startswith("qwen") else ["bigbuckbunny", "bikes", *CLIPS]
-    records = [record(videos[n], rid=n, title=n) for n in names]
+    records = [record(clips[n], rid=n, title=n) for n in names]
     records.insert(1, record(broken_videos["garbage"][0], rid="garbage", title="garbage"))
 
     reference = load(family, tiny_models, "transformers")
@@ -82,7 +82,7 @@ async def test_vllm_captions_match_transformers(family, tiny_models, videos, bro
         assert isinstance(got[1], StageError) and got[1].error_type == "VideoDecodeError"
         assert [g for i, g in enumerate(got) if i != 1] == [e for i, e in enumerate(expected) if i != 1]
         used = stage.take_usage()
-        assert used["requests"] == len(records) - 1 and used["tokens_out"] > 0 and used["tokens_in"] > 0
+        assert used["captions"] == len(records) - 1 and used["tokens_out"] > 0 and used["tokens_in"] > 0
         # The blocking path (no event loop) goes to the same engine.
         assert stage.process(prepared[:1]) == got[:1]
     finally:
@@ -100,10 +100,10 @@ def engine_core_processes() -> list:
     return found
 
 
-async def test_engine_death_fails_in_flight_records_and_rebuilds(tiny_models, videos):
+async def test_engine_death_fails_in_flight_records_and_rebuilds(tiny_models, clips):
     stage = load("llava_onevision", tiny_models, "vllm", max_new_tokens=200, max_model_len=1024)
     try:
-        prepared = [stage.prepare(record(videos["bikes"], rid=str(i), title=f"clip {i}")) for i in range(4)]
+        prepared = [stage.prepare(record(clips["bikes"], rid=str(i), title=f"clip {i}")) for i in range(4)]
         task = asyncio.create_task(stage.aprocess(prepared))
         deadline = time.monotonic() + 60
         while stage.lm.engine.get_num_unfinished_requests() == 0 and time.monotonic() < deadline:
