@@ -217,7 +217,6 @@ class VideoCaptioner(Stage):
         super().__init__(config, device)
         self.backend_name: str | None = None
         self.lm: Any = None
-        self.cost: VideoCost | None = None
 
     def load(self) -> None:
         from stages.captioners.hf_backend import TransformersVideoLM
@@ -248,7 +247,7 @@ class VideoCaptioner(Stage):
             self.lm.load()
         self.hf = hf
         self.processor = hf.processor
-        self.cost = self.loaded_cost()
+        log.info("%s: video cost %s", type(self).__name__, self.loaded_cost().describe())
 
     def _engine_args(self) -> dict[str, Any]:
         c = self.config
@@ -287,9 +286,10 @@ class VideoCaptioner(Stage):
         instruction = format_prompt(c.prompt, record, where=name)
         text = self.chat_text(instruction)
         text_tokens = len(self.hf.thread_processor().tokenizer(text)["input_ids"])
+        cost = self.loaded_cost()  # per call: max_pixels may change on a hot reload
         room = c.max_model_len - c.max_new_tokens - text_tokens
-        fits = self.cost.frames_within(room, c.max_frames)
-        if fits < self.cost.group:
+        fits = cost.frames_within(room, c.max_frames)
+        if fits < cost.group:
             raise StageError(
                 f"{name}: the prompt takes {text_tokens} tokens, which with max_new_tokens={c.max_new_tokens} "
                 f"leaves no room for video frames in max_model_len={c.max_model_len}; shorten the prompt "
@@ -305,12 +305,12 @@ class VideoCaptioner(Stage):
                 sampled = sample_frames(path, num_frames=c.num_frames or fits, size=self.decode_size)
         except StageError as bad:
             raise _explain(bad, name, c, fits) from None
-        frames = _whole_groups(sampled.frames, self.cost.group)
+        frames = _whole_groups(sampled.frames, cost.group)
         metadata = {
             "fps": sampled.fps,
             "duration": sampled.duration_s,
             "total_num_frames": sampled.total_frames,
-            "frames_indices": _whole_groups_list(sampled.indices, self.cost.group),
+            "frames_indices": _whole_groups_list(sampled.indices, cost.group),
             "width": int(frames.shape[2]),
             "height": int(frames.shape[1]),
         }
@@ -318,7 +318,7 @@ class VideoCaptioner(Stage):
         if self.backend_name == "vllm":
             from stages.captioners.vllm_backend import VideoRequest
 
-            tokens = text_tokens + self.cost.tokens(frames.shape[0])
+            tokens = text_tokens + cost.tokens(frames.shape[0])
             prepared: Any = VideoRequest(
                 text, frames, {**metadata, "video_backend": "pyav", "do_sample_frames": False}, self.processor_kwargs()
             )

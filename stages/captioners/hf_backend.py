@@ -51,7 +51,7 @@ class TransformersVideoLM:
 
     def __init__(self, model_path: str, device: str, dtype: str, trust_remote_code: bool, stage: str):
         self.model_path = model_path
-        self.device = device
+        self.device = single_device(device, stage)
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
         self.stage = stage
@@ -161,6 +161,20 @@ class TransformersVideoLM:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def single_device(device: str, stage: str) -> str:
+    """transformers keeps the whole model on one device: a tensor-parallel group uses its first GPU."""
+    first = device.split(",")[0].strip()
+    if first != device:
+        log.warning(
+            "%s: tensor_parallel_size applies to the vLLM backend; the transformers backend runs the "
+            "model on %s only (of %s). Use devices: [...] with tensor_parallel_size: 1 for one model per GPU",
+            stage,
+            first,
+            device,
+        )
+    return first
 
 
 def _stop_ids(model, tokenizer) -> set[int]:

@@ -171,3 +171,27 @@ def test_rotated_video_is_captioned_upright(make_captioner, videos):
     prepared = stage.prepare(record(videos["rotated"]))[PREPARED]  # coded 96x64, displayed 64x96
     assert prepared["video_grid_thw"][0].tolist() == [1, 84 // 14, 56 // 14]
     assert "text" in stage.process([record(videos["rotated"])])[0]
+
+
+def test_transformers_backend_on_a_tensor_parallel_group_uses_its_first_gpu():
+    from stages.captioners.hf_backend import single_device
+    from stages.captioners.vllm_backend import gpu_indices
+
+    assert single_device("cuda:1", "S") == "cuda:1"
+    assert single_device("cuda:2,cuda:3", "S") == "cuda:2"
+    assert gpu_indices("cuda:2,cuda:3") == "2,3" and gpu_indices("cuda:1") == "1" and gpu_indices("cpu") is None
+
+
+def test_light_settings_apply_on_the_next_record_after_a_reload(make_captioner, clips):
+    """Hot reload swaps `stage.config`; prompt, frame and pixel settings are read per record."""
+    stage = make_captioner("qwen2_vl", num_frames=4)
+    before = stage.prepare(record(clips["bikes"]))[PREPARED]
+    settings = {**stage.config.model_dump(), "prompt": "Only colours.", "num_frames": 2, "max_pixels": 56 * 56}
+    stage.config = type(stage.config)(**settings)
+    after = stage.prepare(record(clips["bikes"]))[PREPARED]
+    assert before["video_grid_thw"][0, 0] == 2 and after["video_grid_thw"][0, 0] == 1
+    assert after["video_grid_thw"][0, 1:].prod() < before["video_grid_thw"][0, 1:].prod()
+    assert "Only colours." in stage.processor.decode(after["input_ids"][0])
+    heavy = type(stage.config).heavy_keys
+    assert {"model_path", "backend", "dtype", "max_model_len", "engine_args"} <= heavy
+    assert not {"prompt", "num_frames", "max_pixels", "temperature"} & heavy
