@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from stages.captioners.common import CaptionerConfig, VideoCaptioner, VideoCost, model_settings, setting
+from stages.captioners.common import VideoCaptioner
+from stages.captioners.config import CaptionerConfig, VideoCost, model_settings, setting
 
 
 def _cost(patches_per_side: int) -> VideoCost:

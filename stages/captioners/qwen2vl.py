@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from stages.captioners.common import CaptionerConfig, VideoCaptioner, VideoCost, model_settings, setting
+from stages.captioners.common import VideoCaptioner
+from stages.captioners.config import CaptionerConfig, VideoCost, model_settings, setting
 
 DEFAULT_MAX_PIXELS = 336 * 336
 

@@ -136,11 +136,19 @@ class VLLMVideoLM:
         if engine is not None:
             engine.shutdown()
         if self._loop is not None:
+            self._call(self._cancel_tasks())  # the engine's output tasks end before their loop does
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=10)
             self._loop.close()
             self._loop = None
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

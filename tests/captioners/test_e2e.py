@@ -1,6 +1,8 @@
-"""The captioners as a user runs them: the seed-shaped config (configs/caption_qwen2vl.yaml,
-unchanged but for model_path and the input paths) through `python run_pipeline.py` and dropped
-into the daemon's inbox, and all four captioners chained through the daemon."""
+"""The captioners as a user runs them: the seed-shaped config (configs/caption_qwen2vl.yaml)
+through `python run_pipeline.py` (model_path pointed at the tiny model's folder) and dropped
+into the daemon's inbox (model_path unchanged: the tiny model sits in a hub cache under
+Qwen/Qwen2-VL-7B-Instruct and loads by that id, offline), and all four captioners chained
+through the daemon."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import yaml
 
 from tests.captioners.conftest import FAMILIES, TINY_CONFIG
 from tests.harness import REPO, DaemonProcess, metric_value, run_oneshot, write_config
+from tests.tiny.diffusers_pipelines import place_in_hub_cache
 
 ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 GOOD = ["bikes", "bigbuckbunny", "moving_h264"]
@@ -38,9 +41,10 @@ def data(tmp_path, clips, broken_videos) -> Path:
     return folder
 
 
-def seed_config(tiny_models, data: Path, tmp_path: Path) -> dict:
+def seed_config(data: Path, tmp_path: Path, model_path: Path | None = None) -> dict:
     config = yaml.safe_load((REPO / "configs" / "caption_qwen2vl.yaml").read_text())
-    config["steps"][0]["config"]["model_path"] = str(tiny_models["qwen2_vl"])
+    if model_path is not None:
+        config["steps"][0]["config"]["model_path"] = str(model_path)
     config |= {
         "meta_path": str(data / "meta.jsonl"),
         "meta_folder": str(data),
@@ -59,7 +63,8 @@ def check_errors(errors: list[dict], step_suffix: str) -> None:
 
 
 def test_seed_config_through_run_pipeline(tiny_models, data, tmp_path):
-    done = run_oneshot(write_config(tmp_path, seed_config(tiny_models, data, tmp_path)), env=ENV, entry="seed")
+    config = seed_config(data, tmp_path, model_path=tiny_models["qwen2_vl"])
+    done = run_oneshot(write_config(tmp_path, config), env=ENV, entry="seed")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = tmp_path / "results"
     lines = [json.loads(line) for line in (results / "meta.jsonl").read_text().splitlines()]
@@ -71,9 +76,12 @@ def test_seed_config_through_run_pipeline(tiny_models, data, tmp_path):
 
 
 def test_seed_config_dropped_into_the_daemon(tiny_models, data, tmp_path, clips):
-    config = seed_config(tiny_models, data, tmp_path)
+    config = seed_config(data, tmp_path)  # model_path: Qwen/Qwen2-VL-7B-Instruct, as shipped
+    hub_home = tmp_path / "hf_home"
+    place_in_hub_cache(tiny_models["qwen2_vl"], hub_home, config["steps"][0]["config"]["model_path"])
     config["daemon"] |= {"inbox": "inbox", "outbox": "outbox", "settle_ms": 200, "metrics": {"port": 0}}
-    with DaemonProcess(write_config(tmp_path, config), env=ENV, start_timeout=300) as daemon:
+    env = ENV | {"HF_HOME": str(hub_home), "HF_HUB_CACHE": str(hub_home / "hub")}
+    with DaemonProcess(write_config(tmp_path, config), env=env, start_timeout=300) as daemon:
         daemon.drop(data / "meta.jsonl")
         daemon.drop(clips["portrait_vp9"], "phone.webm")  # a raw video is a job of its own
         state = daemon.wait_for_job("meta", timeout=300)
