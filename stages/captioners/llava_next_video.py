@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+from pydantic import Field
+
 from stages.captioners.common import VideoCaptioner
-from stages.captioners.config import CaptionerConfig, VideoCost, model_settings, setting
+from stages.captioners.config import MIN_PIXELS_FLOOR, CaptionerConfig, VideoCost, model_settings, setting
 
 
 def _cost(side: int, patch: int) -> VideoCost:
@@ -30,6 +32,12 @@ def _short_side_to(side: int, width: int, height: int, max_pixels: int | None) -
 
 
 class LLaVANeXTVideoCaptionerConfig(CaptionerConfig):
+    max_pixels: int | None = Field(
+        None,
+        ge=MIN_PIXELS_FLOOR,
+        description="Caps the decoded frame size only; the tower takes frames at its fixed size (336 px released).",
+    )
+
     def video_cost(self) -> VideoCost:
         found = model_settings(self.model_path)
         side = setting(found, "config.json:vision_config.image_size", default=336)
