@@ -4,12 +4,17 @@ Modules are imported on first use, not at `import stages`, so `reelflow check` a
 daemon's start-up stay fast and a missing optional dependency only matters to the step
 that needs it. Third-party stages register through the `reelflow.stages` entry-point
 group, named "Type.Name" with the value "module:Class".
+
+For stages that live outside any installed package (tests, quick experiments), the
+environment variable `REELFLOW_EXTRA_STAGES` adds more, comma-separated, in the same form:
+`REELFLOW_EXTRA_STAGES="Test.SlowEcho=tests.stages_for_tests:SlowEcho,Test.Echo=mymod:Echo"`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from importlib.metadata import entry_points
 
 from stages.base import Stage
@@ -21,6 +26,7 @@ BUILTIN_STAGES: dict[tuple[str, str], str] = {
 }
 
 ENTRY_POINT_GROUP = "reelflow.stages"
+EXTRA_STAGES_ENV = "REELFLOW_EXTRA_STAGES"
 
 
 class UnknownStage(LookupError):
@@ -33,6 +39,14 @@ def known_stages() -> dict[tuple[str, str], str]:
         step_type, _, name = entry.name.partition(".")
         if name:
             found.setdefault((step_type, name), entry.value)
+    for item in filter(None, (part.strip() for part in os.environ.get(EXTRA_STAGES_ENV, "").split(","))):
+        label, _, target = item.partition("=")
+        step_type, _, name = label.strip().partition(".")
+        if not (name and ":" in target):
+            raise UnknownStage(
+                f"{EXTRA_STAGES_ENV}: cannot read {item!r}; expected Type.Name=module:Class, comma-separated"
+            )
+        found.setdefault((step_type, name), target.strip())
     return found
 
 
