@@ -108,6 +108,7 @@ class Pipeline:
         self.queues: list[asyncio.Queue[Record]] = [asyncio.Queue(maxsize=s.config.queue_size) for s in config.steps]
         self.workers: list[list[Worker]] = [[] for _ in config.steps]
         self.jobs: dict[str, JobRun] = {}
+        self.remote = None  # the Ray cluster (daemon.ray_backend.RayCluster) when a step's workers run there
         for step, queue in zip(config.steps, self.queues, strict=True):
             metrics.queue_depth.labels(step.label).set_function(queue.qsize)
 
@@ -115,13 +116,25 @@ class Pipeline:
     def steps(self) -> tuple[Step, ...]:
         return self.config.steps
 
+    async def connect(self) -> None:
+        """Join the Ray cluster if a step's workers run there (`workers: {backend: ray}`); before build_workers."""
+        if self.remote is None and any(step.workers.backend == "ray" for step in self.steps):
+            from daemon.ray_backend import RayCluster
+
+            self.remote = RayCluster(self.config.file.workers, self.steps, self.metrics)
+            await self.remote.connect()
+
     def build_workers(self) -> None:
         for step in self.steps:
             limits = batch_limits(step)
             devices = worker_devices(step)
+            factory = self.host_factory
+            if step.workers.backend == "ray":
+                assert self.remote is not None, "Pipeline.connect() first: a step runs its workers on Ray"
+                limits, devices, factory = self.remote.placement(step, limits)
             for n, device in enumerate(devices):
                 name = f"{step.label}/w{n}@{device}"
-                host = self.host_factory(step, device, name)
+                host = factory(step, device, name)
                 self.workers[step.index].append(
                     Worker(
                         step.index, step.label, host, self.queues[step.index], self.advance, self.metrics, limits, name
@@ -159,6 +172,8 @@ class Pipeline:
 
     async def close(self) -> None:
         await asyncio.gather(*(w.host.close() for ws in self.workers for w in ws), return_exceptions=True)
+        if self.remote is not None:
+            await self.remote.close()
 
     def open_job(self, job: JobRun) -> None:
         self.jobs[job.name] = job
