@@ -331,9 +331,11 @@ class RayHost:
         self._actor = None
         self._incarnation = 0  # bumped when a loss is noticed, so two lost calls count once
         self._healthy = False
-        self._recovering = asyncio.Lock()
+        self._recovery: asyncio.Task | None = None  # bringing the actor back after a loss
         self._usage: Counter[str] = Counter()
         self._info_labels: tuple[str, ...] | None = None
+        self._pid: int | None = None  # the actor process's pid, from its last `load` answer
+        self._killed_pid: int | None = None  # killed for a hung call: its answers do not count
 
     # --- metrics ---
     def _set_state(self, state: str) -> None:
@@ -345,6 +347,7 @@ class RayHost:
         if self._info_labels and self._info_labels != labels:
             self.metrics.worker_info.remove(*self._info_labels)
         self._info_labels = labels
+        self._pid = info["pid"]
         self.metrics.worker_info.labels(*labels).set(1)
         log.info(
             "%s: actor %s on node %s (gpus %s, pid %s)", self.label, self.name, info["ip"], info["gpus"], info["pid"]
@@ -376,7 +379,11 @@ class RayHost:
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                return await asyncio.wait_for(_awaitable(actor.load.remote()), remaining)
+                info = await asyncio.wait_for(_awaitable(actor.load.remote()), remaining)
+                if self._killed_pid is None or info["pid"] != self._killed_pid:
+                    self._killed_pid = None
+                    return info
+                await asyncio.sleep(min(RETRY_UNAVAILABLE_S, max(0.0, remaining)))  # ray.kill has not landed yet
             except TimeoutError:
                 message = (
                     f"{self.name} was not running and loaded within workers.start_timeout_s={timeout:g} s "
@@ -404,6 +411,9 @@ class RayHost:
             log.debug("%s: kill: %s", self.name, exc)
 
     async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         actor, self._actor = self._actor, None
         if actor is None:
             return
@@ -433,8 +443,7 @@ class RayHost:
                 _awaitable(actor.run.remote(batch, config)), self.settings.call_timeout_s
             )
         except TimeoutError:
-            lost = self._lost(incarnation, "timeout")
-            if lost:
+            if self._lost(incarnation, "timeout", hung=True):
                 await self._kill(actor, restart=True)  # a running call cannot be cancelled; Ray restarts the actor
             raise WorkerLost(
                 f"{self.name}: a call ran past workers.call_timeout_s={self.settings.call_timeout_s:g} s; the actor was killed and restarted",
@@ -464,33 +473,39 @@ class RayHost:
         self._config_version += 1  # sent with the next call
 
     # --- recovery ---
-    def _lost(self, incarnation: int, reason: str) -> bool:
-        """Note a lost call; True for the first call to notice this incarnation's loss."""
+    def _lost(self, incarnation: int, reason: str, hung: bool = False) -> bool:
+        """Note a lost call; the first call to notice this incarnation's loss (True) starts
+        bringing the actor back at once, so /metrics shows its state and the next call need not wait."""
         self.metrics.workers_lost.labels(self.step.label, reason).inc()
         if incarnation != self._incarnation:
             return False
         self._incarnation += 1
         self._healthy = False
         self._sent_version = -1  # a restarted actor starts from its construction config: send the current one
+        if hung:  # to be killed: ray.kill returns before the process is gone, so its answers do not count
+            self._killed_pid = self._pid
         self._set_state("restarting")
         log.warning("%s: actor %s lost (%s)", self.label, self.name, reason)
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(), name=f"recover-{self.name}")
+            self._recovery.add_done_callback(_retrieved)  # the next call raises its WorkerGone
         return True
 
     async def _ensure_healthy(self) -> None:
-        if self._healthy:
-            return
-        async with self._recovering:
-            if self._healthy:
-                return
-            try:
-                info = await self._wait_loaded(self._actor)
-            except _NotBack as exc:
-                log.warning("%s: %s; replacing it", self.label, exc)
-                info = await self._replace(str(exc))
-            self._set_info(info)
-            self.metrics.worker_restarts.labels(self.step.label).inc()
-            self._healthy = True
-            self._set_state("alive")
+        """Wait for a recovery in progress; raises WorkerGone if the actor cannot be had."""
+        if not self._healthy and self._recovery is not None:
+            await asyncio.shield(self._recovery)
+
+    async def _recover(self) -> None:
+        try:
+            info = await self._wait_loaded(self._actor)
+        except _NotBack as exc:
+            log.warning("%s: %s; replacing it", self.label, exc)
+            info = await self._replace(str(exc))
+        self._set_info(info)
+        self.metrics.worker_restarts.labels(self.step.label).inc()
+        self._healthy = True
+        self._set_state("alive")
 
     async def _replace(self, why: str) -> dict[str, Any]:
         settings = self.settings
@@ -500,6 +515,7 @@ class RayHost:
             await asyncio.sleep(delay)
             await self._kill(self._actor, restart=False)
             self._sent_version = self._config_version  # the new actor is built with the current config
+            self._killed_pid = None
             try:
                 self._actor = await asyncio.to_thread(
                     self.cluster.create_actor, self.step, self.config, self.name, True
@@ -518,6 +534,11 @@ class RayHost:
             f"{self.name} could not be brought back after {settings.max_replacements} replacement(s) "
             f"(workers.max_replacements); last: {why}"
         )
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s: %s", task.get_name(), task.exception())
 
 
 async def _awaitable(ref) -> Any:

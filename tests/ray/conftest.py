@@ -117,14 +117,15 @@ def ray_cluster():
         head.stop()
 
 
-@pytest.fixture(autouse=True)
-def kill_leftover_actors(request):
-    """After each cluster test, kill any reelflow actor still alive (a leaked GPU actor would
-    leave the next test's actors pending). Daemons own their actors, so this is a backstop."""
+@pytest.fixture(autouse=True, scope="module")
+def kill_leftover_actors():
+    """After each module, kill any reelflow actor still alive (a leaked GPU actor would leave
+    the next module's actors pending). Daemons own their actors, so this is a backstop."""
     yield
-    if "ray_cluster" not in request.fixturenames:
-        return
     import ray
+
+    if not ray.is_initialized():
+        return
 
     for name in ray.util.list_named_actors():
         if name.startswith("reelflow:"):

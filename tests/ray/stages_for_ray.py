@@ -4,7 +4,8 @@
 `Crashy` answers each record with the pid of the process that ran it, after `sleep_s` of
 sleep or `spin` iterations of pure-Python work; a record whose `action` field is `exit`
 kills the worker process (`os._exit`), one whose `action` is `hang` never returns, and one
-whose `action` is `fail` raises (a stage error, not a crash).
+whose `action` is `fail` raises (a stage error, not a crash). `load` fails while the file
+`fail_load_if` exists (to make actor replacements fail).
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ EXTRA_STAGES = "Test.Crashy=tests.ray.stages_for_ray:Crashy"
 class CrashyConfig(StageConfig):
     sleep_s: float = Field(0.0, ge=0, description="Seconds slept per record.")
     spin: int = Field(0, ge=0, description="Iterations of pure-Python work per record.")
+    fail_load_if: str | None = Field(None, description="load raises while this file exists.")
 
 
 class Crashy(Stage):
     Config = CrashyConfig
+
+    def load(self) -> None:
+        if self.config.fail_load_if and os.path.exists(self.config.fail_load_if):
+            raise RuntimeError(f"load refused: {self.config.fail_load_if} exists")
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         actions = [record.get("action") for record in batch]
