@@ -75,7 +75,7 @@ class StageActor:
     its records while the first holds the model.
     """
 
-    def __init__(self, stage_cls: type[Stage], config: dict[str, Any], prep_workers: int, label: str):
+    def __init__(self, stage_cls: type[Stage], config: dict[str, Any], version: int, prep_workers: int, label: str):
         import ray
 
         gpus = ray.get_gpu_ids()
@@ -84,11 +84,19 @@ class StageActor:
         self.label = label
         self.stage_cls = stage_cls
         self.stage = stage_cls(_step_config(stage_cls, config), self.device)
+        self.version = version  # of the config the stage has
         self.loaded = False
         self._load_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._prep_pool = ThreadPoolExecutor(prep_workers, "prep") if has_prepare(self.stage) else None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._info = {
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "gpus": ",".join(str(g) for g in gpus),
+            "pid": os.getpid(),
+            "device": self.device,
+        }
 
     def load(self) -> dict[str, Any]:
         """Load the model once (a restarted actor loads again); say where this actor runs."""
@@ -99,22 +107,19 @@ class StageActor:
         return self.info()
 
     def info(self) -> dict[str, Any]:
-        import ray
-
-        return {
-            "node": ray.get_runtime_context().get_node_id(),
-            "ip": ray.util.get_node_ip_address(),
-            "gpus": ",".join(str(g) for g in ray.get_gpu_ids()),
-            "pid": os.getpid(),
-            "device": self.device,
-        }
+        return self._info
 
     def run(
-        self, batch: list[dict[str, Any]], config: dict[str, Any] | None
-    ) -> tuple[list[dict[str, Any] | StageError], dict[str, int]]:
-        """prepare + process one batch; a record whose prepare fails gets a StageError in its slot."""
-        if config is not None:
+        self, batch: list[dict[str, Any]], version: int, config: dict[str, Any]
+    ) -> tuple[list[dict[str, Any] | StageError], dict[str, int], dict[str, Any]]:
+        """prepare + process one batch; a record whose prepare fails gets a StageError in its slot.
+
+        The step's current config comes with every call (a restarted actor must not run an
+        old one); it is applied when its version differs from the stage's. The answer says
+        which process ran the call, so a restart between calls is seen too."""
+        if version != self.version:
             self.stage.config = _step_config(self.stage_cls, config)
+            self.version = version
         slots: list[dict[str, Any] | StageError | None] = [None] * len(batch)
         ready: list[int] = []
         prepared: list[dict[str, Any]] = []
@@ -137,7 +142,7 @@ class StageActor:
                 )
             for index, output in zip(ready, outputs, strict=True):
                 slots[index] = output
-        return slots, usage
+        return slots, usage, self._info
 
     def _process(self, batch: list[dict[str, Any]]) -> tuple[list, dict[str, int]]:
         if is_async(self.stage):  # an async stage keeps its own loop; calls may overlap
@@ -276,7 +281,7 @@ class RayCluster:
             options["scheduling_strategy"] = "SPREAD"
         return options
 
-    def create_actor(self, step: Step, config: StageConfig, name: str, replacing: bool = False):
+    def create_actor(self, step: Step, config: StageConfig, version: int, name: str, replacing: bool = False):
         """A new actor (blocking: call it in a thread). A replacement waits for its dead
         namesake to free the name; at start-up a taken name is an error."""
         import ray
@@ -287,7 +292,7 @@ class RayCluster:
         while True:
             try:
                 return self._actor_class.options(**options).remote(
-                    step.stage_cls, config.model_dump(), step.config.prep_workers, name
+                    step.stage_cls, config.model_dump(), version, step.config.prep_workers, name
                 )
             except ActorAlreadyExistsError:
                 if not replacing:
@@ -327,7 +332,7 @@ class RayHost:
         self.config = step.config
         self.metrics = cluster.metrics
         self._config_version = 0
-        self._sent_version = 0  # the actor was built with version 0
+        self._config_dump = self.config.model_dump()
         self._actor = None
         self._incarnation = 0  # bumped when a loss is noticed, so two lost calls count once
         self._healthy = False
@@ -350,13 +355,21 @@ class RayHost:
         self._pid = info["pid"]
         self.metrics.worker_info.labels(*labels).set(1)
         log.info(
-            "%s: actor %s on node %s (gpus %s, pid %s)", self.label, self.name, info["ip"], info["gpus"], info["pid"]
+            "%s: actor %s on node %s (%s), gpus [%s], pid %s",
+            self.label,
+            self.name,
+            str(info["node"])[:12],
+            info["ip"],
+            info["gpus"],
+            info["pid"],
         )
 
     # --- lifecycle ---
     async def load(self) -> None:
         self._set_state("starting")
-        self._actor = await asyncio.to_thread(self.cluster.create_actor, self.step, self.config, self.name)
+        self._actor = await asyncio.to_thread(
+            self.cluster.create_actor, self.step, self.config, self._config_version, self.name
+        )
         try:
             info = await self._wait_loaded(self._actor, start_up=True)
         except BaseException:
@@ -436,11 +449,10 @@ class RayHost:
 
         await self._ensure_healthy()
         actor, incarnation = self._actor, self._incarnation
-        version = self._config_version
-        config = self.config.model_dump() if self._sent_version != version else None
         try:
-            outputs, usage = await asyncio.wait_for(
-                _awaitable(actor.run.remote(batch, config)), self.settings.call_timeout_s
+            outputs, usage, info = await asyncio.wait_for(
+                _awaitable(actor.run.remote(batch, self._config_version, self._config_dump)),
+                self.settings.call_timeout_s,
             )
         except TimeoutError:
             if self._lost(incarnation, "timeout", hung=True):
@@ -459,8 +471,11 @@ class RayHost:
             self._lost(incarnation, type(exc).__name__)
             kind = "WorkerOutOfMemory" if type(exc).__name__ == "OutOfMemoryError" else "WorkerCrashed"
             raise WorkerLost(f"{self.name} was lost during the call: {_first_line(exc)}", kind=kind) from None
-        if config is not None and incarnation == self._incarnation:
-            self._sent_version = version
+        if info["pid"] != self._pid and incarnation == self._incarnation and self._healthy:
+            # killed between calls: Ray restarted it and queued this call, nothing was lost
+            log.warning("%s: actor %s was restarted between calls", self.label, self.name)
+            self.metrics.worker_restarts.labels(self.step.label).inc()
+            self._set_info(info)
         self._usage.update(usage)
         return outputs
 
@@ -470,7 +485,8 @@ class RayHost:
 
     def reconfigure(self, config: StageConfig) -> None:
         self.config = config
-        self._config_version += 1  # sent with the next call
+        self._config_dump = config.model_dump()
+        self._config_version += 1  # applied by the actor with the next call
 
     # --- recovery ---
     def _lost(self, incarnation: int, reason: str, hung: bool = False) -> bool:
@@ -481,7 +497,6 @@ class RayHost:
             return False
         self._incarnation += 1
         self._healthy = False
-        self._sent_version = -1  # a restarted actor starts from its construction config: send the current one
         if hung:  # to be killed: ray.kill returns before the process is gone, so its answers do not count
             self._killed_pid = self._pid
         self._set_state("restarting")
@@ -514,11 +529,10 @@ class RayHost:
             self._set_state("replacing")
             await asyncio.sleep(delay)
             await self._kill(self._actor, restart=False)
-            self._sent_version = self._config_version  # the new actor is built with the current config
             self._killed_pid = None
             try:
                 self._actor = await asyncio.to_thread(
-                    self.cluster.create_actor, self.step, self.config, self.name, True
+                    self.cluster.create_actor, self.step, self.config, self._config_version, self.name, True
                 )
                 info = await self._wait_loaded(self._actor)
             except (_NotBack, ValueError) as exc:

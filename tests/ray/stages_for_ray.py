@@ -25,6 +25,7 @@ class CrashyConfig(StageConfig):
     sleep_s: float = Field(0.0, ge=0, description="Seconds slept per record.")
     spin: int = Field(0, ge=0, description="Iterations of pure-Python work per record.")
     fail_load_if: str | None = Field(None, description="load raises while this file exists.")
+    tag: str = Field("", description="Copied into every output (to see which config a call ran with).")
 
 
 class Crashy(Stage):
@@ -50,5 +51,13 @@ class Crashy(Stage):
             for i in range(self.config.spin):
                 acc = (acc * 31 + i) & 0xFFFFFFFF
             self.usage["requests"] += 1
-            out.append({"pid": os.getpid(), "device": self.device, "acc": acc, "echo": str(record["id"])})
+            out.append(
+                {
+                    "pid": os.getpid(),
+                    "device": self.device,
+                    "acc": acc,
+                    "echo": str(record["id"]),
+                    "tag": self.config.tag,
+                }
+            )
         return out

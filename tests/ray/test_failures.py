@@ -26,7 +26,7 @@ STEP = "step_0_Test_Crashy"
 ACTORS = [f"reelflow:{STEP}:{n}" for n in range(2)]
 
 
-def crashy_config(folder: Path, cluster, **workers) -> Path:
+def crashy_config(folder: Path, cluster, drain_timeout_s: float = 60, **workers) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     settings = {
         "count": 2,
@@ -52,7 +52,13 @@ def crashy_config(folder: Path, cluster, **workers) -> Path:
                     },
                 }
             ],
-            "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 50, "metrics": {"port": 0}},
+            "daemon": {
+                "inbox": "inbox",
+                "outbox": "outbox",
+                "settle_ms": 50,
+                "drain_timeout_s": drain_timeout_s,
+                "metrics": {"port": 0},
+            },
         },
     )
 
@@ -77,7 +83,9 @@ def drop_job(daemon: DaemonProcess, job: str, count: int, actions: dict[int, str
 def wait_for_results(daemon: DaemonProcess, job: str, at_least: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while len(daemon.results(job)) < at_least:
-        assert time.monotonic() < deadline, f"fewer than {at_least} results for {job} after {timeout} s"
+        assert time.monotonic() < deadline, (
+            f"fewer than {at_least} results for {job} after {timeout} s:\n{daemon.log()[-4000:]}"
+        )
         time.sleep(0.02)
 
 
