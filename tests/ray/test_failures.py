@@ -56,6 +56,7 @@ def crashy_config(folder: Path, cluster, drain_timeout_s: float = 60, **workers)
                 "inbox": "inbox",
                 "outbox": "outbox",
                 "settle_ms": 50,
+                "rescan_s": 1,  # a file dropped just after start-up can miss the inbox watch (a core race)
                 "drain_timeout_s": drain_timeout_s,
                 "metrics": {"port": 0},
             },

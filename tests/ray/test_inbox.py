@@ -36,7 +36,7 @@ def config(folder: Path, videos: dict[str, Path], workers: dict | None) -> Path:
                 "config": {"batch_size": 2, "num_frames": 3, "max_side": 64},
             },
         ],
-        "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 100, "metrics": {"port": 0}},
+        "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 100, "rescan_s": 1, "metrics": {"port": 0}},
     }
     if workers:
         text["workers"] = workers
