@@ -90,6 +90,8 @@ def batch_limits(step: Step) -> BatchLimits:
     if is_async(step.stage_cls):
         slots = int(getattr(config, "max_num_seqs", 0) or 0)
         concurrency = max(1, math.ceil(slots / config.batch_size)) if slots else 1
+    if step.workers.backend == "ray":  # keep the next batch at the actor so the RPC hides behind model time
+        concurrency = max(concurrency, step.workers.calls_in_flight)
     return BatchLimits(batch_size=config.batch_size, max_wait_s=config.max_wait_ms / 1000, concurrency=concurrency)
 
 
@@ -131,7 +133,7 @@ class Pipeline:
             factory = self.host_factory
             if step.workers.backend == "ray":
                 assert self.remote is not None, "Pipeline.connect() first: a step runs its workers on Ray"
-                limits, devices, factory = self.remote.placement(step, limits)
+                devices, factory = self.remote.placement(step)
             for n, device in enumerate(devices):
                 name = f"{step.label}/w{n}@{device}"
                 host = factory(step, device, name)

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from daemon.config import Step, WorkerSettings, WorkersSection
-from daemon.workers import BatchLimits, WorkerGone, WorkerLost
+from daemon.workers import WorkerGone, WorkerLost
 from stages.base import Stage, StageConfig, StageError, has_prepare, is_async
 
 log = logging.getLogger(__name__)
@@ -252,14 +252,9 @@ class RayCluster:
         slots = max(1, int(gpus // math.ceil(per_actor))) if per_actor > 0 else 1
         return slots * step.config.workers_per_device
 
-    def placement(self, step: Step, limits: BatchLimits) -> tuple[BatchLimits, list[str], Any]:
-        """What the pipeline needs to build a Ray step's workers: limits, one slot per actor, a host factory."""
-        limits = BatchLimits(
-            batch_size=limits.batch_size,
-            max_wait_s=limits.max_wait_s,
-            concurrency=max(limits.concurrency, step.workers.calls_in_flight),
-        )
-        return limits, [f"ray:{n}" for n in range(self.actor_count(step))], self.host
+    def placement(self, step: Step) -> tuple[list[str], Any]:
+        """What the pipeline needs to build a Ray step's workers: one slot per actor, a host factory."""
+        return [f"ray:{n}" for n in range(self.actor_count(step))], self.host
 
     def host(self, step: Step, device: str, name: str) -> RayHost:
         return RayHost(self, step, int(device.removeprefix("ray:")), name)
