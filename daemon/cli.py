@@ -36,7 +36,7 @@ def cmd_steps(args: argparse.Namespace) -> int:
                 print(f"    (cannot import: {exc})")
                 continue
             for key, field in fields.items():
-                default = "" if field.is_required() else f" = {field.default!r}"
+                default = "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
                 print(f"    {key}{default}: {field.description or ''}")
     return 0
 

@@ -305,6 +305,7 @@ def _validate_step(index: int, spec: Any, raw: dict, worker_defaults: dict, prob
         problems.append(f"{where}: stage {spec['type']}/{spec['name']} cannot be imported: {exc}")
         return None
     settings = dict(spec.get("config") or {})
+    _seed_device_key(settings, cls)
     # The pipeline-wide keys fill in what the step does not set itself.
     for key in ("text_key", "video_key", "image_key"):
         if key in raw and key not in settings and key in cls.Config.model_fields:
@@ -323,6 +324,20 @@ def _validate_step(index: int, spec: Any, raw: dict, worker_defaults: dict, prob
         )
         return None
     return Step(index=index, type=spec["type"], name=spec["name"], stage_cls=cls, config=config, workers=workers)
+
+
+def _seed_device_key(settings: dict, cls: type) -> None:
+    """DataFlow-Gen's configs say `device: cuda` (or `cuda:1`, `cpu`): read it as `devices`.
+
+    Plain `cuda` means "on GPUs", which is already the default of GPU stages (one worker per
+    visible GPU); a numbered device pins the step to it.
+    """
+    if "device" not in settings or "device" in cls.Config.model_fields:
+        return
+    device = settings.pop("device")
+    if "devices" in settings or device in (None, "cuda", "gpu", "auto"):
+        return
+    settings["devices"] = device if isinstance(device, list) else [device]
 
 
 def load_config(path: str | Path) -> Config:

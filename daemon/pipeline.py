@@ -74,9 +74,12 @@ def visible_gpus() -> list[str]:
 def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> list[str]:
     """One entry per worker: a device, or a comma-joined group for tensor parallelism."""
     config = step.config
-    if is_async(step.stage_cls) and not getattr(config, "devices", None) and not hasattr(config, "model_path"):
-        return ["cpu"]  # an API stage: concurrency slots, not devices
-    devices = config.devices or gpus() or ["cpu"]
+    if config.devices:
+        devices = config.devices
+    elif step.stage_cls.uses_accelerator(config):
+        devices = gpus() or ["cpu"]
+    else:
+        devices = ["cpu"]  # CPU tools and API stages (whose concurrency is max_num_seqs, not devices)
     group = max(1, int(getattr(config, "tensor_parallel_size", 1) or 1))
     groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [
         ",".join(devices)

@@ -222,16 +222,17 @@ class RayCluster:
         )
 
     def _default_gpus(self, step: Step) -> float:
-        """GPUs an actor asks for when `num_gpus` is not set: none for an API stage or a
-        cluster without GPUs, `tensor_parallel_size` whole GPUs, else a share of one GPU."""
+        """GPUs an actor asks for when `num_gpus` is not set: none for a stage that wants no
+        accelerator (CPU tools, API stages) or on a cluster without GPUs,
+        `tensor_parallel_size` whole GPUs for a group, else a share of one GPU."""
         config = step.config
-        if not self.resources.get("GPU") or (is_async(step.stage_cls) and not hasattr(config, "model_path")):
+        if not self.resources.get("GPU") or not step.stage_cls.uses_accelerator(config):
             return 0.0
         return float(max(1, int(getattr(config, "tensor_parallel_size", 1) or 1)))
 
     def gpus_per_actor(self, step: Step) -> float:
-        """As the local backend puts a worker of every step on every GPU, steps without
-        `num_gpus` share each GPU: with k such single-GPU steps, an actor asks for 1/k."""
+        """As the local backend puts a worker of every accelerated step on every GPU, such
+        steps without `num_gpus` share each GPU: with k of them, an actor asks for 1/k."""
         if step.workers.num_gpus is not None:
             return step.workers.num_gpus
         default = self._default_gpus(step)

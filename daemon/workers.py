@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,6 +68,10 @@ class StageHost(Protocol):
 class LocalHost:
     """The stage in this process: blocking calls in threads, `aprocess` awaited on the loop."""
 
+    # Model loading is not thread-safe (transformers' lazy imports, accelerate's init_empty_weights
+    # patching torch process-wide), so the stages of one process load one at a time.
+    _loading = threading.Lock()
+
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
         self.stage = stage_cls(config, device)
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
@@ -77,8 +82,12 @@ class LocalHost:
     async def _in_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
+    def _load(self) -> None:
+        with LocalHost._loading:
+            self.stage.load()
+
     async def load(self) -> None:
-        await self._in_model_thread(self.stage.load)
+        await self._in_model_thread(self._load)
 
     async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]:
         if self._prep_pool is None:
@@ -184,9 +193,14 @@ class Worker:
         self.batch_cap = limits.batch_size
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
-            group.create_task(self._batches(group), name=f"{self.name}-batches")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
+                group.create_task(self._batches(group), name=f"{self.name}-batches")
+        finally:
+            while not self._ready.empty():  # prepares started for records that will not run now
+                _, task = self._ready.get_nowait()
+                task.cancel()
 
     async def _prefetch(self) -> None:
         while True:

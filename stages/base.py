@@ -97,11 +97,19 @@ class Stage:
     """
 
     Config: ClassVar[type[StageConfig]] = StageConfig
+    # True for stages that put a model on an accelerator: by default they get one worker per
+    # visible GPU; the others run on the CPU unless the step names `devices`.
+    accelerated: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, device: str = "cpu"):
         self.config = config
         self.device = device
         self.usage: Counter[str] = Counter()
+
+    @classmethod
+    def uses_accelerator(cls, config: StageConfig) -> bool:
+        """Whether this configuration wants a GPU (override when a `backend` key decides)."""
+        return cls.accelerated
 
     def load(self) -> None:
         """Load weights once; may be slow. Called in a worker thread."""

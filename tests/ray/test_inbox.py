@@ -66,7 +66,9 @@ def outcome(results: list[dict], errors: list[dict]) -> dict:
 
 def test_inbox_run_on_ray_matches_local(tmp_path, videos, ray_cluster):
     local = run_inbox(tmp_path / "local", videos, None)
-    remote = run_inbox(tmp_path / "ray", videos, ray_cluster.workers_section(), env={"RAY_AUTH_MODE": "disabled"})
+    # Both steps share the two (logical) GPUs, half a GPU per actor: one actor per GPU and step.
+    workers = ray_cluster.workers_section(num_gpus=0.5)
+    remote = run_inbox(tmp_path / "ray", videos, workers, env={"RAY_AUTH_MODE": "disabled"})
     rows, state, results, errors, metrics, daemon, broken = remote
 
     assert state["state"] == "done"
