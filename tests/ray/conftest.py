@@ -80,7 +80,7 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    import ray
+    ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install 'reelflow[ray]'")
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rf", dir="/tmp"))  # Unix socket paths must stay < 108 chars
     port = free_port()
