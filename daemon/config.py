@@ -91,6 +91,14 @@ class WorkerSettings(BaseModel):
         return data
 
     @model_validator(mode="after")
+    def _whole_gpus_above_one(self):
+        if self.num_gpus is not None and self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError(
+                f"num_gpus above 1 must be a whole number (got {self.num_gpus}); Ray shares a GPU only in fractions of one"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _ray_installed(self):
         if self.backend == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError("backend: ray needs the `ray` package; install it with: pip install 'reelflow[ray]'")

@@ -55,6 +55,7 @@ def test_one_step_on_ray_the_others_local():
         ),
         ("workers: {backend: slurm}\nsteps:\n" + STEP, "workers.backend: Input should be 'local' or 'ray'"),
         ("workers: {calls_in_flight: 0}\nsteps:\n" + STEP, "workers.calls_in_flight"),
+        ("workers: {num_gpus: 1.5}\nsteps:\n" + STEP, "num_gpus above 1 must be a whole number (got 1.5)"),
         ("steps:\n" + STEP + "    config: {workers: {num_gpu: 1}}\n", "steps[0].config.workers.num_gpu: unknown key"),
     ],
 )
