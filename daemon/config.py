@@ -160,6 +160,13 @@ class DaemonSection(BaseModel):
     settle_ms: int = Field(2000, ge=0, description="A file is taken once its size and mtime are stable this long.")
     rescan_s: float = Field(30.0, gt=0, description="Full rescan of the inbox every this many seconds.")
     drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description='Extra file-name patterns the inbox ignores (fnmatch, e.g. "*.json"), besides .*, *.tmp, *.part, *.partial, *~.',
+    )
+    watch_config: bool = Field(
+        True, description="Reload the config file when it changes (SIGHUP / `systemctl reload` always reloads)."
+    )
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
 

@@ -53,6 +53,7 @@ class Engine:
         self.tag_results = tag_results
         self._task: asyncio.Task | None = None
         self._feeds: set[asyncio.Task] = set()
+        self._intake_stopped = False
 
     async def start(self) -> None:
         await self.pipeline.connect()
@@ -73,6 +74,7 @@ class Engine:
 
     def stop_intake(self) -> None:
         """Stop reading every job's file; records already read still finish."""
+        self._intake_stopped = True  # also for jobs still opening their writer: they must not start reading
         for feed in list(self._feeds):
             feed.cancel()
 
@@ -81,15 +83,14 @@ class Engine:
         first = self.config.steps[0].config
         meta_folder = file.meta_folder.resolve() if file.meta_folder else None
         base = meta_folder or job.meta_root.resolve()
-        return RowRules(
-            required=first.input_fields(),
-            path_keys=frozenset(
-                {file.video_key, file.image_key}
-                | {k for k, kind in first.input_fields().items() if kind in ("video", "image")}
-            ),
-            roots=(base,),
-            base=base,
-        )
+        required = dict(first.input_fields())
+        path_keys = {file.video_key, file.image_key} | {k for k, kind in required.items() if kind in ("video", "image")}
+        if job.fmt == "video":
+            # The row names the dropped file, which is the claimed file itself (no longer in the
+            # inbox, maybe renamed to <stem>-2): `_feed` sets its real path, nothing to resolve here.
+            required.pop(file.video_key, None)
+            path_keys.discard(file.video_key)
+        return RowRules(required=required, path_keys=frozenset(path_keys), roots=(base,), base=base)
 
     async def run_job(self, job: JobInput) -> JobRun:
         paths = self.layout.for_job(job.name)
@@ -102,6 +103,8 @@ class Engine:
         checker = RowChecker(job.name, job.display_name, self._rules(job), done, paths.media)
         feed = asyncio.create_task(self._feed(job, run, checker), name=f"read-{job.name}")
         self._feeds.add(feed)
+        if self._intake_stopped:
+            feed.cancel()
         try:
             try:
                 await feed
@@ -143,10 +146,11 @@ class Engine:
 
         while True:
             chunk, failure, at_end = await asyncio.to_thread(next_chunk)
+            rejected = [(c.record, c.problem.error_type, c.problem.message) for c in chunk if c.problem]
+            if rejected:  # one write (and fsync) for the chunk's bad rows, not one each
+                await self.pipeline.reject(rejected)
             for checked in chunk:
-                if checked.problem:
-                    await self.pipeline.reject(checked.record, checked.problem.error_type, checked.problem.message)
-                else:
+                if not checked.problem:
                     await self.pipeline.submit(checked.record)
             if failure is not None:
                 if state["rows"] == 0 and run.outstanding == 0 and run.skipped == 0:
@@ -163,4 +167,6 @@ class Engine:
         if key in checker.done:
             return
         record = Record(id=None, job=job.name, row_number=row_number, row={}, fields={}, key=key)
-        await self.pipeline.reject(record, "UnreadableFile", f"{failure}; rows from {row_number} on could not be read")
+        await self.pipeline.reject(
+            [(record, "UnreadableFile", f"{failure}; rows from {row_number} on could not be read")]
+        )

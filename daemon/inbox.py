@@ -33,9 +33,18 @@ class Inbox:
         self.ignore = tuple(ignore)
         self._wake = asyncio.Event()
         self._pending: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, unchanged since)
-        self._taken: set[Path] = set()  # yielded, not yet moved away by the claimer
+        # yielded, not yet moved away by the claimer -> its (size, mtime_ns, inode) then; another file
+        # renamed in under the same name before the next scan differs, and is a new file to take.
+        self._taken: dict[Path, tuple[int, int, int]] = {}
 
-    def _scan(self) -> list[tuple[Path, int, int]]:
+    def configure(self, settle_ms: int, rescan_s: float, ignore: tuple[str, ...]) -> None:
+        """New settings from a config reload; they apply from the next scan, which starts now."""
+        self.settle_s = settle_ms / 1000
+        self.rescan_s = rescan_s
+        self.ignore = tuple(ignore)
+        self._wake.set()
+
+    def _scan(self) -> list[tuple[Path, int, int, int]]:
         found = []
         try:
             entries = list(os.scandir(self.folder))
@@ -50,7 +59,7 @@ class Inbox:
                 stat = entry.stat()
             except FileNotFoundError:
                 continue
-            found.append((Path(entry.path), stat.st_size, stat.st_mtime_ns))
+            found.append((Path(entry.path), stat.st_size, stat.st_mtime_ns, stat.st_ino))
         return found
 
     async def _watch(self) -> None:
@@ -72,23 +81,29 @@ class Inbox:
                 now = time.monotonic()
                 seen = await asyncio.to_thread(self._scan)
                 present = set()
-                for path, size, mtime in seen:
+                for path, size, mtime, inode in seen:
                     present.add(path)
                     if path in self._taken:
-                        continue
+                        if self._taken[path] == (size, mtime, inode):
+                            continue
+                        del self._taken[path]
                     previous = self._pending.get(path)
                     if previous is None or previous[:2] != (size, mtime):
                         self._pending[path] = (size, mtime, now)
                     elif now - previous[2] >= self.settle_s:
                         del self._pending[path]
-                        self._taken.add(path)
+                        self._taken[path] = (size, mtime, inode)
                         yield path
                 for gone in set(self._pending) - present:
                     del self._pending[gone]
-                self._taken &= present
+                for gone in set(self._taken) - present:
+                    del self._taken[gone]
                 wait = min(self.rescan_s, max(0.05, self.settle_s / 2)) if self._pending else self.rescan_s
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+                # lands as the event is set (a file event), and the daemon's shutdown then hangs.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

@@ -2,7 +2,8 @@
 
 A job is one inbox file. Its name is the file's stem; the same content dropped again
 (same size and SHA-256) is the same job; different content under a used name becomes
-`<stem>-2`, `<stem>-3`, ... The ledger is one small JSON file per job under
+`<stem>-2`, `<stem>-3`, ... (a stem ending in `.errors` becomes `<x>_errors`, so that it
+cannot share job `<x>`'s errors file). The ledger is one small JSON file per job under
 `<outbox>/.reelflow/jobs/`, written atomically.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 WORK, DONE, FAILED = ".work", ".done", ".failed"
+ERRORS_SUFFIX = ".errors"
 
 
 def fingerprint(path: Path) -> str:
@@ -75,6 +77,8 @@ class JobLedger:
         return self.entries.get(name) if name else None
 
     def new_name(self, stem: str, taken_in_work: set[str]) -> str:
+        if stem.endswith(ERRORS_SUFFIX):  # job X writes X.errors.jsonl: a job named X.errors would share it
+            stem = stem.removesuffix(ERRORS_SUFFIX) + "_errors"
         name, n = stem, 1
         while name in self.entries or name in taken_in_work:
             n += 1

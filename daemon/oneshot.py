@@ -26,6 +26,8 @@ from daemon.readers import META_FORMATS, input_format
 
 log = logging.getLogger("reelflow")
 
+PARQUET_ROWS = 65536  # rows per row group when writing parquet results
+
 EXTENSIONS = {
     "jsonl": ".jsonl",
     "json": ".json",
@@ -74,6 +76,12 @@ async def run_once(config: Config, progress: bool = True) -> Summary:
     base_folder.mkdir(parents=True, exist_ok=True)
     save_folder.mkdir(parents=True, exist_ok=True)
     layout = OutboxLayout.one_shot(base_folder.resolve(), save_folder.resolve())
+    for key, path in (("save_folder", final), ("base_folder", layout.for_job(meta_path.stem).results)):
+        if path.resolve() == meta_path.resolve():
+            raise ConfigError(
+                str(config.source or "<config>"),
+                [f"{key}: the results would be written to {path}, which is meta_path itself; choose another {key}"],
+            )
     engine = Engine(config, layout, Metrics())
     await engine.start()
     job = JobInput(meta_path.stem, meta_path.resolve(), fmt, meta_path.name, meta_path.parent)
@@ -146,12 +154,41 @@ def export_results(results: Path, fmt: str, target: Path) -> None:
             for row in _rows(results):
                 writer.writerow({k: _cell(v) for k, v in row.items()})
     elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = list(_rows(results))
-        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), tmp)
+        _export_parquet(results, tmp)
     tmp.replace(target)
+
+
+def _chunks(results: Path, size: int | None = None):
+    size = size or PARQUET_ROWS
+    chunk = []
+    for row in _rows(results):
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _export_parquet(results: Path, target: Path) -> None:
+    """Two streaming passes, one row group per chunk: the schema of every chunk, unified; then the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # from_pylist alone takes the columns of the first row only: rows with more keys would lose them.
+    schemas = [
+        pa.Table.from_pydict(
+            {key: [row.get(key) for row in chunk] for key in dict.fromkeys(k for r in chunk for k in r)}
+        ).schema
+        for chunk in _chunks(results)
+    ]
+    if not schemas:
+        pq.write_table(pa.table({}), target)
+        return
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    with pq.ParquetWriter(target, schema) as writer:
+        for chunk in _chunks(results):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
 
 
 def main(config: Config, progress: bool = True) -> int:

@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -187,9 +188,9 @@ def _stage_exception(exc: Exception) -> Exception:
 class RayCluster:
     """The daemon's side of the cluster: joins it, places each step's actors, makes hosts."""
 
-    def __init__(self, section: WorkersSection, steps: tuple[Step, ...], metrics):
+    def __init__(self, section: WorkersSection, steps: Callable[[], tuple[Step, ...]], metrics):
         self.section = section
-        self.steps = steps
+        self.steps = steps  # the pipeline's steps now (a reload may change them)
         self.metrics = metrics
         self.resources: dict[str, float] = {}
         self._owned = False
@@ -240,7 +241,7 @@ class RayCluster:
             return default
         sharing = [
             s
-            for s in self.steps
+            for s in self.steps()
             if s.workers.backend == "ray" and s.workers.num_gpus is None and self._default_gpus(s) == 1.0
         ]
         return round(1.0 / max(1, len(sharing)), 4)
@@ -253,9 +254,9 @@ class RayCluster:
         slots = max(1, int(gpus // math.ceil(per_actor))) if per_actor > 0 else 1
         return slots * step.config.workers_per_device
 
-    def placement(self, step: Step) -> tuple[list[str], Any]:
-        """What the pipeline needs to build a Ray step's workers: one slot per actor, a host factory."""
-        return [f"ray:{n}" for n in range(self.actor_count(step))], self.host
+    def slots(self, step: Step) -> list[str]:
+        """One entry per actor of the step, `ray:<n>`, in the place a local worker has its device."""
+        return [f"ray:{n}" for n in range(self.actor_count(step))]
 
     def host(self, step: Step, device: str, name: str) -> RayHost:
         return RayHost(self, step, int(device.removeprefix("ray:")), name)

@@ -66,6 +66,8 @@ def read_rows(path: Path, fmt: str, video_key: str, display_name: str | None = N
         yield from readers[fmt](path, name)
     except OSError as exc:
         raise UnreadableFile(f"{name}: cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # e.g. a JSON array whose bad bytes sit past the first chunk
+        raise UnreadableFile(f"{name}: not UTF-8 text ({exc})") from None
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:

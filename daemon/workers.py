@@ -74,6 +74,8 @@ class LocalHost:
 
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
         self.stage = stage_cls(config, device)
+        self._label = label
+        self._prep_size = prep_workers
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
         self._prep_pool = (
             ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
@@ -111,7 +113,13 @@ class LocalHost:
         return self.stage.take_usage()
 
     def reconfigure(self, config: StageConfig) -> None:
+        """Light change: the stage reads `self.config` on every call. Called while the worker is drained."""
         self.stage.config = config
+        size = config.prep_workers
+        if self._prep_pool is not None and size != self._prep_size:
+            old, self._prep_pool = self._prep_pool, ThreadPoolExecutor(size, thread_name_prefix=f"{self._label}-prep")
+            self._prep_size = size
+            old.shutdown(wait=False)  # drained: nothing is queued on it
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -163,6 +171,14 @@ class CallGate:
 
 
 class Worker:
+    """One resident stage on its step's queue.
+
+    Hot reload changes a worker between two records, never in the middle of one: `pause()`
+    stops it taking records off the queue, `drain()` waits until every record it took has
+    been handed on (`advance`), then the reloader stops its loops, swaps its stage or its
+    settings (`set_limits` takes effect when `run` starts again) and `resume()`s it.
+    """
+
     def __init__(
         self,
         step_index: int,
@@ -173,26 +189,58 @@ class Worker:
         metrics,
         limits: BatchLimits,
         name: str,
+        config_digest: str | None = None,
+        device: str = "cpu",
     ):
         self.step_index = step_index
         self.step_label = step_label
         self.host = host
         self.queue = queue
-        self.advance = advance
+        self._forward = advance
         self.metrics = metrics
         self.limits = limits
         self.name = name
+        self.device = device
+        self.config_digest = config_digest  # the config whose settings this worker runs with
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
         self._gate = CallGate()
-        self._paused = asyncio.Event()
+        self._paused = asyncio.Event()  # set = running: the prefetch loop takes records
         self._paused.set()
+        self._held = 0  # records taken off the queue and not yet handed on
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def set_limits(self, limits: BatchLimits) -> None:
         self.limits = limits
         self.batch_cap = limits.batch_size
 
+    @property
+    def paused(self) -> bool:
+        return not self._paused.is_set()
+
+    def pause(self) -> None:
+        """Take no more records off the queue (those already taken still finish)."""
+        self._paused.clear()
+
+    def resume(self) -> None:
+        self._paused.set()
+
+    async def drain(self) -> None:
+        """Wait until every record this worker took is in the next queue, the results or the errors."""
+        await self._idle.wait()
+
+    async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
+        """Hand a finished batch on; only then does the worker stop holding its records."""
+        try:
+            await self._forward(step_index, ok, failed)
+        finally:
+            self._held -= len(ok) + len(failed)
+            if self._held == 0:
+                self._idle.set()
+
     async def run(self) -> None:
+        self._ready = asyncio.Queue(maxsize=max(1, self.limits.batch_size))  # limits may have changed
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
@@ -206,12 +254,26 @@ class Worker:
         while True:
             await self._paused.wait()
             record: Record = await self.queue.get()
+            if not self._paused.is_set():  # paused while waiting: give it back (no await since get: room)
+                self.queue.put_nowait(record)
+                continue
+            self._held += 1
+            self._idle.clear()
+            record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
             task = asyncio.ensure_future(self.host.prepare(record.fields))
             await self._ready.put((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
-        slots = asyncio.Semaphore(self.limits.concurrency)
+        slots = asyncio.Semaphore(self.limits.concurrency)  # batches in the model at once
+        # A batch leaves its model slot before it is routed and written (the outbox fsyncs), so the
+        # model never waits for the disk; one batch more than the model holds may be in that phase.
+        routing = asyncio.Semaphore(self.limits.concurrency + 1)
+        # With one batch in the model at a time, batches are routed in the order they came, so a
+        # single worker keeps its input's order; with many (async stages) a slow one must not hold
+        # up the others.
+        ordered = self.limits.concurrency == 1
+        previous: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._ready.get()]
@@ -223,29 +285,48 @@ class Worker:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._ready.get(), remaining))
+                try:  # asyncio.timeout: wait_for (3.11) can swallow a cancel landing as an item arrives
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._ready.get())
                 except TimeoutError:
                     break
+            await routing.acquire()
             await slots.acquire()
-            task = group.create_task(self._run_prepared(batch))
-            task.add_done_callback(lambda _t: slots.release())
+            routed = loop.create_future()
+            task = group.create_task(self._run_prepared(batch, slots, previous if ordered else None, routed))
+            task.add_done_callback(lambda _t: routing.release())
+            previous = routed
 
-    async def _run_prepared(self, batch: list[tuple[Record, asyncio.Future]]) -> None:
+    async def _run_prepared(
+        self,
+        batch: list[tuple[Record, asyncio.Future]],
+        slots: asyncio.Semaphore,
+        after: asyncio.Future | None = None,
+        routed: asyncio.Future | None = None,
+    ) -> None:
         ready: list[tuple[Record, dict]] = []
         failed: list[Failure] = []
-        for record, task in batch:
-            try:
-                ready.append((record, await task))
-            except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
-                error = StageError.from_exception(exc)
-                failed.append((record, error.error_type, error.message))
         ok: list[Record] = []
-        if ready:
-            await self._call_model(ready, ok, failed)
-        self.metrics.inflight.labels(self.step_label).dec(len(batch))
-        self.metrics.count_usage(self.step_label, self.host.take_usage())
-        await self.advance(self.step_index, ok, failed)
+        try:
+            for record, task in batch:
+                try:
+                    ready.append((record, await task))
+                except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
+                    error = StageError.from_exception(exc)
+                    failed.append((record, error.error_type, error.message))
+            if ready:
+                await self._call_model(ready, ok, failed)
+        finally:
+            slots.release()
+        try:
+            if after is not None:
+                await after
+            self.metrics.inflight.labels(self.step_label).dec(len(batch))
+            self.metrics.count_usage(self.step_label, self.host.take_usage())
+            await self.advance(self.step_index, ok, failed)
+        finally:
+            if routed is not None and not routed.done():
+                routed.set_result(None)
 
     async def _call_model(
         self,

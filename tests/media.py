@@ -1,9 +1,14 @@
-"""Test videos: real footage plus clips encoded here, good, odd and broken."""
+"""Test videos: real footage plus clips encoded here, good, odd and broken.
+
+`python -m tests.media DIR` writes them to DIR/videos/ with a DIR/meta.jsonl naming them (the demo inputs).
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -111,3 +116,19 @@ def make_test_videos(folder: Path) -> dict[str, Path]:
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
     videos["garbage"] = garbage
     return videos
+
+
+def write_demo(folder: Path) -> Path:
+    """The demo inputs: every test video under `folder/videos/` and a `folder/meta.jsonl` naming them."""
+    videos = make_test_videos(folder / "videos")
+    meta = folder / "meta.jsonl"
+    with meta.open("w", encoding="utf-8") as handle:
+        for name, path in videos.items():
+            handle.write(json.dumps({"id": name, "video": path.name}) + "\n")
+    return meta
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "demo")
+    meta_file = write_demo(target)
+    print(f"wrote the sample videos to {target / 'videos'} and their meta file {meta_file}")

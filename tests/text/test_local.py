@@ -191,15 +191,18 @@ def test_resident_on_the_workers_gpu(text_lm_dir):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
 
-    cpu = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), temperature=0, max_tokens=8, dtype="float32"), "cpu")
-    cpu.load()
-    gpu = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), device="cuda", temperature=0, max_tokens=8), "cuda:0")
-    gpu.load()
+    # The two classes build different prompts (LocalModelGenerator's `prompt` is a system prompt),
+    # so each is compared with itself on the CPU: greedy, float32, the same text on both devices.
+    def answers(cls, on, **settings):
+        stage = cls(cls.Config(temperature=0, max_tokens=8, dtype="float32", **settings), on)
+        stage.load()
+        return stage, [o["text"] for o in stage.process(rows())]
+
+    gpu, out = answers(LOCAL, "cuda:0", model_path=str(text_lm_dir), device="cuda")
     assert gpu.model.device == torch.device("cuda:0")
-    out = gpu.process(rows())
-    assert all(isinstance(o["text"], str) and o["text"] for o in out)
+    assert all(isinstance(text, str) and text for text in out)
     assert gpu.take_usage()["tokens_out"] == 8 * len(TEXTS)
-    backend = GPT(GPT.Config(model=str(text_lm_dir), backend="transformers", temperature=0, max_tokens=8), "cuda:0")
-    backend.load()
+    assert out == answers(LOCAL, "cpu", model_path=str(text_lm_dir))[1]
+    backend, backend_out = answers(GPT, "cuda:0", model=str(text_lm_dir), backend="transformers")
     assert backend.model.device.type == "cuda"
-    assert [o["text"] for o in backend.process(rows())] == [o["text"] for o in out]
+    assert backend_out == answers(GPT, "cpu", model=str(text_lm_dir), backend="transformers")[1]

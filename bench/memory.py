@@ -1,0 +1,112 @@
+"""RSS growth of a real `reelflow serve` while a 1M-row jsonl streams through it (goal < 100 MB).
+
+    python bench/memory.py                 # 1,000,000 rows, trivial stage, batch_size 64
+    python bench/memory.py --rows 200000   # quicker
+
+The daemon runs in its own process (as a user starts it); this script drops the meta file into
+its inbox (written elsewhere, renamed in), samples the daemon's resident set size from
+/proc/<pid>/status every 0.1 s until the job is done, and checks that every row reached the
+results. Growth = peak RSS during the job minus RSS once the daemon was ready and idle; the
+kernel's own high-water mark (VmHWM) is printed beside the sampled peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.harness import DaemonProcess, write_config  # noqa: E402
+
+GOAL_MB = 100
+
+
+def status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def write_meta(path: Path, rows: int) -> int:
+    with path.open("w") as handle:
+        for n in range(rows):
+            handle.write(json.dumps({"id": f"r{n:07d}", "text": f"row number {n} with a little text to carry"}) + "\n")
+    return path.stat().st_size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the run's files go (default: a temp dir)")
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="reelflow-memory-", dir=args.workdir))
+    try:
+        staged = root / "staging" / "million.jsonl"
+        staged.parent.mkdir()
+        size = write_meta(staged, args.rows)
+        config = write_config(
+            root,
+            {
+                "steps": [
+                    {
+                        "type": "Test",
+                        "name": "Spin",
+                        "config": {"work": 0, "batch_size": args.batch_size, "devices": ["cpu"]},
+                    }
+                ],
+                "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 200, "metrics": {"port": 0}},
+            },
+        )
+        env = {"REELFLOW_EXTRA_STAGES": "Test.Spin=tests.stages_for_tests:Spin"}
+        with DaemonProcess(config, env=env) as daemon:
+            pid = daemon.process.pid
+            time.sleep(1.0)
+            baseline = status_kb(pid, "VmRSS")
+            samples = [baseline]
+            daemon.inbox.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            staged.rename(daemon.inbox / staged.name)
+            state = None
+            while time.monotonic() - started < args.timeout:
+                samples.append(status_kb(pid, "VmRSS"))
+                state = daemon.job_state("million")
+                if state and state["state"] in ("done", "failed"):
+                    break
+                time.sleep(0.1)
+            elapsed = time.monotonic() - started
+            high_water = status_kb(pid, "VmHWM")
+            assert daemon.stop() == 0, daemon.log()[-2000:]
+        assert state and state["state"] == "done", f"job not done: {state}"
+        with (daemon.outbox / "million.jsonl").open("rb") as results:
+            written = sum(1 for _ in results)
+        assert written == args.rows == state["ok"], (written, state)
+
+        peak = max(samples)
+        growth_mb = (peak - baseline) / 1024
+        print(f"rows={args.rows} file={size / 2**20:.1f} MiB batch_size={args.batch_size}")
+        print(f"job done in {elapsed:.1f} s ({args.rows / elapsed:,.0f} rows/s), {written:,} result lines")
+        print(
+            f"RSS: ready {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB (VmHWM {high_water / 1024:.1f} MiB), "
+            f"{len(samples)} samples"
+        )
+        print(
+            f"growth = {growth_mb:.1f} MiB; goal < {GOAL_MB} MB: {'met' if growth_mb * 1.048576 < GOAL_MB else 'MISSED'}"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
