@@ -50,7 +50,8 @@ def test_when_replacements_run_out_the_daemon_stops_and_the_job_resumes_intact(t
     finally:
         daemon.kill()
     log = daemon.log()
-    assert "replacement 2/2 failed" in log and "could not be brought back after 2 replacement(s)" in log
+    assert "replacement 2/2 failed" in log
+    assert "stopping: WorkerGone: reelflow:step_0_Test_Crashy:0 could not be brought back after 2 replacement(s)" in log
     assert daemon.job_state("gone")["state"] == "claimed"  # left for the next start
     written = len(daemon.results("gone"))
     assert 4 <= written < 40
