@@ -3,6 +3,7 @@ changes reach the actor, also after a restart between calls, and the restart is 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -49,8 +50,15 @@ async def test_config_changes_reach_the_actor_even_after_a_restart_between_calls
         host.reconfigure(step.config.model_copy(update={"tag": "b"}))
         assert [o["tag"] for o in await host.process(batch)] == ["b", "b"]
 
-        ray.kill(ray.get_actor(host.name, namespace=NAMESPACE), no_restart=False)  # idle: Ray restarts it
-        time.sleep(1.0)
+        actor = ray.get_actor(host.name, namespace=NAMESPACE)
+        ray.kill(actor, no_restart=False)  # idle: Ray restarts it, the host is not told
+        deadline = time.monotonic() + 30
+        while True:  # (the Worker would retry a call that meets the restart; here we wait it out)
+            with contextlib.suppress(ray.exceptions.ActorUnavailableError):
+                if ray.get(actor.info.remote(), timeout=10)["pid"] != first[0]["pid"]:
+                    break
+            assert time.monotonic() < deadline, "the actor did not come back"
+            time.sleep(0.2)
         again = await host.process(batch)
         assert [o["tag"] for o in again] == ["b", "b"]  # the restarted actor got the current config
         assert again[0]["pid"] != first[0]["pid"]
