@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,6 +134,7 @@ def main() -> int:
                 print(f"{label:28s} {results[label]:8.1f} rec/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})")
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     one = results["local, 1 worker"]
     print()
     print(f"stage: {args.stage}; {records} records per job; median of {args.repeats}; load average {os.getloadavg()}")
