@@ -36,7 +36,7 @@ def cmd_steps(args: argparse.Namespace) -> int:
                 print(f"    (cannot import: {exc})")
                 continue
             for key, field in fields.items():
-                default = "" if field.is_required() else f" = {field.default!r}"
+                default = "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
                 print(f"    {key}{default}: {field.description or ''}")
     return 0
 
@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(args.log_level or config.daemon.log_level)
     try:
-        return asyncio.run(Daemon(config, Path(args.config).resolve()).run())
+        return asyncio.run(Daemon(config, Path(args.config).resolve(), log_level_pinned=bool(args.log_level)).run())
     except OSError as exc:
         logging.getLogger("reelflow").error("%s", exc)
         return 1

@@ -55,6 +55,13 @@ class DaemonSection(BaseModel):
     settle_ms: int = Field(2000, ge=0, description="A file is taken once its size and mtime are stable this long.")
     rescan_s: float = Field(30.0, gt=0, description="Full rescan of the inbox every this many seconds.")
     drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description='Extra file-name patterns the inbox ignores (fnmatch, e.g. "*.json"), besides .*, *.tmp, *.part, *.partial, *~.',
+    )
+    watch_config: bool = Field(
+        True, description="Reload the config file when it changes (SIGHUP / `systemctl reload` always reloads)."
+    )
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
 
@@ -203,6 +210,7 @@ def _validate_step(index: int, spec: Any, raw: dict, problems: list[str]) -> Ste
         problems.append(f"{where}: stage {spec['type']}/{spec['name']} cannot be imported: {exc}")
         return None
     settings = dict(spec.get("config") or {})
+    _seed_device_key(settings, cls)
     # The pipeline-wide keys fill in what the step does not set itself.
     for key in ("text_key", "video_key", "image_key"):
         if key in raw and key not in settings and key in cls.Config.model_fields:
@@ -213,6 +221,20 @@ def _validate_step(index: int, spec: Any, raw: dict, problems: list[str]) -> Ste
         problems.extend(_describe(e, f"{where}.config") for e in exc.errors())
         return None
     return Step(index=index, type=spec["type"], name=spec["name"], stage_cls=cls, config=config)
+
+
+def _seed_device_key(settings: dict, cls: type) -> None:
+    """DataFlow-Gen's configs say `device: cuda` (or `cuda:1`, `cpu`): read it as `devices`.
+
+    Plain `cuda` means "on GPUs", which is already the default of GPU stages (one worker per
+    visible GPU); a numbered device pins the step to it.
+    """
+    if "device" not in settings or "device" in cls.Config.model_fields:
+        return
+    device = settings.pop("device")
+    if "devices" in settings or device in (None, "cuda", "gpu", "auto"):
+        return
+    settings["devices"] = device if isinstance(device, list) else [device]
 
 
 def load_config(path: str | Path) -> Config:

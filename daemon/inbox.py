@@ -37,6 +37,13 @@ class Inbox:
         # renamed in under the same name before the next scan differs, and is a new file to take.
         self._taken: dict[Path, tuple[int, int, int]] = {}
 
+    def configure(self, settle_ms: int, rescan_s: float, ignore: tuple[str, ...]) -> None:
+        """New settings from a config reload; they apply from the next scan, which starts now."""
+        self.settle_s = settle_ms / 1000
+        self.rescan_s = rescan_s
+        self.ignore = tuple(ignore)
+        self._wake.set()
+
     def _scan(self) -> list[tuple[Path, int, int, int]]:
         found = []
         try:

@@ -64,6 +64,12 @@ class Metrics:
         self.config_reloads = Counter(
             "reelflow_config_reloads", "Config reloads by result (ok, error).", ["result"], registry=r
         )
+        self.config_info = Gauge(
+            "reelflow_config_info",
+            "The config in force (value 1), by its digest (the results' _config_hash).",
+            ["digest"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "reelflow_worker_restarts", "Workers restarted after dying.", ["step"], registry=r
         )
@@ -75,6 +81,10 @@ class Metrics:
             self.jobs.labels(state).set(0)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+
+    def set_config(self, digest: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(digest).set(1)
 
     def count_usage(self, step: str, usage: dict[str, int]) -> None:
         for key, amount in usage.items():

@@ -103,6 +103,21 @@ def _keys_in(path: Path, is_errors: bool, into: IdSet) -> int:
     return count
 
 
+def config_hash_fields(record: Record, fallback: str) -> dict[str, Any]:
+    """`_config_hash`: the digest of the config the record's steps ran with.
+
+    A record in flight across a hot reload can go through one step under the old config
+    and a later one under the new: then `_config_hash` is the last step's and
+    `_config_hash_by_step` gives each step's.
+    """
+    digests = [d for d in record.step_digests.values() if d]
+    if not digests:
+        return {"_config_hash": fallback}
+    if len(set(digests)) == 1:
+        return {"_config_hash": digests[0]}
+    return {"_config_hash": digests[-1], "_config_hash_by_step": dict(record.step_digests)}
+
+
 class JobWriter:
     """Appends one job's result, error and intermediate lines. Thread-safe; blocking IO."""
 
@@ -151,7 +166,7 @@ class JobWriter:
     def result_line(self, record: Record) -> dict:
         line = {**record.row, "id": record.id, **record.outputs}
         if self.config_digest:
-            line["_config_hash"] = self.config_digest
+            line.update(config_hash_fields(record, self.config_digest))
         return line
 
     def write_results(self, records: list[Record]) -> None:

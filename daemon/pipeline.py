@@ -113,23 +113,30 @@ class Pipeline:
         self.jobs: dict[str, JobRun] = {}
         for step, queue in zip(config.steps, self.queues, strict=True):
             metrics.queue_depth.labels(step.label).set_function(queue.qsize)
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: dict[Worker, asyncio.Task] = {}
+        self._intake_open = asyncio.Event()  # cleared while a reload rebuilds the step graph
+        self._intake_open.set()
+        self._entering = 0  # submit/reject calls past the gate, not yet admitted
 
     @property
     def steps(self) -> tuple[Step, ...]:
         return self.config.steps
+
+    def make_worker(self, step: Step, device: str, n: int, digest: str | None) -> Worker:
+        name = f"{step.label}/w{n}@{device}"
+        host = self.host_factory(step, device, name)
+        queue = self.queues[step.index]
+        return Worker(
+            step.index, step.label, host, queue, self.advance, self.metrics, batch_limits(step), name, digest, device
+        )
 
     def build_workers(self) -> None:
         for step in self.steps:
             limits = batch_limits(step)
             devices = worker_devices(step)
             for n, device in enumerate(devices):
-                name = f"{step.label}/w{n}@{device}"
-                host = self.host_factory(step, device, name)
-                self.workers[step.index].append(
-                    Worker(
-                        step.index, step.label, host, self.queues[step.index], self.advance, self.metrics, limits, name
-                    )
-                )
+                self.workers[step.index].append(self.make_worker(step, device, n, self.config.digest))
             log.info(
                 "%s: %d worker(s) on %s; batch_size=%d max_wait_ms=%d concurrency=%d queue_size=%d prep_workers=%d",
                 step.label,
@@ -142,23 +149,51 @@ class Pipeline:
                 step.config.prep_workers,
             )
 
+    async def load_host(self, step: Step, host: StageHost, name: str) -> None:
+        """Load one stage copy and count it (reelflow_model_loads_total, reelflow_model_load_seconds)."""
+        started = time.perf_counter()
+        await host.load()
+        self.metrics.model_load_seconds.labels(step.label).set(time.perf_counter() - started)
+        self.metrics.model_loads.labels(step.label).inc()
+        log.info("%s loaded in %.1f s", name, time.perf_counter() - started)
+
     async def load(self) -> None:
         """Load every worker's stage; the first failure stops start-up with its message."""
-
-        async def load_one(step: Step, worker: Worker) -> None:
-            started = time.perf_counter()
-            await worker.host.load()
-            self.metrics.model_load_seconds.labels(step.label).set(time.perf_counter() - started)
-            self.metrics.model_loads.labels(step.label).inc()
-            log.info("%s loaded in %.1f s", worker.name, time.perf_counter() - started)
-
-        await asyncio.gather(*(load_one(step, w) for step in self.steps for w in self.workers[step.index]))
+        await asyncio.gather(
+            *(self.load_host(step, w.host, w.name) for step in self.steps for w in self.workers[step.index])
+        )
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
+            self._group = group
             for workers in self.workers:
                 for worker in workers:
-                    group.create_task(worker.run(), name=worker.name)
+                    self.start_worker(worker)
+            # Hot reload adds and retires workers in this group; it must outlive any one of them.
+            await asyncio.get_running_loop().create_future()
+
+    def start_worker(self, worker: Worker) -> None:
+        assert self._group is not None, "Pipeline.run() first"
+        self._tasks[worker] = self._group.create_task(worker.run(), name=worker.name)
+
+    async def stop_worker(self, worker: Worker) -> None:
+        """End a worker's loops (pause and drain it first, or its records are lost); its host stays open."""
+        task = self._tasks.pop(worker, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def close_intake(self) -> None:
+        """Hold new records at the door (submit/reject wait) until `open_intake`."""
+        self._intake_open.clear()
+
+    def open_intake(self) -> None:
+        self._intake_open.set()
+
+    async def wait_empty(self, poll_s: float = 0.02) -> None:
+        """With intake closed: wait until no record is anywhere in the pipeline."""
+        while self._entering or any(job.outstanding for job in self.jobs.values()):
+            await asyncio.sleep(poll_s)
 
     async def close(self) -> None:
         await asyncio.gather(*(w.host.close() for ws in self.workers for w in ws), return_exceptions=True)
@@ -167,12 +202,18 @@ class Pipeline:
         self.jobs[job.name] = job
 
     async def submit(self, record: Record) -> None:
-        """Enter a record at step 0; waits while the queue is full."""
-        await self.queues[0].put(record)
-        self.jobs[record.job].admit()  # after put: a put cancelled by shutdown admits nothing
+        """Enter a record at step 0; waits while the queue is full (or a reload holds intake)."""
+        await self._intake_open.wait()
+        self._entering += 1
+        try:
+            await self.queues[0].put(record)
+            self.jobs[record.job].admit()  # after put: a put cancelled by shutdown admits nothing
+        finally:
+            self._entering -= 1
 
     async def reject(self, failures: list[Failure]) -> None:
         """Records that failed before any step (bad rows): straight to errors, in one write."""
+        await self._intake_open.wait()
         for record, _, _ in failures:
             self.jobs[record.job].admit()
         # Shielded: once admitted they must be settled, also when the reader is cancelled (shutdown).

@@ -16,7 +16,8 @@ class Record:
     `row` is the input as read (it is what the result line repeats); `fields` is what stages
     see (paths resolved, earlier outputs merged); `outputs` collects what the steps added.
     `key` identifies the record in the resume ledger (its id, or a row-based key for rows
-    that have no usable id).
+    that have no usable id). `step_digests` maps each step it went through to the digest of
+    the config that step's worker ran with (hot reload can change it between steps).
     """
 
     id: str | None
@@ -26,6 +27,7 @@ class Record:
     fields: dict[str, Any]
     key: str
     outputs: dict[str, Any] = field(default_factory=dict)
+    step_digests: dict[str, str | None] = field(default_factory=dict)
 
     def merge(self, output: dict[str, Any]) -> None:
         self.outputs.update(output)

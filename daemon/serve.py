@@ -3,7 +3,9 @@
 Start-up: metrics server, load every stage, write `<outbox>/.reelflow/daemon.json`, resume
 the jobs left in `inbox/.work/`, then claim settled files as they arrive. SIGTERM/SIGINT:
 stop reading, let in-flight records finish for up to `drain_timeout_s`, exit 0; unfinished
-jobs stay claimed for the next start. A second signal exits at once.
+jobs stay claimed for the next start. A second signal exits at once. SIGHUP (and a change
+of the config file) reloads the config (daemon/reload.py). Under systemd it reports its
+state over sd_notify (daemon/notify.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.engine import Engine, FileUnreadable, JobInput
-from daemon.inbox import DEFAULT_IGNORE, Inbox
+from daemon.inbox import Inbox
 from daemon.jobs import (
     DONE,
     WORK,
@@ -30,19 +32,23 @@ from daemon.jobs import (
     write_json_atomic,
 )
 from daemon.metrics import Metrics, MetricsServer
+from daemon.notify import Notifier
 from daemon.outbox import STATE_DIR, OutboxLayout
 from daemon.readers import input_format
+from daemon.reload import Reloader, inbox_ignore
 
 log = logging.getLogger("reelflow")
 
 MAX_ACTIVE_JOBS = 64
+STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this often when enabled)
 ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: Path | None = None):
+    def __init__(self, config: Config, config_path: Path | None = None, log_level_pinned: bool = False):
         self.config = config
         self.config_path = config_path
+        self.log_level_pinned = log_level_pinned  # --log-level given: a reload does not change it
         section = config.daemon
         self.inbox_dir = section.inbox.resolve()
         self.outbox_dir = section.outbox.resolve()
@@ -56,6 +62,12 @@ class Daemon:
         self._signals = 0
         self._job_tasks: set[asyncio.Task] = set()
         self._active_jobs = asyncio.Semaphore(MAX_ACTIVE_JOBS)
+        self.notifier = Notifier.from_environment()
+        self.reloader = Reloader(self)
+        self.inbox: Inbox | None = None
+        self.metrics.set_config(config.digest)
+        self._throughput = (time.monotonic(), 0.0, 0.0)  # (when, records finished, records/s)
+        self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -63,6 +75,19 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.request)  # served once ready
+        heartbeat = asyncio.create_task(self._heartbeat(), name="sd-notify")
+        self.reloader.watch()
+        self.notifier.status("loading models")
+        try:
+            return await self._serve()
+        finally:
+            await self.reloader.stop()
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            self.notifier.close()
+
+    async def _serve(self) -> int:
         for folder in (self.inbox_dir / WORK, self.outbox_dir, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = JobLedger(self.state_dir)
@@ -79,9 +104,12 @@ class Daemon:
             {"pid": os.getpid(), "metrics_url": url, "config": str(self.config_path or ""), "started_at": time.time()},
         )
         log.info("ready: watching %s, writing to %s", self.inbox_dir, self.outbox_dir)
+        self.reloader.start()
+        self.notifier.ready(self.status_line())
         intake = asyncio.create_task(self._intake(), name="intake")
         stop = asyncio.create_task(self._stop.wait(), name="stop-signal")
-        done, _ = await asyncio.wait({intake, stop, self.engine.task}, return_when=asyncio.FIRST_COMPLETED)
+        watched = {intake, stop, self.engine.task} | ({self.reloader.task} if self.reloader.task else set())
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         failure = next((t.exception() for t in done if t is not stop and not t.cancelled() and t.exception()), None)
         await self._shutdown(intake, stop)
         if failure is not None:
@@ -103,6 +131,9 @@ class Daemon:
 
     async def _shutdown(self, intake: asyncio.Task, stop: asyncio.Task) -> None:
         self.ready = False
+        self._stopping = True
+        await self.reloader.stop()  # a reload in progress ends first (with its READY=1)
+        self.notifier.stopping(f"draining (up to {self.config.daemon.drain_timeout_s:.0f} s)")
         intake.cancel()
         stop.cancel()
         await asyncio.gather(intake, stop, return_exceptions=True)
@@ -136,14 +167,76 @@ class Daemon:
             logging.shutdown()
             os._exit(0)
 
+    # --- reload, health, sd_notify --------------------------------------------------------
+
+    def apply_settings(self, config: Config) -> None:
+        """The daemon's own light settings, after a reload (the steps are the reloader's)."""
+        section = config.daemon
+        if not self.log_level_pinned:
+            logging.getLogger().setLevel(section.log_level)
+        if self.inbox is not None:
+            self.inbox.configure(section.settle_ms, section.rescan_s, inbox_ignore(config))
+
+    def healthy(self) -> bool:
+        """What WATCHDOG=1 vouches for: the loop runs (this is called from it), the pipeline
+        task is alive and, once ready, every step has a worker."""
+        if not self.ready:
+            return True  # loading: the loop answers, which is all there is to check yet
+        if self.engine.task.done() or (self.reloader.task is not None and self.reloader.task.done()):
+            return False
+        return all(self.engine.pipeline.workers)
+
+    def status_line(self) -> str:
+        if not self.ready:
+            return "stopping" if self._stopping else "loading models"
+        when, before, rate = self._throughput
+        ok = errors = 0.0
+        last = self.config.steps[-1].label
+        for family in self.metrics.records.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                if sample.labels["status"] == "error":
+                    errors += sample.value
+                elif sample.labels["step"] == last:
+                    ok += sample.value
+        now = time.monotonic()
+        if now - when >= 1.0:
+            rate = (ok + errors - before) / (now - when)
+            self._throughput = (now, ok + errors, rate)
+        queued = sum(q.qsize() for q in self.engine.pipeline.queues)
+        return (
+            f"{ok:.0f} records ok, {errors:.0f} errors, {rate:.1f} records/s, {queued} queued, "
+            f"{len(self._job_tasks)} job(s) in progress, config {self.config.digest}"
+        )
+
+    async def _heartbeat(self) -> None:
+        """WATCHDOG=1 (when systemd asked for it) and STATUS= lines, from the main loop."""
+        if not self.notifier.enabled:
+            return
+        watchdog = self.notifier.watchdog_interval_s
+        period = min(watchdog, STATUS_EVERY_S) if watchdog else STATUS_EVERY_S
+        last_status = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            if watchdog:
+                if self.healthy():
+                    self.notifier.watchdog()
+                else:
+                    log.error("unhealthy (the pipeline or a step's workers are gone): no WATCHDOG=1 sent")
+            if time.monotonic() - last_status >= STATUS_EVERY_S - 0.01:
+                self.notifier.status(self.status_line())
+                last_status = time.monotonic()
+
     # --- intake ----------------------------------------------------------------------------
 
     async def _intake(self) -> None:
         for path in sorted((self.inbox_dir / WORK).iterdir()):
             if path.is_file() and not path.name.startswith("."):
                 self._resume(path)
-        inbox = Inbox(self.inbox_dir, self.config.daemon.settle_ms, self.config.daemon.rescan_s, DEFAULT_IGNORE)
-        async for path in inbox.settled():
+        section = self.config.daemon
+        self.inbox = Inbox(self.inbox_dir, section.settle_ms, section.rescan_s, inbox_ignore(self.config))
+        async for path in self.inbox.settled():
             try:
                 await self._claim(path)
             except FileNotFoundError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -43,8 +44,14 @@ class StageHost(Protocol):
 class LocalHost:
     """The stage in this process: blocking calls in threads, `aprocess` awaited on the loop."""
 
+    # Model loading is not thread-safe (transformers' lazy imports, accelerate's init_empty_weights
+    # patching torch process-wide), so the stages of one process load one at a time.
+    _loading = threading.Lock()
+
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
         self.stage = stage_cls(config, device)
+        self._label = label
+        self._prep_size = prep_workers
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
         self._prep_pool = (
             ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
@@ -53,8 +60,12 @@ class LocalHost:
     async def _in_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
+    def _load(self) -> None:
+        with LocalHost._loading:
+            self.stage.load()
+
     async def load(self) -> None:
-        await self._in_model_thread(self.stage.load)
+        await self._in_model_thread(self._load)
 
     async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]:
         if self._prep_pool is None:
@@ -78,7 +89,13 @@ class LocalHost:
         return self.stage.take_usage()
 
     def reconfigure(self, config: StageConfig) -> None:
+        """Light change: the stage reads `self.config` on every call. Called while the worker is drained."""
         self.stage.config = config
+        size = config.prep_workers
+        if self._prep_pool is not None and size != self._prep_size:
+            old, self._prep_pool = self._prep_pool, ThreadPoolExecutor(size, thread_name_prefix=f"{self._label}-prep")
+            self._prep_size = size
+            old.shutdown(wait=False)  # drained: nothing is queued on it
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -96,6 +113,14 @@ class BatchLimits:
 
 
 class Worker:
+    """One resident stage on its step's queue.
+
+    Hot reload changes a worker between two records, never in the middle of one: `pause()`
+    stops it taking records off the queue, `drain()` waits until every record it took has
+    been handed on (`advance`), then the reloader stops its loops, swaps its stage or its
+    settings (`set_limits` takes effect when `run` starts again) and `resume()`s it.
+    """
+
     def __init__(
         self,
         step_index: int,
@@ -106,25 +131,57 @@ class Worker:
         metrics,
         limits: BatchLimits,
         name: str,
+        config_digest: str | None = None,
+        device: str = "cpu",
     ):
         self.step_index = step_index
         self.step_label = step_label
         self.host = host
         self.queue = queue
-        self.advance = advance
+        self._forward = advance
         self.metrics = metrics
         self.limits = limits
         self.name = name
+        self.device = device
+        self.config_digest = config_digest  # the config whose settings this worker runs with
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
-        self._paused = asyncio.Event()
+        self._paused = asyncio.Event()  # set = running: the prefetch loop takes records
         self._paused.set()
+        self._held = 0  # records taken off the queue and not yet handed on
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def set_limits(self, limits: BatchLimits) -> None:
         self.limits = limits
         self.batch_cap = limits.batch_size
 
+    @property
+    def paused(self) -> bool:
+        return not self._paused.is_set()
+
+    def pause(self) -> None:
+        """Take no more records off the queue (those already taken still finish)."""
+        self._paused.clear()
+
+    def resume(self) -> None:
+        self._paused.set()
+
+    async def drain(self) -> None:
+        """Wait until every record this worker took is in the next queue, the results or the errors."""
+        await self._idle.wait()
+
+    async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
+        """Hand a finished batch on; only then does the worker stop holding its records."""
+        try:
+            await self._forward(step_index, ok, failed)
+        finally:
+            self._held -= len(ok) + len(failed)
+            if self._held == 0:
+                self._idle.set()
+
     async def run(self) -> None:
+        self._ready = asyncio.Queue(maxsize=max(1, self.limits.batch_size))  # limits may have changed
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
@@ -138,6 +195,12 @@ class Worker:
         while True:
             await self._paused.wait()
             record: Record = await self.queue.get()
+            if not self._paused.is_set():  # paused while waiting: give it back (no await since get: room)
+                self.queue.put_nowait(record)
+                continue
+            self._held += 1
+            self._idle.clear()
+            record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
             task = asyncio.ensure_future(self.host.prepare(record.fields))
             await self._ready.put((record, task))

@@ -23,6 +23,21 @@ from stages.base import Stage
 BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
     ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+    ("ImageGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
+    ("VideoGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
+    ("ImageGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",
+    ("ImageGenerator", "StableDiffusion3Generator"): "stages.generators.sd3:StableDiffusionGenerator",
+    ("VideoGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",
+    ("VideoGenerator", "AllegroGenerator"): "stages.generators.allegro:AllegroGenerator",
+    ("VideoGenerator", "AnimateDiffGenerator"): "stages.generators.animatediff:AnimateDiffGenerator",
+    ("VideoGenerator", "CogVideoXT2VGenerator"): "stages.generators.cogvideox_t2v:CogVideoXT2VGenerator",
+    ("VideoGenerator", "CogVideoXGenerator"): "stages.generators.cogvideox_i2v:CogVideoXGenerator",
+    ("VideoGenerator", "I2VGenXLGenerator"): "stages.generators.i2vgen_xl:I2VGenXLGenerator",
+    ("VideoGenerator", "ModelScopeT2VGenerator"): "stages.generators.modelscope_t2v:ModelScopeT2VGenerator",
+    ("VideoGenerator", "SVDGenerator"): "stages.generators.svd:SVDGenerator",
+    ("TextGenerator", "GPTTextGenerator"): "stages.text.gpt:GPTTextGenerator",
+    ("TextGenerator", "LocalModelGenerator"): "stages.text.local_model:LocalModelGenerator",
+    ("TextGenerator", "APIGenerator"): "stages.text.api_generator:APIGenerator",
 }
 
 ENTRY_POINT_GROUP = "reelflow.stages"

@@ -1,0 +1,1 @@
+"""Generation stages on diffusers: one file per model family (see stages/registry.py for the names)."""

@@ -1,0 +1,186 @@
+"""AllegroGenerator: text to video with Allegro (diffusers AllegroPipeline, rhymes-ai/Allegro).
+
+Allegro's VAE only decodes in tiles: 24 frames x `sample_size` px (320) with strides of 16
+frames, `sample_size`-120 px in height and `sample_size`-80 px in width. A size off that grid
+leaves the uncovered part of the video grey (DataFlow-Gen's `num_frames: 16` gave all-grey
+videos), so the config is checked against the grid before anything loads. The VAE is loaded in
+float32 from `subfolder` (Allegro's advice), the rest in bfloat16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
+from stages.generators import _common as common
+from stages.generators import _media as media
+
+PIPELINE = "AllegroPipeline"
+TILE_FRAMES, TILE_FRAMES_OVERLAP, TILE_OVERLAP_H, TILE_OVERLAP_W = 24, 8, 120, 80
+NEGATIVE = (
+    "nsfw, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry"
+)
+
+
+def _covered(size: int, latent_scale: int, kernel: int, stride: int, latent_size: int) -> int:
+    """Pixels (or frames) the tiled decode covers for `latent_size` latents."""
+    latent_kernel, latent_stride = kernel // latent_scale, stride // latent_scale
+    tiles = math.floor((latent_size - latent_kernel) / latent_stride) + 1
+    return 0 if tiles < 1 else (tiles - 1) * stride + kernel
+
+
+def _latent_frames(frames: int, temporal: int) -> int:
+    # as AllegroPipeline.prepare_latents
+    return math.ceil(frames / temporal) if frames % 2 == 0 else math.ceil((frames - 1) / temporal) + 1
+
+
+def grid_problems(frames: int, height: int, width: int, sample_size: int, spatial: int, temporal: int) -> list[str]:
+    """What the VAE's tile grid leaves uncovered (grey) for this size; empty when all is covered."""
+    kernels = {
+        "height": (sample_size, sample_size - TILE_OVERLAP_H),
+        "width": (sample_size, sample_size - TILE_OVERLAP_W),
+    }
+    problems = []
+    covered = _covered(
+        frames, temporal, TILE_FRAMES, TILE_FRAMES - TILE_FRAMES_OVERLAP, _latent_frames(frames, temporal)
+    )
+    if covered < frames:
+        valid = ", ".join(str(TILE_FRAMES + k * (TILE_FRAMES - TILE_FRAMES_OVERLAP)) for k in range(6))
+        problems.append(f"num_frames={frames} leaves {frames - covered} frames grey (valid: {valid}, ...)")
+    for name, value in (("height", height), ("width", width)):
+        kernel, stride = kernels[name]
+        if stride <= 0 or value % spatial:
+            problems.append(f"{name}={value} is not on the VAE grid (multiple of {spatial})")
+            continue
+        covered = _covered(value, spatial, kernel, stride, value // spatial)
+        if covered != value:
+            valid = ", ".join(str(kernel + k * stride) for k in range(5))
+            problems.append(f"{name}={value} leaves {value - covered} px uncovered (valid: {valid}, ...)")
+    return problems
+
+
+def vae_grid(model_path: str, subfolder: str | None) -> tuple[int, int, int]:
+    """(sample_size, spatial, temporal) of the checkpoint's VAE; Allegro's own when not on disk."""
+    vae = checkpoints.checkpoint_json(model_path, f"{subfolder or 'vae'}/config.json") or {}
+    spatial = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    return vae.get("sample_size", 320), spatial, int(vae.get("temporal_compression_ratio", 4))
+
+
+class AllegroConfig(common.GeneratorConfig):
+    model_path: str = Field("rhymes-ai/Allegro", description="Allegro checkpoint folder or hub id.")
+    subfolder: str | None = Field(
+        "vae",
+        description="Subfolder of model_path with the VAE, loaded on its own in float32 (Allegro's advice); "
+        "null loads it with the pipeline in `dtype`.",
+    )
+    num_inference_steps: int = Field(100, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance.")
+    negative_prompt: str = Field(NEGATIVE, description="Negative prompt (Allegro's recommended one by default).")
+    height: int = Field(720, ge=8, description="Frame height in pixels, on the VAE tile grid (320 + 200k).")
+    width: int = Field(1280, ge=8, description="Frame width in pixels, on the VAE tile grid (320 + 240k).")
+    num_frames: int = Field(88, ge=1, description="Frames, on the VAE tile grid (24 + 16k: 88 = 6 s at 15 fps).")
+    fps: float = Field(15, gt=0, description="Frame rate of the written video.")
+    max_sequence_length: int = Field(512, ge=1, description="T5 prompt tokens.")
+    clean_caption: bool = Field(True, description="Clean prompts as Allegro was trained (needs bs4 and ftfy).")
+    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>_0.mp4, <id>_1.mp4, ...).")
+    enable_vae_tiling: bool = Field(True, description="Must stay true: Allegro's VAE only decodes in tiles.")
+    enable_vae_slicing: bool = Field(
+        True, description="Must stay true: Allegro's tiled decode takes one video of the batch at a time."
+    )
+
+    @field_validator("enable_vae_tiling", "enable_vae_slicing")
+    @classmethod
+    def _tiling(cls, value: bool, info) -> bool:
+        if not value:
+            why = "has no untiled decode" if info.field_name == "enable_vae_tiling" else "tiles one video at a time"
+            raise ValueError(f"{info.field_name} must be true for Allegro: its VAE {why}")
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        checkpoints.check_model_path(value)
+        checkpoints.check_pipeline_class(value, [PIPELINE], "AllegroGenerator")
+        return value
+
+    @model_validator(mode="after")
+    def _grid(self):
+        sample_size, spatial, temporal = vae_grid(self.model_path, self.subfolder)
+        problems = grid_problems(self.num_frames, self.height, self.width, sample_size, spatial, temporal)
+        if problems:
+            raise ValueError(
+                f"Allegro's VAE decodes in tiles of {TILE_FRAMES} frames x {sample_size}x{sample_size} px; off that "
+                f"grid the video comes out partly grey: {'; '.join(problems)}"
+            )
+        return self
+
+    def input_fields(self) -> dict[str, Any]:
+        return common.text_inputs(self)
+
+
+class AllegroGenerator(Stage):
+    Config = AllegroConfig
+    accelerated = True  # one resident pipeline per GPU
+
+    def load(self) -> None:
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="AllegroGenerator", extra="generators")
+            import torch
+            from diffusers.utils import is_bs4_available, is_ftfy_available
+
+            config = self.config
+            common.check_offload(config, self.device, "AllegroGenerator")
+            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "AllegroGenerator")
+            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
+            components = {}
+            if config.subfolder:
+                components["vae"] = common.diffusers_class("AutoencoderKLAllegro").from_pretrained(
+                    config.model_path, subfolder=config.subfolder, dtype=torch.float32
+                )
+            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
+                config.model_path, **common.pretrained_kwargs(config, dtype), **components
+            )
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "AllegroGenerator")
+            self.can_clean = is_bs4_available() and is_ftfy_available()
+            if config.clean_caption and not self.can_clean:
+                common.log_once(
+                    "allegro-clean", "AllegroGenerator: clean_caption needs bs4 and ftfy; prompts go uncleaned"
+                )
+
+    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "AllegroGenerator")}}
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        return common.run_batch(batch, self.prepare, self._generate, self._write)
+
+    def _generate(self, records: list[dict[str, Any]]) -> list[list]:
+        config = self.config
+        self.knobs.sync(config.scheduler, config.scheduler_config, True, True)
+        rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
+        frames = self.pipe(
+            prompt=[row[common.PREPARED]["prompt"] for row in rows],
+            negative_prompt=config.negative_prompt,
+            height=config.height,
+            width=config.width,
+            num_frames=config.num_frames,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            max_sequence_length=config.max_sequence_length,
+            clean_caption=config.clean_caption and self.can_clean,
+            generator=common.cpu_generators(seeds),
+            output_type="np",
+        ).frames
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
+
+    def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
+        return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
+
+    def close(self) -> None:
+        self.pipe = self.knobs = None
+        common.release(self.device)

@@ -1,0 +1,191 @@
+"""AnimateDiffGenerator: text to video with AnimateDiff (a motion adapter on a Stable Diffusion 1.5 base).
+
+`model_path` may name either half, as the two seeds do: the motion adapter (the seed's table:
+guoyww/animatediff-motion-adapter-v1-5-2) or the SD 1.5 base model (DataFlow-Gen's config:
+emilianJR/epiCRealism). Which one it is comes from the checkpoint itself: a `MotionAdapter`
+config.json or a pipeline's model_index.json. The other half comes from `base_model_path` or
+`motion_adapter_path`. The scheduler defaults to AnimateDiff's recommended DDIM setup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from stages.base import Stage, StageError, require
+from stages.generators import _checkpoints as checkpoints
+from stages.generators import _common as common
+from stages.generators import _media as media
+
+BASE_PIPELINES = ("StableDiffusionPipeline", "AnimateDiffPipeline")
+DEFAULT_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
+DEFAULT_BASE = "emilianJR/epiCRealism"
+Kind = Literal["adapter", "base"]
+KNOWN_KINDS: dict[str, Kind] = {DEFAULT_ADAPTER: "adapter", DEFAULT_BASE: "base"}
+
+
+def kind_of(model_path: str, fetch: bool = False) -> Kind | None:
+    """ "adapter" (MotionAdapter config.json), "base" (a pipeline's model_index.json), or None if unknown."""
+    read = checkpoints.fetch_json if fetch else checkpoints.checkpoint_json
+    config = read(model_path, "config.json")
+    if config is not None and config.get("_class_name") == "MotionAdapter":
+        return "adapter"
+    if read(model_path, "model_index.json") is not None:
+        return "base"
+    return None
+
+
+class AnimateDiffConfig(common.GeneratorConfig):
+    model_path: str = Field(
+        DEFAULT_ADAPTER, description="The motion adapter or the SD 1.5 base model (told apart by the checkpoint)."
+    )
+    motion_adapter_path: str = Field(DEFAULT_ADAPTER, description="Motion adapter, when model_path is the base.")
+    base_model_path: str = Field(DEFAULT_BASE, description="SD 1.5 base model, when model_path is the adapter.")
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance.")
+    negative_prompt: str | None = Field("bad quality, worse quality", description="Negative prompt.")
+    height: int = Field(512, ge=8, description="Frame height in pixels, a multiple of 8.")
+    width: int = Field(512, ge=8, description="Frame width in pixels, a multiple of 8.")
+    num_frames: int = Field(16, ge=1, description="Frames; at most the adapter's motion_max_seq_length (32).")
+    fps: float = Field(8, gt=0, description="Frame rate of the written video.")
+    decode_chunk_size: int = Field(16, ge=1, description="Frames decoded by the VAE at a time.")
+    clip_skip: int | None = Field(None, ge=1, description="CLIP layers to skip for the prompt embedding.")
+    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>_0.mp4, <id>_1.mp4, ...).")
+    enable_vae_tiling: bool = Field(False, description="Decode in spatial tiles (less memory).")
+    enable_vae_slicing: bool = Field(True, description="Decode one video of the batch at a time (less memory).")
+    scheduler: str | None = Field("DDIMScheduler", description="Scheduler class (AnimateDiff: DDIM).")
+    scheduler_config: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "clip_sample": False,
+            "timestep_spacing": "linspace",
+            "beta_schedule": "linear",
+            "steps_offset": 1,
+        },
+        description="Scheduler config overrides (AnimateDiff's recommended DDIM setup by default).",
+    )
+
+    @field_validator("height", "width")
+    @classmethod
+    def _eight(cls, value: int, info) -> int:
+        return checkpoints.multiple_of(value, 8, info.field_name, "AnimateDiff")
+
+    @field_validator("model_path", "motion_adapter_path", "base_model_path")
+    @classmethod
+    def _path(cls, value: str, info) -> str:
+        return checkpoints.check_model_path(value, info.field_name)
+
+    def halves(self, kind: Kind) -> tuple[str, str]:
+        """(adapter, base) for a model_path of this kind."""
+        return (
+            (self.model_path, self.base_model_path)
+            if kind == "adapter"
+            else (self.motion_adapter_path, self.model_path)
+        )
+
+    @model_validator(mode="after")
+    def _checkpoints(self):
+        kind = kind_of(self.model_path) or KNOWN_KINDS.get(self.model_path)
+        if kind is None:
+            if Path(self.model_path).expanduser().is_dir():
+                raise ValueError(
+                    f"model_path {self.model_path!r} is neither a motion adapter (config.json with _class_name "
+                    f"MotionAdapter) nor a Stable Diffusion 1.5 pipeline (model_index.json)"
+                )
+            check_adapter(self.model_path, self.num_frames)  # a hub id not downloaded yet: told apart at load
+            return self
+        adapter, base = self.halves(kind)
+        key = "base_model_path" if kind == "adapter" else "model_path"
+        checkpoints.check_pipeline_class(base, BASE_PIPELINES, "AnimateDiffGenerator (base model)", key)
+        check_adapter(adapter, self.num_frames)
+        return self
+
+    def input_fields(self) -> dict[str, Any]:
+        return common.text_inputs(self)
+
+
+def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
+    """Refuse what is not a MotionAdapter, and more frames than it was trained for; the limit."""
+    config = (checkpoints.fetch_json if fetch else checkpoints.checkpoint_json)(adapter, "config.json")
+    if config is None and Path(adapter).expanduser().is_dir():
+        raise ValueError(f"motion adapter {adapter!r} has no config.json; it is not a MotionAdapter checkpoint")
+    if config is None:
+        limit = 32  # not on disk yet; every published AnimateDiff adapter (guoyww v1-4 to v1-5-3, AnimateLCM)
+    elif config.get("_class_name") != "MotionAdapter":
+        raise ValueError(
+            f"motion adapter {adapter!r} holds a {config.get('_class_name')}, not a MotionAdapter; "
+            f"set motion_adapter_path to an AnimateDiff motion adapter"
+        )
+    else:
+        limit = int(config.get("motion_max_seq_length", 32))
+    if num_frames > limit:
+        raise ValueError(
+            f"num_frames must be at most {limit} for motion adapter {adapter!r} (its motion_max_seq_length), "
+            f"got {num_frames}"
+        )
+    return limit
+
+
+class AnimateDiffGenerator(Stage):
+    Config = AnimateDiffConfig
+    accelerated = True  # one resident pipeline per GPU
+
+    def load(self) -> None:
+        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+            require("diffusers", stage="AnimateDiffGenerator", extra="generators")
+            config = self.config
+            common.check_offload(config, self.device, "AnimateDiffGenerator")
+            kind = kind_of(config.model_path, fetch=True)
+            if kind is None:
+                raise ValueError(
+                    f"AnimateDiffGenerator: model_path {config.model_path!r} has neither a MotionAdapter config.json "
+                    f"nor a model_index.json; give the motion adapter or the SD 1.5 base model"
+                )
+            adapter_path, base_path = config.halves(kind)
+            check_adapter(adapter_path, config.num_frames, fetch=True)
+            checkpoints.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
+            dtype = common.torch_dtype(config.dtype, self.device, "float16")
+            adapter = common.diffusers_class("MotionAdapter").from_pretrained(adapter_path, dtype=dtype)
+            # `variant` applies to the base model: adapters are published in one precision.
+            self.pipe = common.diffusers_class("AnimateDiffPipeline", base_path).from_pretrained(
+                base_path, motion_adapter=adapter, **common.pretrained_kwargs(config, dtype)
+            )
+            self.max_frames = adapter.config.motion_max_seq_length
+            common.place(self.pipe, config, self.device)
+            self.knobs = common.Knobs(self.pipe, "AnimateDiffGenerator")
+            common.clip_text_model_shim(self.pipe.text_encoder)
+
+    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "AnimateDiffGenerator")}}
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        return common.run_batch(batch, self.prepare, self._generate, self._write)
+
+    def _generate(self, records: list[dict[str, Any]]) -> list[list]:
+        config = self.config
+        if config.num_frames > self.max_frames:  # after a hot reload
+            raise ValueError(f"num_frames must be at most {self.max_frames} for this motion adapter")
+        self.knobs.sync(config.scheduler, config.scheduler_config, config.enable_vae_tiling, config.enable_vae_slicing)
+        rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
+        frames = self.pipe(
+            prompt=[row[common.PREPARED]["prompt"] for row in rows],
+            negative_prompt=[config.negative_prompt] * len(rows) if config.negative_prompt else None,
+            num_frames=config.num_frames,
+            height=config.height,
+            width=config.width,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            decode_chunk_size=config.decode_chunk_size,
+            clip_skip=config.clip_skip,
+            generator=common.cpu_generators(seeds),
+            output_type="np",
+        ).frames
+        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
+
+    def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
+        return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
+
+    def close(self) -> None:
+        self.pipe = self.knobs = None
+        common.release(self.device)

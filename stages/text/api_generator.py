@@ -1,0 +1,172 @@
+"""APIGenerator (`type: TextGenerator`): DataFlow-Gen's API text step.
+
+    - type: TextGenerator
+      name: APIGenerator
+      config:
+        model_id: "openai:gpt-4o"     # provider:model
+        prompt: "You are a helpful assistant"   # the SYSTEM prompt, as in DataFlow-Gen
+
+The key comes from the environment, never from the file: `<PROVIDER>_API_KEY` (e.g.
+OPENAI_API_KEY) unless `api_key_env` names another variable. Known providers have their
+endpoint built in; any other provider works with an explicit `base_url`. Requests go
+through the same client and retry policy as GPTTextGenerator.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
+from stages.text.api_client import ChatAPI
+from stages.text.common import chat_messages, check_template, template_fields, user_message
+
+PROVIDERS: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "together": "https://api.together.xyz/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+}
+
+_MODEL_ID = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*):(.+)$")
+
+
+class APIGeneratorConfig(StageConfig):
+    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {"model_id"}
+
+    model_id: str = Field(description='provider:model, e.g. "openai:gpt-4o".')
+    base_url: str | None = Field(None, description="Endpoint root; default: the provider's own.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the key (default: <PROVIDER>_API_KEY)."
+    )
+    prompt: str | None = Field("You are a helpful assistant", description="System prompt (DataFlow-Gen's meaning).")
+    user_prompt: str | None = Field(
+        None, description="Put before the record's text in the user turn, or a template with {field} placeholders."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default: the server's).")
+    seed: int | None = Field(None, description="Sampling seed, where the provider supports one.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens per answer.")
+    response_format: Literal["text", "json_object"] = Field(
+        "text", description="json_object: accept only JSON objects."
+    )
+    output_key: str | None = Field(None, description="Record field for the answer (default: text_key).")
+    max_num_seqs: int = Field(8, ge=1, le=1024, description="Most requests in flight at once (per worker).")
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of one request attempt.")
+    max_retries: int = Field(4, ge=0, le=50, description="Retries on timeouts, connection errors, 408, 429, 5xx.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry waits about this long, doubling each time.")
+    max_backoff_s: float = Field(30.0, gt=0, description="Longest wait; a longer Retry-After fails the record.")
+
+    @field_validator("model_id")
+    @classmethod
+    def _provider_model(cls, value: str) -> str:
+        if not _MODEL_ID.match(value):
+            raise ValueError(f'model_id must be "provider:model", e.g. "openai:gpt-4o", got {value!r}')
+        return value
+
+    @field_validator("user_prompt")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return check_template(value)
+
+    @model_validator(mode="after")
+    def _endpoint_and_key(self) -> APIGeneratorConfig:
+        if self.provider not in PROVIDERS and self.base_url is None:
+            raise ValueError(
+                f"unknown provider {self.provider!r} in model_id; known: {', '.join(PROVIDERS)}; "
+                "for another OpenAI-compatible provider set base_url"
+            )
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if not os.environ.get(self.key_env):
+            raise ValueError(f"APIGenerator takes its key from the environment: set {self.key_env} (or api_key_env)")
+        return self
+
+    @property
+    def provider(self) -> str:
+        return self.model_id.split(":", 1)[0].lower()
+
+    @property
+    def model(self) -> str:
+        return self.model_id.split(":", 1)[1]
+
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or f"{self.provider.upper().replace('-', '_')}_API_KEY"
+
+    @property
+    def endpoint(self) -> str:
+        return (self.base_url or PROVIDERS[self.provider]).rstrip("/")
+
+    def input_fields(self) -> dict[str, FieldKind]:
+        fields = template_fields(self.user_prompt)
+        return dict.fromkeys(fields, "text") if fields else {self.text_key: "text"}
+
+
+class APIGenerator(Stage):
+    """One chat completion per record from a provider:model id; the key from the environment."""
+
+    Config = APIGeneratorConfig
+    config: APIGeneratorConfig
+
+    def __init__(self, config: APIGeneratorConfig, device: str = "cpu"):
+        super().__init__(config, device)
+        self.api = ChatAPI(lambda: self.usage, "APIGenerator")
+
+    def load(self) -> None:
+        from stages.base import require
+
+        require("openai", stage="APIGenerator", extra="text")
+        self._key()
+
+    def _key(self) -> str:
+        key = os.environ.get(self.config.key_env)
+        if not key:
+            raise RuntimeError(f"APIGenerator: the environment variable {self.config.key_env} is not set")
+        return key
+
+    def _request(self, record: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        user = user_message(
+            cfg.user_prompt, record, cfg.text_key, where=f"APIGenerator (record {record.get(RECORD_ID)})"
+        )
+        request: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": chat_messages(cfg.prompt, user),
+            "temperature": cfg.temperature,
+        }
+        optional = {"top_p": cfg.top_p, "seed": cfg.seed, "max_tokens": cfg.max_tokens}
+        request.update({k: v for k, v in optional.items() if v is not None})
+        if cfg.response_format == "json_object":
+            request["response_format"] = {"type": "json_object"}
+        return request
+
+    async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        import asyncio
+
+        cfg = self.config
+        key = self._key()
+
+        async def one(record: dict[str, Any]) -> dict[str, Any] | StageError:
+            try:
+                text = await self.api.complete(
+                    cfg,
+                    self._request(record),
+                    base_url=cfg.endpoint,
+                    api_key=key,
+                    json_mode=cfg.response_format == "json_object",
+                    record_id=str(record.get(RECORD_ID)),
+                )
+            except StageError as error:
+                return error
+            return {cfg.output_key or cfg.text_key: text}
+
+        return list(await asyncio.gather(*(one(record) for record in batch)))
+
+    def close(self) -> None:
+        self.api.forget()

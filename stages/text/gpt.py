@@ -1,0 +1,200 @@
+"""GPTTextGenerator (`type: TextGenerator`): one chat completion per record over any
+OpenAI-compatible API (OpenAI, vLLM's server, llama.cpp's server, `transformers serve`, ...).
+
+    - type: TextGenerator
+      name: GPTTextGenerator
+      config:
+        model: gpt-4o-mini
+        api_key: ${OPENAI_API_KEY}
+        base_url: http://127.0.0.1:8000/v1   # optional; default: api.openai.com
+        max_num_seqs: 8                        # requests in flight
+        temperature: 0.7
+        sys_prompt: "You rewrite video captions into prompts for a video generator."
+        prompt: "Rewrite this caption:"       # followed by the record's text_key content
+        batch_size: 16
+
+The answer goes to `output_key` (default: `text_key`). `response_format: json_object` asks
+for JSON and accepts only answers that parse as a JSON object (others are retried).
+`backend: transformers` runs the same config on a local causal LM instead (see
+`gpt_transformers.py`); the API keys are then unused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
+from stages.text.api_client import ChatAPI
+from stages.text.common import chat_messages, check_template, template_fields, user_message
+
+
+class GPTTextGeneratorConfig(StageConfig):
+    # `model` names the local weights under backend: transformers (a reload is cheap for an API).
+    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {"model"}
+
+    backend: Literal["openai", "transformers"] = Field(
+        "openai", description="openai: any OpenAI-compatible HTTP API; transformers: a local causal LM."
+    )
+    model: str = Field(
+        description="Model name the endpoint serves (transformers: a local folder, a hub id, or a .gguf file)."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key; write `${OPENAI_API_KEY}` to take it from the environment. Default: "
+        "$OPENAI_API_KEY for api.openai.com, none for a base_url.",
+    )
+    base_url: str | None = Field(None, description="Endpoint root, e.g. http://127.0.0.1:8000/v1 (default: OpenAI).")
+    max_num_seqs: int = Field(8, ge=1, le=1024, description="Most requests in flight at once (per worker).")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature (0: greedy).")
+    sys_prompt: str | None = Field(None, description="System message.")
+    prompt: str | None = Field(
+        None,
+        description="Put before the record's text_key content in the user message; or a template with "
+        "{field} placeholders filled from the record (then text_key is not appended).",
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens per answer (default: the server's).")
+    response_format: Literal["text", "json_object"] = Field(
+        "text", description="json_object: ask for JSON and accept only answers that parse as a JSON object."
+    )
+    output_key: str | None = Field(None, description="Record field for the answer (default: text_key).")
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of one request attempt, connection included.")
+    max_retries: int = Field(4, ge=0, le=50, description="Retries on timeouts, connection errors, 408, 429, 5xx.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry waits about this long, doubling each time.")
+    max_backoff_s: float = Field(
+        30.0, gt=0, description="Longest wait between retries; a longer Retry-After fails the record instead."
+    )
+    extra_body: dict[str, Any] | None = Field(
+        None, description="Extra JSON fields sent with each request (server-specific, e.g. vLLM's top_k)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="backend: transformers only: weight dtype."
+    )
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _openai_form(cls, value: Any) -> Any:
+        # Accept OpenAI's own spelling too: {"type": "json_object"}.
+        if isinstance(value, dict) and set(value) == {"type"}:
+            return value["type"]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_as_text(cls, value: Any) -> Any:
+        # A key YAML reads as a number would otherwise be echoed in the validation error.
+        return str(value) if isinstance(value, int | float) else value
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return check_template(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base_url must start with http:// or https://, got {value!r} (e.g. http://127.0.0.1:8000/v1)"
+            )
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _backend_keys(self) -> GPTTextGeneratorConfig:
+        if self.backend == "transformers":
+            given = sorted({"base_url", "api_key", "extra_body"} & self.model_fields_set)
+            if given:
+                raise ValueError(
+                    f"backend: transformers runs the model locally and cannot use {', '.join(given)}; "
+                    "remove them, or set backend: openai to call an API"
+                )
+        return self
+
+    def input_fields(self) -> dict[str, FieldKind]:
+        fields = template_fields(self.prompt)
+        return dict.fromkeys(fields, "text") if fields else {self.text_key: "text"}
+
+
+class GPTTextGenerator(Stage):
+    """Chat completions over an OpenAI-compatible API; `backend: transformers` builds the local variant."""
+
+    Config = GPTTextGeneratorConfig
+
+    @classmethod
+    def uses_accelerator(cls, config: GPTTextGeneratorConfig) -> bool:
+        return config.backend == "transformers"  # an API step runs on the CPU, its slots are max_num_seqs
+
+    def __new__(cls, config: GPTTextGeneratorConfig, device: str = "cpu"):
+        if cls is GPTTextGenerator and config.backend == "transformers":
+            from stages.text.gpt_transformers import TransformersTextGenerator
+
+            return TransformersTextGenerator(config, device)
+        return super().__new__(cls)
+
+    def __init__(self, config: GPTTextGeneratorConfig, device: str = "cpu"):
+        super().__init__(config, device)
+        self.api = ChatAPI(lambda: self.usage, "GPTTextGenerator")
+
+    def load(self) -> None:
+        from stages.base import require
+
+        require("openai", stage="GPTTextGenerator", extra="text")
+        self._api_key()  # fail at start-up, not per record, when no key can be found
+
+    def _api_key(self) -> str:
+        import os
+
+        if self.config.api_key is not None:
+            return self.config.api_key.get_secret_value()
+        if self.config.base_url is None:
+            key = os.environ.get("OPENAI_API_KEY")
+            if not key:
+                raise RuntimeError(
+                    "GPTTextGenerator calls api.openai.com but has no key: set api_key: ${OPENAI_API_KEY} "
+                    "(and export OPENAI_API_KEY), or set base_url to your own server"
+                )
+            return key
+        return "EMPTY"  # local servers take any key; never send the environment's key to a third party
+
+    def _request(self, record: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        where = f"GPTTextGenerator (record {record.get(RECORD_ID)})"
+        request: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": chat_messages(cfg.sys_prompt, user_message(cfg.prompt, record, cfg.text_key, where=where)),
+            "temperature": cfg.temperature,
+        }
+        if cfg.max_tokens is not None:
+            request["max_tokens"] = cfg.max_tokens
+        if cfg.response_format == "json_object":
+            request["response_format"] = {"type": "json_object"}
+        if cfg.extra_body:
+            request["extra_body"] = dict(cfg.extra_body)
+        return request
+
+    async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        import asyncio
+
+        cfg = self.config  # one snapshot per batch: a hot reload applies from the next batch
+        key = self._api_key()
+        output_key = cfg.output_key or cfg.text_key
+
+        async def one(record: dict[str, Any]) -> dict[str, Any] | StageError:
+            try:
+                text = await self.api.complete(
+                    cfg,
+                    self._request(record),
+                    base_url=cfg.base_url,
+                    api_key=key,
+                    json_mode=cfg.response_format == "json_object",
+                    record_id=str(record.get(RECORD_ID)),
+                )
+            except StageError as error:
+                return error
+            return {output_key: text}
+
+        return list(await asyncio.gather(*(one(record) for record in batch)))
+
+    def close(self) -> None:
+        self.api.forget()

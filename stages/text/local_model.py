@@ -1,0 +1,194 @@
+"""LocalModelGenerator (`type: TextGenerator`): DataFlow-Gen's local text step, on transformers.
+
+It takes DataFlow-Gen's config as it stands (examples/TextGenerator.yaml there): `model_path`,
+`device`, `prompt` (the SYSTEM prompt, as DataFlow-Gen uses it) and vLLM's sampling keys.
+Every key is either honoured or, when set to a value transformers cannot honour, refused by
+name at `reelflow check`; the seed example's no-op values (`best_of: null`,
+`presence_penalty: 0`, `logprobs: null`, ...) pass.
+
+Honoured: n (a list of n answers when n > 1), temperature, top_p, top_k, min_p,
+repetition_penalty, seed (per batch: the same batch gives the same answers), stop,
+stop_token_ids, ignore_eos, max_tokens, min_tokens, include_stop_str_in_output,
+skip_special_tokens, truncate_prompt_tokens (keeps the prompt's last N tokens), logit_bias,
+allowed_token_ids, download_dir (the weights cache).
+Refused unless no-op: best_of, presence_penalty, frequency_penalty, logprobs,
+prompt_logprobs, detokenize: false, spaces_between_special_tokens: false, logits_processors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
+from stages.text.common import chat_messages, check_template, template_fields, user_message
+from stages.text.local_lm import Sampling, generate, load_causal_lm, resolve_device
+
+_CANNOT = "the transformers backend cannot honour {key}={value!r} ({why}); remove it or set it to {ok}"
+
+
+def _refuse(key: str, value: Any, why: str, ok: str) -> ValueError:
+    return ValueError(_CANNOT.format(key=key, value=value, why=why, ok=ok))
+
+
+class LocalModelGeneratorConfig(StageConfig):
+    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {"device", "download_dir"}
+
+    model_path: str = Field(
+        description="Local model folder, a .gguf file, or a hub id already in the cache / download_dir."
+    )
+    device: str | None = Field(
+        None, description="cpu, cuda (the worker's GPU) or cuda:N; default: the worker's device (runtime `devices`)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+    download_dir: str | None = Field(None, description="Cache folder for weights (from_pretrained's cache_dir).")
+    prompt: str | None = Field("You are a helpful assistant", description="System prompt (DataFlow-Gen's meaning).")
+    user_prompt: str | None = Field(
+        None, description="Put before the record's text in the user turn, or a template with {field} placeholders."
+    )
+    output_key: str | None = Field(None, description="Record field for the answer (default: text_key).")
+    # vLLM SamplingParams names and defaults.
+    n: int = Field(1, ge=1, le=64, description="Answers per record (a list when n > 1).")
+    best_of: int | None = Field(None, description="vLLM only; must be null or equal to n.")
+    presence_penalty: float = Field(0.0, description="vLLM only; must be 0.")
+    frequency_penalty: float = Field(0.0, description="vLLM only; must be 0.")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating tokens.")
+    temperature: float = Field(0.7, ge=0, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, ge=-1, description="-1 or 0: off.")
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top probability.")
+    seed: int | None = Field(None, description="Seeds each batch's sampling.")
+    stop: list[str] | str | None = Field(None, description="Stop strings (cut from the answer).")
+    stop_token_ids: list[int] | None = Field(None, description="Token ids that end an answer, besides EOS.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS up to max_tokens.")
+    max_tokens: int = Field(256, ge=1, description="Most new tokens per answer.")
+    min_tokens: int = Field(0, ge=0, description="No EOS before this many tokens.")
+    logprobs: int | None = Field(None, description="vLLM only; must be null.")
+    prompt_logprobs: int | None = Field(None, description="vLLM only; must be null.")
+    detokenize: bool = Field(True, description="Must be true (answers are text).")
+    skip_special_tokens: bool = Field(True, description="Drop special tokens from the answer.")
+    spaces_between_special_tokens: bool = Field(True, description="Must be true (fast tokenizers only).")
+    logits_processors: list[Any] | None = Field(None, description="vLLM only; must be null.")
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string at the answer's end.")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the prompt's last N tokens.")
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias added to its logit.")
+    allowed_token_ids: list[int] | None = Field(None, description="Only these token ids may be generated.")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float, info) -> float:
+        if value != 0:
+            raise _refuse(
+                info.field_name,
+                value,
+                "transformers has no such logits processor; repetition_penalty is the one it has",
+                "0",
+            )
+        return value
+
+    @field_validator("logprobs", "prompt_logprobs", "logits_processors")
+    @classmethod
+    def _vllm_only(cls, value: Any, info) -> Any:
+        if value is not None:
+            raise _refuse(info.field_name, value, "vLLM only", "null")
+        return value
+
+    @field_validator("detokenize", "spaces_between_special_tokens")
+    @classmethod
+    def _must_be_true(cls, value: bool, info) -> bool:
+        if not value:
+            raise _refuse(info.field_name, value, "answers are always decoded by a fast tokenizer", "true")
+        return value
+
+    @field_validator("user_prompt")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return check_template(value)
+
+    @model_validator(mode="after")
+    def _best_of(self) -> LocalModelGeneratorConfig:
+        if self.best_of is not None and self.best_of != self.n:
+            raise _refuse(
+                "best_of", self.best_of, "it ranks extra samples by log-probability in vLLM", f"null or n={self.n}"
+            )
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is larger than max_tokens={self.max_tokens}")
+        return self
+
+    def input_fields(self) -> dict[str, FieldKind]:
+        fields = template_fields(self.user_prompt)
+        return dict.fromkeys(fields, "text") if fields else {self.text_key: "text"}
+
+    def sampling(self) -> Sampling:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return Sampling(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            n=self.n,
+            min_tokens=self.min_tokens,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            seed=self.seed,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            logit_bias=dict(self.logit_bias or {}),
+            allowed_token_ids=self.allowed_token_ids,
+        )
+
+
+class LocalModelGenerator(Stage):
+    """A local causal LM with vLLM-style sampling keys; one batched generate per batch."""
+
+    Config = LocalModelGeneratorConfig
+    config: LocalModelGeneratorConfig
+    accelerated = True
+
+    @classmethod
+    def uses_accelerator(cls, config: LocalModelGeneratorConfig) -> bool:
+        return config.device != "cpu"
+
+    def load(self) -> None:
+        cfg = self.config
+        self.model, self.tokenizer = load_causal_lm(
+            cfg.model_path,
+            resolve_device(cfg.device, self.device),
+            dtype=cfg.dtype,
+            cache_dir=cfg.download_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            stage="LocalModelGenerator",
+        )
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        cfg = self.config
+        results: list[dict[str, Any] | StageError] = []
+        chats, slots = [], []
+        for record in batch:
+            try:
+                user = user_message(
+                    cfg.user_prompt, record, cfg.text_key, where=f"LocalModelGenerator (record {record.get(RECORD_ID)})"
+                )
+            except StageError as error:
+                results.append(error)
+                continue
+            slots.append(len(results))
+            results.append({})
+            chats.append(chat_messages(cfg.prompt, user))
+        if not chats:
+            return results
+        output_key = cfg.output_key or cfg.text_key
+        for slot, generated in zip(slots, generate(self.model, self.tokenizer, chats, cfg.sampling()), strict=True):
+            self.usage["tokens_in"] += generated.tokens_in
+            self.usage["tokens_out"] += generated.tokens_out
+            results[slot] = {output_key: generated.texts if cfg.n > 1 else generated.texts[0]}
+        return results
+
+    def close(self) -> None:
+        self.model = self.tokenizer = None
