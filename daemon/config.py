@@ -9,17 +9,119 @@ configures the long-running mode. Each step's `config:` block is validated by th
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from stages.base import StageConfig
 from stages.registry import UnknownStage, stage_class
+
+CLUSTER_KEYS = frozenset({"address", "namespace", "runtime_env"})
+
+
+class WorkerSettings(BaseModel):
+    """Where a step's workers run: in the daemon's process (`local`) or as Ray actors (`ray`).
+
+    The top-level `workers:` section sets the default for every step; a step's
+    `config: {workers: {...}}` overrides single keys. The Ray keys do nothing with `local`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: workers in this process; ray: each worker is a Ray actor (see docs/ray.md)."
+    )
+    count: int | None = Field(
+        None,
+        ge=1,
+        description="ray: actors for this step. Default: one per GPU of the cluster (one per tensor_parallel_size GPUs), times workers_per_device; 1 for CPU actors.",
+    )
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="ray: GPUs per actor. Default: tensor_parallel_size for a group; else the steps share each GPU (1/k each for k steps), as local workers share a device; 0 without GPUs or for API stages.",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="ray: CPUs per actor (the scheduler's logical CPUs).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description='ray: custom resources per actor, e.g. {"a100": 1}.'
+    )
+    spread: bool = Field(False, description="ray: spread a step's actors over nodes (SPREAD scheduling).")
+    calls_in_flight: int = Field(
+        2, ge=1, le=8, description="ray: batches sent to one actor at once, so the RPC cost hides behind model time."
+    )
+    call_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="ray: a call (queueing behind the other call in flight included) running longer is hung: the actor is killed and restarted.",
+    )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="ray: how long a new or restarted actor may take to be scheduled and load its model.",
+    )
+    max_restarts: int = Field(
+        -1, ge=-1, description="ray: Ray restarts of one actor before it is replaced; -1: no limit."
+    )
+    max_replacements: int = Field(
+        5,
+        ge=0,
+        description="ray: an actor dead for good is replaced by a new one, at most this many times in a row; then the daemon stops.",
+    )
+    replace_backoff_s: float = Field(
+        1.0, gt=0, description="ray: wait before the first replacement; doubles after each failed one."
+    )
+    replace_backoff_max_s: float = Field(30.0, gt=0, description="ray: the longest wait between replacements.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_keys_at_top(cls, data: Any) -> Any:
+        if cls is WorkerSettings and isinstance(data, dict):
+            misplaced = sorted(CLUSTER_KEYS & set(data))
+            if misplaced:
+                raise ValueError(
+                    f"{', '.join(misplaced)} cannot be set per step: the daemon joins one Ray cluster; "
+                    "set it in the top-level `workers:` section"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self):
+        if self.num_gpus is not None and self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError(
+                f"num_gpus above 1 must be a whole number (got {self.num_gpus}); Ray shares a GPU only in fractions of one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ray_installed(self):
+        if self.backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("backend: ray needs the `ray` package; install it with: pip install 'reelflow[ray]'")
+        return self
+
+
+class WorkersSection(WorkerSettings):
+    """The top-level `workers:` section: the defaults for every step, plus the cluster to join."""
+
+    address: str = Field(
+        "auto",
+        description='ray: the cluster to join: "auto" (the one running on this node, or $RAY_ADDRESS), "host:port", "ray://host:10001", or "local" (start a private one-node cluster).',
+    )
+    namespace: str = Field(
+        "reelflow", description="ray: the namespace of the actors (named reelflow:<step label>:<n>)."
+    )
+    runtime_env: dict[str, Any] | None = Field(
+        None,
+        description="ray: runtime_env for the daemon's job (e.g. env_vars, or py_modules when nodes lack reelflow).",
+    )
+
+    def step_defaults(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True, exclude=set(CLUSTER_KEYS))
 
 
 class StepRuntime(BaseModel):
@@ -37,6 +139,9 @@ class StepRuntime(BaseModel):
         2, ge=1, description="Threads running the stage's per-record `prepare` ahead of the model."
     )
     queue_size: int = Field(64, ge=1, description="Capacity of the step's input queue (backpressure bound).")
+    workers: WorkerSettings | None = Field(
+        None, description="Overrides of the top-level `workers:` section for this step (backend, Ray actor settings)."
+    )
 
 
 RUNTIME_KEYS = frozenset(StepRuntime.model_fields)
@@ -85,6 +190,9 @@ class PipelineFile(BaseModel):
     text_key: str = Field("text", description="Row field holding text.")
     video_key: str = Field("video", description="Row field holding a video path.")
     steps: list[StepSpec] = Field(min_length=1, description="The stages, in order.")
+    workers: WorkersSection = Field(
+        default_factory=WorkersSection, description="Where workers run (local or ray) and the Ray cluster to join."
+    )
     daemon: DaemonSection = Field(default_factory=DaemonSection)
 
 
@@ -95,6 +203,7 @@ class Step:
     name: str
     stage_cls: type
     config: StageConfig  # the stage's Config combined with StepRuntime (isinstance of both)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)  # top-level defaults + the step's overrides
 
     @property
     def label(self) -> str:
@@ -185,8 +294,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         problems += [_describe(e, "") for e in exc.errors()]
         pipeline = None
     steps: list[Step] = []
+    defaults = pipeline.workers.step_defaults() if pipeline is not None else {}
     for index, spec in enumerate(raw.get("steps") or []):
-        step = _validate_step(index, spec, raw, problems)
+        step = _validate_step(index, spec, raw, defaults, problems)
         if step:
             steps.append(step)
     if problems or pipeline is None:
@@ -197,7 +307,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     )
 
 
-def _validate_step(index: int, spec: Any, raw: dict, problems: list[str]) -> Step | None:
+def _validate_step(index: int, spec: Any, raw: dict, worker_defaults: dict, problems: list[str]) -> Step | None:
     where = f"steps[{index}]"
     if not isinstance(spec, dict) or "type" not in spec or "name" not in spec:
         return None  # the file-level validation has reported it
@@ -220,7 +330,15 @@ def _validate_step(index: int, spec: Any, raw: dict, problems: list[str]) -> Ste
     except ValidationError as exc:
         problems.extend(_describe(e, f"{where}.config") for e in exc.errors())
         return None
-    return Step(index=index, type=spec["type"], name=spec["name"], stage_cls=cls, config=config)
+    own = config.workers.model_dump(exclude_unset=True) if config.workers else {}
+    workers = WorkerSettings.model_validate({**worker_defaults, **own})
+    if workers.backend == "ray" and config.devices:
+        problems.append(
+            f"{where}.config.devices: devices name this machine's GPUs, but the step's workers run on Ray "
+            f"(got devices={config.devices}); remove devices and set workers.count / workers.num_gpus instead"
+        )
+        return None
+    return Step(index=index, type=spec["type"], name=spec["name"], stage_cls=cls, config=config, workers=workers)
 
 
 def _seed_device_key(settings: dict, cls: type) -> None:

@@ -56,6 +56,7 @@ class Engine:
         self._intake_stopped = False
 
     async def start(self) -> None:
+        await self.pipeline.connect()
         self.pipeline.build_workers()
         await self.pipeline.load()
         self._task = asyncio.create_task(self.pipeline.run(), name="pipeline")

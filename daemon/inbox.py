@@ -18,6 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+WATCH_START_S = 3.0  # how long the file watch may take to start after the first scan
 DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.partial", "*~")
 
 
@@ -75,6 +76,9 @@ class Inbox:
         """Yield each new file once it is settled. Runs until cancelled."""
         self.folder.mkdir(parents=True, exist_ok=True)
         watcher = asyncio.create_task(self._watch(), name="inbox-watch")
+        # The watch starts after the first scan; until it surely runs, rescan often, or a file
+        # dropped in between would wait for the next full rescan.
+        watch_settled_at = time.monotonic() + WATCH_START_S
         try:
             while True:
                 self._wake.clear()
@@ -99,6 +103,8 @@ class Inbox:
                 for gone in set(self._taken) - present:
                     del self._taken[gone]
                 wait = min(self.rescan_s, max(0.05, self.settle_s / 2)) if self._pending else self.rescan_s
+                if now < watch_settled_at:
+                    wait = min(wait, 0.25)
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
                 # lands as the event is set (a file event), and the daemon's shutdown then hangs.
                 with contextlib.suppress(TimeoutError):

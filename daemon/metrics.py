@@ -73,6 +73,24 @@ class Metrics:
         self.worker_restarts = Counter(
             "reelflow_worker_restarts", "Workers restarted after dying.", ["step"], registry=r
         )
+        self.workers_lost = Counter(
+            "reelflow_workers_lost",
+            "Calls lost with their worker, by reason (died, unavailable, timeout).",
+            ["step", "reason"],
+            registry=r,
+        )
+        self.worker_info = Gauge(
+            "reelflow_worker_info",
+            "1 per worker: where it runs (backend, node, GPUs, pid); relabelled when it moves.",
+            ["step", "worker", "backend", "node", "gpus", "pid"],
+            registry=r,
+        )
+        self.worker_state = Gauge(
+            "reelflow_worker_state",
+            "1 for each worker's current state: starting, alive, restarting, replacing, dead.",
+            ["step", "worker", "state"],
+            registry=r,
+        )
         self.usage = {
             key: Counter(name.removesuffix("_total"), help_text, ["step"], registry=r)
             for key, (name, help_text) in USAGE_METRICS.items()

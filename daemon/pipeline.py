@@ -93,6 +93,8 @@ def batch_limits(step: Step) -> BatchLimits:
     if is_async(step.stage_cls):
         slots = int(getattr(config, "max_num_seqs", 0) or 0)
         concurrency = max(1, math.ceil(slots / config.batch_size)) if slots else 1
+    if step.workers.backend == "ray":  # keep the next batch at the actor so the RPC hides behind model time
+        concurrency = max(concurrency, step.workers.calls_in_flight)
     return BatchLimits(batch_size=config.batch_size, max_wait_s=config.max_wait_ms / 1000, concurrency=concurrency)
 
 
@@ -111,6 +113,7 @@ class Pipeline:
         self.queues: list[asyncio.Queue[Record]] = [asyncio.Queue(maxsize=s.config.queue_size) for s in config.steps]
         self.workers: list[list[Worker]] = [[] for _ in config.steps]
         self.jobs: dict[str, JobRun] = {}
+        self.remote = None  # the Ray cluster (daemon.ray_backend.RayCluster) when a step's workers run there
         for step, queue in zip(config.steps, self.queues, strict=True):
             metrics.queue_depth.labels(step.label).set_function(queue.qsize)
         self._group: asyncio.TaskGroup | None = None
@@ -123,9 +126,35 @@ class Pipeline:
     def steps(self) -> tuple[Step, ...]:
         return self.config.steps
 
+    async def connect(self) -> None:
+        """Join the Ray cluster if a step's workers run there (`workers: {backend: ray}`); before build_workers."""
+        if self.remote is None and any(step.workers.backend == "ray" for step in self.steps):
+            from daemon.ray_backend import RayCluster
+
+            self.remote = RayCluster(self.config.file.workers, lambda: self.steps, self.metrics)
+            await self.remote.connect()
+
+    def worker_devices(self, step: Step) -> list[str]:
+        """One entry per worker of the step: a device, or for a Ray step an actor slot (`ray:<n>`)."""
+        if step.workers.backend != "ray":
+            return worker_devices(step)
+        if self.remote is None:
+            raise RuntimeError(
+                f"{step.label}: workers.backend: ray, but the daemon did not join a Ray cluster at start-up "
+                "(no step used Ray then); restart it to move a step to Ray"
+            )
+        return self.remote.slots(step)
+
+    def host_for(self, step: Step, device: str, name: str) -> StageHost:
+        """Where one worker's stage lives: the host factory's, or a Ray actor for a Ray step."""
+        if step.workers.backend == "ray":
+            assert self.remote is not None, "Pipeline.connect() first: a step runs its workers on Ray"
+            return self.remote.host(step, device, name)
+        return self.host_factory(step, device, name)
+
     def make_worker(self, step: Step, device: str, n: int, digest: str | None) -> Worker:
         name = f"{step.label}/w{n}@{device}"
-        host = self.host_factory(step, device, name)
+        host = self.host_for(step, device, name)
         queue = self.queues[step.index]
         return Worker(
             step.index, step.label, host, queue, self.advance, self.metrics, batch_limits(step), name, digest, device
@@ -134,7 +163,7 @@ class Pipeline:
     def build_workers(self) -> None:
         for step in self.steps:
             limits = batch_limits(step)
-            devices = worker_devices(step)
+            devices = self.worker_devices(step)
             for n, device in enumerate(devices):
                 self.workers[step.index].append(self.make_worker(step, device, n, self.config.digest))
             log.info(
@@ -197,6 +226,8 @@ class Pipeline:
 
     async def close(self) -> None:
         await asyncio.gather(*(w.host.close() for ws in self.workers for w in ws), return_exceptions=True)
+        if self.remote is not None:
+            await self.remote.close()
 
     def open_job(self, job: JobRun) -> None:
         self.jobs[job.name] = job

@@ -49,6 +49,9 @@ FIXED_KEYS = (
     ("video_key", "jobs being read use it"),
     ("image_key", "jobs being read use it"),
     ("text_key", "jobs being read use it"),
+    ("workers.address", "the daemon joins its Ray cluster at start-up"),
+    ("workers.namespace", "the daemon's Ray actors live in it"),
+    ("workers.runtime_env", "the daemon's Ray job starts with it"),
 )
 
 
@@ -104,7 +107,10 @@ def plan_reload(old: Config, new: Config) -> Plan:
         plan.rebuild = "steps added, removed or reordered"
         return plan
     for before, after in zip(old.steps, new.steps, strict=True):
-        plan.steps.append(StepChange(before, after, _changed(before.config.model_dump(), after.config.model_dump())))
+        changed = _changed(before.config.model_dump(), after.config.model_dump())
+        if before.workers != after.workers:  # the top-level `workers:` section changed what this step gets
+            changed |= {"workers"}
+        plan.steps.append(StepChange(before, after, changed))
     resized = [c.new.label for c in plan.steps if "queue_size" in c.changed]
     if resized:
         plan.rebuild = f"queue_size of {', '.join(resized)}"

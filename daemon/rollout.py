@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from daemon.config import Config, Step
-from daemon.pipeline import Pipeline, batch_limits, worker_devices
+from daemon.pipeline import Pipeline, batch_limits
 from daemon.workers import StageHost, Worker
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Rollout:
         remaining = list(self.pipeline.workers[new.index])
         kept: list[tuple[Worker, str]] = []  # same device: the model stays unless a model key changed
         unplaced: list[str] = []
-        for device in worker_devices(new):
+        for device in self.pipeline.worker_devices(new):
             match = next((w for w in remaining if w.device == device), None)
             if match is None:
                 unplaced.append(device)
@@ -129,7 +129,7 @@ class Rollout:
         return f"{step.label}/w{n}@{device}"
 
     async def _load(self, step: Step, device: str, name: str) -> StageHost:
-        host = self.pipeline.host_factory(step, device, name)
+        host = self.pipeline.host_for(step, device, name)
         try:
             await self.pipeline.load_host(step, host, name)
         except BaseException:
@@ -268,7 +268,7 @@ class Rebuild:
 
     async def _assemble(self, config: Config, spare: dict[tuple, list[StageHost]]) -> None:
         pipeline = self.pipeline
-        wanted = [(step, n, device) for step in config.steps for n, device in enumerate(worker_devices(step))]
+        wanted = [(step, n, device) for step in config.steps for n, device in enumerate(pipeline.worker_devices(step))]
         reused: dict[int, StageHost] = {}
         for i, (step, _, device) in enumerate(wanted):
             hosts = spare.get(host_key(step, device))
@@ -283,7 +283,7 @@ class Rebuild:
             for i, (step, n, device) in enumerate(wanted):
                 if i not in reused:
                     name = f"{step.label}/w{n}@{device}"
-                    loaded[i] = pipeline.host_factory(step, device, name)
+                    loaded[i] = pipeline.host_for(step, device, name)
                     await pipeline.load_host(step, loaded[i], name)
                     self.loads += 1
         except BaseException:

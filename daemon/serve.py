@@ -44,6 +44,12 @@ STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this o
 ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None, log_level_pinned: bool = False):
         self.config = config
@@ -111,9 +117,12 @@ class Daemon:
         watched = {intake, stop, self.engine.task} | ({self.reloader.task} if self.reloader.task else set())
         done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         failure = next((t.exception() for t in done if t is not stop and not t.cancelled() and t.exception()), None)
-        await self._shutdown(intake, stop)
+        if failure is not None:  # said before draining: a drain timeout ends the process in _shutdown
+            causes = _leaves(failure)  # a worker's errors inside the pipeline's task groups
+            more = f" (and {len(causes) - 1} more)" if len(causes) > 1 else ""
+            log.error("stopping: %s: %s%s", type(causes[0]).__name__, causes[0], more)
+        await self._shutdown(intake, stop, failed=failure is not None)
         if failure is not None:
-            log.error("stopping: %s: %s", type(failure).__name__, failure)
             raise failure
         return 0
 
@@ -129,7 +138,7 @@ class Daemon:
         )
         self._stop.set()
 
-    async def _shutdown(self, intake: asyncio.Task, stop: asyncio.Task) -> None:
+    async def _shutdown(self, intake: asyncio.Task, stop: asyncio.Task, failed: bool = False) -> None:
         self.ready = False
         self._stopping = True
         await self.reloader.stop()  # a reload in progress ends first (with its READY=1)
@@ -165,7 +174,7 @@ class Daemon:
             # Python would join those busy threads at exit, outliving drain_timeout_s. Every line
             # written is already flushed and fsynced, so leaving now loses nothing.
             logging.shutdown()
-            os._exit(0)
+            os._exit(1 if failed else 0)
 
     # --- reload, health, sd_notify --------------------------------------------------------
 

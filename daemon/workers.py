@@ -6,7 +6,10 @@ while the model runs this one), and `batches` collects prepared records into a b
 to `batch_size` or whatever arrived within `max_wait_ms`, and calls the model.
 
 Where the stage runs is behind `StageHost`: `LocalHost` keeps it in this process (threads
-for blocking code); another host (e.g. a Ray actor) only has to offer the same four calls.
+for blocking code); another host (e.g. a Ray actor, daemon/ray_backend.py) only has to offer
+the same calls. A remote host tells a lost worker apart from a stage error: it raises
+`WorkerLost` when the process running the stage died or hung (the batch did not fail, it
+was lost), and `WorkerGone` when it cannot get a worker back at all.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +32,26 @@ log = logging.getLogger(__name__)
 
 Failure = tuple[Record, str, str]  # record, error type, message
 Advance = Callable[[int, list[Record], list[Failure]], Awaitable[None]]
+
+
+class WorkerLost(Exception):
+    """The worker process died or hung during a call: the batch is retried, not failed.
+
+    `kind` names the cause in the errors file when a record keeps losing workers
+    (WorkerCrashed, WorkerTimeout).
+    """
+
+    def __init__(self, message: str, kind: str = "WorkerCrashed"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class WorkerGone(Exception):
+    """No worker can be had for this host (replacements exhausted): the pipeline stops;
+    its records stay unwritten and their job resumes at the next start."""
+
+
+CRASHES_BEFORE_ERROR = 2  # a record that crashes its worker this often, alone on it, goes to errors
 
 
 class StageHost(Protocol):
@@ -112,6 +136,40 @@ class BatchLimits:
     concurrency: int  # batches in flight at once (async stages, remote hosts)
 
 
+class CallGate:
+    """Calls share the host, except a call retrying a lost batch, which runs alone on it:
+    then a crash can only be that batch's doing."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive calls waiting: they go before new shared ones
+
+    @asynccontextmanager
+    async def hold(self, alone: bool) -> AsyncIterator[None]:
+        async with self._changed:
+            if alone:
+                self._waiting += 1
+                try:
+                    await self._changed.wait_for(lambda: not self._exclusive and self._shared == 0)
+                finally:
+                    self._waiting -= 1
+                self._exclusive = True
+            else:
+                await self._changed.wait_for(lambda: not self._exclusive and self._waiting == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                if alone:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._changed.notify_all()
+
+
 class Worker:
     """One resident stage on its step's queue.
 
@@ -146,6 +204,7 @@ class Worker:
         self.config_digest = config_digest  # the config whose settings this worker runs with
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
+        self._gate = CallGate()
         self._paused = asyncio.Event()  # set = running: the prefetch loop takes records
         self._paused.set()
         self._held = 0  # records taken off the queue and not yet handed on
@@ -269,17 +328,29 @@ class Worker:
             if routed is not None and not routed.done():
                 routed.set_result(None)
 
-    async def _call_model(self, items: list[tuple[Record, dict]], ok: list[Record], failed: list[Failure]) -> None:
+    async def _call_model(
+        self,
+        items: list[tuple[Record, dict]],
+        ok: list[Record],
+        failed: list[Failure],
+        crashes: Counter[int] | None = None,
+    ) -> None:
+        """`crashes`: for a batch being retried after lost workers, how often each record
+        (by id()) was in a lost call; such retries run alone on the host."""
         started = time.perf_counter()
         try:
-            outputs = await self.host.process([prepared for _, prepared in items])
+            async with self._gate.hold(alone=crashes is not None):
+                outputs = await self.host.process([prepared for _, prepared in items])
             if not isinstance(outputs, list) or len(outputs) != len(items):
                 raise RuntimeError(
                     f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order"
                 )
+        except WorkerGone:
+            raise
+        except WorkerLost as lost:
+            await self._retry_lost(items, lost, ok, failed, crashes if crashes is not None else Counter())
+            return
         except Exception as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             await self._recover(items, exc, ok, failed)
             return
         self.metrics.step_seconds.labels(self.step_label).observe(time.perf_counter() - started)
@@ -298,6 +369,43 @@ class Worker:
                         f"stage returned a {type(output).__name__}; expected a dict of new fields or a StageError",
                     )
                 )
+
+    async def _retry_lost(
+        self,
+        items: list[tuple[Record, dict]],
+        lost: WorkerLost,
+        ok: list[Record],
+        failed: list[Failure],
+        crashes: Counter[int],
+    ) -> None:
+        """The worker died under this batch: retry it in halves, alone on the host, until a
+        record that takes the worker down with it has done so twice; that one is an error."""
+        for record, _ in items:
+            crashes[id(record)] += 1
+        if len(items) == 1:
+            record = items[0][0]
+            if crashes[id(record)] >= CRASHES_BEFORE_ERROR:
+                failed.append(
+                    (
+                        record,
+                        lost.kind,
+                        f"{lost}; the worker was lost {crashes[id(record)]} times with this record in the call, "
+                        "the last time with it alone, so it is set aside",
+                    )
+                )
+                return
+            log.warning("%s: worker lost under record %s (%s); retrying it alone", self.name, record.id, lost)
+            await self._call_model(items, ok, failed, crashes)
+            return
+        half = len(items) // 2
+        log.warning(
+            "%s: worker lost under a batch of %d (%s); retrying it in halves, alone on the worker",
+            self.name,
+            len(items),
+            lost,
+        )
+        await self._call_model(items[:half], ok, failed, crashes)
+        await self._call_model(items[half:], ok, failed, crashes)
 
     async def _recover(
         self, items: list[tuple[Record, dict]], exc: Exception, ok: list[Record], failed: list[Failure]

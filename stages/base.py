@@ -74,7 +74,7 @@ class StageConfig(BaseModel):
     # Keys whose change needs the model reloaded (used by hot reload); everything else
     # applies in place because stages read `self.config` on every call.
     heavy_keys: ClassVar[frozenset[str]] = frozenset(
-        {"model_path", "dtype", "tensor_parallel_size", "backend", "trust_remote_code", "devices"}
+        {"model_path", "dtype", "tensor_parallel_size", "backend", "trust_remote_code", "devices", "workers"}
     )
 
     def input_fields(self) -> dict[str, FieldKind]:

@@ -212,3 +212,14 @@ def test_extra_stages_env_var(monkeypatch):
     monkeypatch.setenv("REELFLOW_EXTRA_STAGES", "Test.Echo")
     (message,) = problems_of(GOOD)
     assert "REELFLOW_EXTRA_STAGES: cannot read 'Test.Echo'; expected Type.Name=module:Class" in message
+
+
+def test_reelflow_steps_lists_the_registered_stages_and_their_keys():
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "steps", "-v"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "VideoProcessor/VideoProbe  (stages.video.probe:VideoProbe)" in result.stdout
+    assert "VideoProcessor/FrameSampler  (stages.video.sampler:FrameSampler)" in result.stdout
+    assert "    num_frames = None: Frames spaced evenly over the video." in result.stdout
+    assert "cannot import" not in result.stdout

@@ -99,6 +99,13 @@ def test_mixed_inbox_every_record_accounted_for(tmp_path, videos):
     expected["broken_drop"] = (set(), {1: (None, PROBE)})
 
     with DaemonProcess(config, env=ENV) as daemon:
+        state = daemon.state  # <outbox>/.reelflow/daemon.json, written once ready
+        assert state["pid"] == daemon.process.pid and state["config"] == str(config.resolve())
+        assert state["metrics_url"].startswith("http://127.0.0.1:") and not state["metrics_url"].endswith(":0/metrics")
+        assert state["started_at"] > 0
+        log = daemon.log()  # the effective limits, logged at start
+        assert f"{PROBE}: 1 worker(s) on ['cpu']; batch_size=4 max_wait_ms=50 concurrency=1 queue_size=64" in log
+        assert f"{FRAMES}: 1 worker(s) on ['cpu']; batch_size=4" in log
         assert daemon.http("/healthz") == (200, "ok\n")
         assert daemon.http("/readyz") == (200, "ready\n")
         assert daemon.http("/nope")[0] == 404

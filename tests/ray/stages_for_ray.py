@@ -1,0 +1,63 @@
+"""A test-only stage for the Ray tests and the scale benchmark, registered through
+`REELFLOW_EXTRA_STAGES` (see `EXTRA_STAGES`).
+
+`Crashy` answers each record with the pid of the process that ran it, after `sleep_s` of
+sleep or `spin` iterations of pure-Python work; a record whose `action` field is `exit`
+kills the worker process (`os._exit`), one whose `action` is `hang` never returns, and one
+whose `action` is `fail` raises (a stage error, not a crash). `load` fails while the file
+`fail_load_if` exists (to make actor replacements fail).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pydantic import Field
+
+from stages.base import Stage, StageConfig, StageError
+
+EXTRA_STAGES = "Test.Crashy=tests.ray.stages_for_ray:Crashy"
+
+
+class CrashyConfig(StageConfig):
+    sleep_s: float = Field(0.0, ge=0, description="Seconds slept per record.")
+    spin: int = Field(0, ge=0, description="Iterations of pure-Python work per record.")
+    fail_load_if: str | None = Field(None, description="load raises while this file exists.")
+    tag: str = Field("", description="Copied into every output (to see which config a call ran with).")
+
+
+class Crashy(Stage):
+    Config = CrashyConfig
+
+    def load(self) -> None:
+        if self.config.fail_load_if and os.path.exists(self.config.fail_load_if):
+            raise RuntimeError(f"load refused: {self.config.fail_load_if} exists")
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        actions = [record.get("action") for record in batch]
+        if "exit" in actions:
+            os._exit(17)
+        if "hang" in actions:
+            time.sleep(3600)
+        if "fail" in actions:
+            raise RuntimeError(f"a batch of {len(batch)} with a failing record")
+        out: list[dict[str, Any] | StageError] = []
+        for record in batch:
+            if self.config.sleep_s:
+                time.sleep(self.config.sleep_s)
+            acc = 0
+            for i in range(self.config.spin):
+                acc = (acc * 31 + i) & 0xFFFFFFFF
+            self.usage["requests"] += 1
+            out.append(
+                {
+                    "pid": os.getpid(),
+                    "device": self.device,
+                    "acc": acc,
+                    "echo": str(record["id"]),
+                    "tag": self.config.tag,
+                }
+            )
+        return out
