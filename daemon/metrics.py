@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # Stage usage counters (Stage.usage) that become metrics, with their help text.
 USAGE_METRICS = {
     "generated_frames": ("reelflow_generated_frames_total", "Frames (or images) generated."),
+    "sampled_frames": ("reelflow_sampled_frames_total", "Video frames decoded and sampled (captioners, FrameSampler)."),
     "requests": ("reelflow_api_requests_total", "Requests sent to remote APIs."),
     "retries": ("reelflow_api_retries_total", "Requests retried after a transient failure."),
     "tokens_in": ("reelflow_tokens_in_total", "Prompt tokens sent to text/caption models."),

@@ -57,6 +57,7 @@ class FrameSampler(Stage):
             path = folder / f"frame_{index:06d}.jpg"
             Image.fromarray(image).save(path, quality=config.quality)
             paths.append(path)
+        self.usage["sampled_frames"] += len(paths)
         return {config.output_key: paths, "frame_indices": sampled.indices}
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
