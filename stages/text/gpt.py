@@ -16,7 +16,9 @@ OpenAI-compatible API (OpenAI, vLLM's server, llama.cpp's server, `transformers 
 The answer goes to `output_key` (default: `text_key`). `response_format: json_object` asks
 for JSON and accepts only answers that parse as a JSON object (others are retried).
 `backend: transformers` runs the same config on a local causal LM instead (see
-`gpt_transformers.py`); the API keys are then unused.
+`gpt_transformers.py`); `backend: vllm` on a local vLLM engine (`gpt_vllm.py`); `backend:
+auto` picks vLLM when it is installed and the worker's device is a GPU, else transformers.
+The API keys are then unused.
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ from stages.text.common import chat_messages, check_template, template_fields, u
 
 class GPTTextGeneratorConfig(StageConfig):
     # `model` names the local weights under backend: transformers (a reload is cheap for an API).
-    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {"model"}
+    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
+        "model",
+        "max_model_len",
+        "gpu_memory_utilization",
+        "engine_args",
+    }
 
-    backend: Literal["openai", "transformers"] = Field(
-        "openai", description="openai: any OpenAI-compatible HTTP API; transformers: a local causal LM."
+    backend: Literal["openai", "transformers", "vllm", "auto"] = Field(
+        "openai",
+        description="openai: any OpenAI-compatible HTTP API; transformers: a local causal LM; vllm: a local vLLM "
+        "engine; auto: vllm when installed and on a GPU, else transformers.",
     )
     model: str = Field(
         description="Model name the endpoint serves (transformers: a local folder, a hub id, or a .gguf file)."
@@ -69,7 +78,13 @@ class GPTTextGeneratorConfig(StageConfig):
         None, description="Extra JSON fields sent with each request (server-specific, e.g. vLLM's top_k)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="backend: transformers only: weight dtype."
+        "auto", description="local backends only: weight dtype."
+    )
+    max_model_len: int | None = Field(None, ge=16, description="backend: vllm: context length (default: the model's).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="backend: vllm: share of GPU memory to use.")
+    tensor_parallel_size: int = Field(1, ge=1, description="backend: vllm: GPUs per engine.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="backend: vllm: extra AsyncEngineArgs, e.g. {enforce_eager: true}."
     )
 
     @field_validator("response_format", mode="before")
@@ -102,11 +117,11 @@ class GPTTextGeneratorConfig(StageConfig):
 
     @model_validator(mode="after")
     def _backend_keys(self) -> GPTTextGeneratorConfig:
-        if self.backend == "transformers":
+        if self.backend != "openai":
             given = sorted({"base_url", "api_key", "extra_body"} & self.model_fields_set)
             if given:
                 raise ValueError(
-                    f"backend: transformers runs the model locally and cannot use {', '.join(given)}; "
+                    f"backend: {self.backend} runs the model locally and cannot use {', '.join(given)}; "
                     "remove them, or set backend: openai to call an API"
                 )
         return self
@@ -123,10 +138,16 @@ class GPTTextGenerator(Stage):
 
     @classmethod
     def uses_accelerator(cls, config: GPTTextGeneratorConfig) -> bool:
-        return config.backend == "transformers"  # an API step runs on the CPU, its slots are max_num_seqs
+        return config.backend != "openai"  # an API step runs on the CPU, its slots are max_num_seqs
 
     def __new__(cls, config: GPTTextGeneratorConfig, device: str = "cpu"):
-        if cls is GPTTextGenerator and config.backend == "transformers":
+        if cls is GPTTextGenerator and config.backend != "openai":
+            from stages.text.vllm_backend import choose_backend
+
+            if choose_backend(config.backend, device, "GPTTextGenerator") == "vllm":
+                from stages.text.gpt_vllm import VLLMTextGenerator
+
+                return VLLMTextGenerator(config, device)
             from stages.text.gpt_transformers import TransformersTextGenerator
 
             return TransformersTextGenerator(config, device)

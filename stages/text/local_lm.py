@@ -34,6 +34,13 @@ class Sampling:
     truncate_prompt_tokens: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     allowed_token_ids: list[int] | None = None
+    # Honoured by the vLLM backend only (the configs refuse other values for transformers).
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    spaces_between_special_tokens: bool = True
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""LocalModelGenerator (`type: TextGenerator`): DataFlow-Gen's local text step, on transformers.
+"""LocalModelGenerator (`type: TextGenerator`): DataFlow-Gen's local text step, on transformers or vLLM.
 
 It takes DataFlow-Gen's config as it stands (examples/TextGenerator.yaml there): `model_path`,
 `device`, `prompt` (the SYSTEM prompt, as DataFlow-Gen uses it) and vLLM's sampling keys.
@@ -13,6 +13,13 @@ skip_special_tokens, truncate_prompt_tokens (keeps the prompt's last N tokens), 
 allowed_token_ids, download_dir (the weights cache).
 Refused unless no-op: best_of, presence_penalty, frequency_penalty, logprobs,
 prompt_logprobs, detokenize: false, spaces_between_special_tokens: false, logits_processors.
+
+`backend: vllm` runs the step on a vLLM engine (stages/text/vllm_backend.py), which honours
+presence_penalty, frequency_penalty, logprobs, prompt_logprobs and
+spaces_between_special_tokens too (best_of, detokenize: false and logits_processors stay
+refused: vLLM's v1 engine has none of them). `backend: auto` picks vLLM when it is installed
+and the device is a GPU, else transformers; since that is only known at load time, it
+refuses the vLLM-only keys like transformers does. The default is `transformers`.
 """
 
 from __future__ import annotations
@@ -24,19 +31,36 @@ from pydantic import Field, field_validator, model_validator
 from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
 from stages.text.common import chat_messages, check_template, template_fields, user_message
 from stages.text.local_lm import Sampling, generate, load_causal_lm, resolve_device
+from stages.text.vllm_backend import choose_backend
 
-_CANNOT = "the transformers backend cannot honour {key}={value!r} ({why}); remove it or set it to {ok}"
+_CANNOT = "the {backend} backend cannot honour {key}={value!r} ({why}); remove it or set it to {ok}"
+_VLLM_TOO = " (or set backend: vllm, which honours it)"
 
 
-def _refuse(key: str, value: Any, why: str, ok: str) -> ValueError:
-    return ValueError(_CANNOT.format(key=key, value=value, why=why, ok=ok))
+def _refuse(key: str, value: Any, why: str, ok: str, backend: str = "transformers") -> ValueError:
+    return ValueError(_CANNOT.format(backend=backend, key=key, value=value, why=why, ok=ok))
+
+
+def _vllm_honours(info) -> bool:
+    return info.data.get("backend") == "vllm"
 
 
 class LocalModelGeneratorConfig(StageConfig):
-    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {"device", "download_dir"}
+    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
+        "device",
+        "download_dir",
+        "max_num_seqs",
+        "max_model_len",
+        "gpu_memory_utilization",
+        "engine_args",
+    }
 
     model_path: str = Field(
         description="Local model folder, a .gguf file, or a hub id already in the cache / download_dir."
+    )
+    backend: Literal["transformers", "vllm", "auto"] = Field(
+        "transformers",
+        description="transformers; vllm (a vLLM engine); auto: vLLM when installed and on a GPU, else transformers.",
     )
     device: str | None = Field(
         None, description="cpu, cuda (the worker's GPU) or cuda:N; default: the worker's device (runtime `devices`)."
@@ -75,31 +99,55 @@ class LocalModelGeneratorConfig(StageConfig):
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the prompt's last N tokens.")
     logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias added to its logit.")
     allowed_token_ids: list[int] | None = Field(None, description="Only these token ids may be generated.")
+    # backend: vllm only (the engine's settings).
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="vllm: most requests in flight per engine.")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: context length (default: the model's).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: extra AsyncEngineArgs, e.g. {enforce_eager: true}."
+    )
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _no_penalty(cls, value: float, info) -> float:
-        if value != 0:
+        if value != 0 and not _vllm_honours(info):
             raise _refuse(
                 info.field_name,
                 value,
                 "transformers has no such logits processor; repetition_penalty is the one it has",
-                "0",
+                "0" + _VLLM_TOO,
             )
         return value
 
-    @field_validator("logprobs", "prompt_logprobs", "logits_processors")
+    @field_validator("logprobs", "prompt_logprobs")
     @classmethod
     def _vllm_only(cls, value: Any, info) -> Any:
-        if value is not None:
-            raise _refuse(info.field_name, value, "vLLM only", "null")
+        if value is not None and not _vllm_honours(info):
+            raise _refuse(info.field_name, value, "vLLM only", "null" + _VLLM_TOO)
         return value
 
-    @field_validator("detokenize", "spaces_between_special_tokens")
+    @field_validator("logits_processors")
+    @classmethod
+    def _no_processors(cls, value: Any, info) -> Any:
+        if value is not None:
+            backend = info.data.get("backend", "transformers")
+            raise _refuse(info.field_name, value, "vLLM's v1 engine takes no per-request processors", "null", backend)
+        return value
+
+    @field_validator("detokenize")
+    @classmethod
+    def _detokenize(cls, value: bool, info) -> bool:
+        if not value:
+            backend = info.data.get("backend", "transformers")
+            raise _refuse(info.field_name, value, "answers are text", "true", backend)
+        return value
+
+    @field_validator("spaces_between_special_tokens")
     @classmethod
     def _must_be_true(cls, value: bool, info) -> bool:
-        if not value:
-            raise _refuse(info.field_name, value, "answers are always decoded by a fast tokenizer", "true")
+        if not value and not _vllm_honours(info):
+            raise _refuse(info.field_name, value, "answers are always decoded by a fast tokenizer", "true" + _VLLM_TOO)
         return value
 
     @field_validator("user_prompt")
@@ -111,7 +159,11 @@ class LocalModelGeneratorConfig(StageConfig):
     def _best_of(self) -> LocalModelGeneratorConfig:
         if self.best_of is not None and self.best_of != self.n:
             raise _refuse(
-                "best_of", self.best_of, "it ranks extra samples by log-probability in vLLM", f"null or n={self.n}"
+                "best_of",
+                self.best_of,
+                "it ranked extra samples by log-probability in vLLM's old engine; the v1 engine has no best_of",
+                f"null or n={self.n}",
+                self.backend,
             )
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is larger than max_tokens={self.max_tokens}")
@@ -141,7 +193,26 @@ class LocalModelGeneratorConfig(StageConfig):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             logit_bias=dict(self.logit_bias or {}),
             allowed_token_ids=self.allowed_token_ids,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
+
+    def vllm_engine_args(self, model: str) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "model": model,
+            "download_dir": self.download_dir,
+            "trust_remote_code": self.trust_remote_code,
+            "dtype": self.dtype,
+            "max_num_seqs": self.max_num_seqs,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "disable_log_stats": True,
+        }
+        return {**args, **self.engine_args}
 
 
 class LocalModelGenerator(Stage):
@@ -151,15 +222,35 @@ class LocalModelGenerator(Stage):
     config: LocalModelGeneratorConfig
     accelerated = True
 
+    lm: Any = None  # the vLLM engine under backend: vllm
+    backend_name: str | None = None
+
     @classmethod
     def uses_accelerator(cls, config: LocalModelGeneratorConfig) -> bool:
         return config.device != "cpu"
 
     def load(self) -> None:
         cfg = self.config
+        device = resolve_device(cfg.device, self.device)
+        self.backend_name = choose_backend(cfg.backend, device, "LocalModelGenerator")
+        if self.backend_name == "vllm":
+            from stages.text.vllm_backend import VLLMTextLM, load_tokenizer
+
+            self.tokenizer = load_tokenizer(
+                cfg.model_path,
+                cache_dir=cfg.download_dir,
+                trust_remote_code=cfg.trust_remote_code,
+                stage="LocalModelGenerator",
+            )
+            self.model = None
+            self.lm = VLLMTextLM(
+                cfg.vllm_engine_args(cfg.model_path), device, cfg.max_num_seqs, "LocalModelGenerator", self.tokenizer
+            )
+            self.lm.load()
+            return
         self.model, self.tokenizer = load_causal_lm(
             cfg.model_path,
-            resolve_device(cfg.device, self.device),
+            device,
             dtype=cfg.dtype,
             cache_dir=cfg.download_dir,
             trust_remote_code=cfg.trust_remote_code,
@@ -184,11 +275,20 @@ class LocalModelGenerator(Stage):
         if not chats:
             return results
         output_key = cfg.output_key or cfg.text_key
-        for slot, generated in zip(slots, generate(self.model, self.tokenizer, chats, cfg.sampling()), strict=True):
+        if self.lm is not None:
+            outcomes = self.lm.generate(chats, cfg.sampling())
+        else:
+            outcomes = generate(self.model, self.tokenizer, chats, cfg.sampling())
+        for slot, generated in zip(slots, outcomes, strict=True):
+            if isinstance(generated, StageError):
+                results[slot] = generated
+                continue
             self.usage["tokens_in"] += generated.tokens_in
             self.usage["tokens_out"] += generated.tokens_out
             results[slot] = {output_key: generated.texts if cfg.n > 1 else generated.texts[0]}
         return results
 
     def close(self) -> None:
-        self.model = self.tokenizer = None
+        if self.lm is not None:
+            self.lm.close()
+        self.model = self.tokenizer = self.lm = None

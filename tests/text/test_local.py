@@ -206,3 +206,39 @@ def test_resident_on_the_workers_gpu(text_lm_dir):
     backend, backend_out = answers(GPT, "cuda:0", model=str(text_lm_dir), backend="transformers")
     assert backend.model.device.type == "cuda"
     assert backend_out == answers(GPT, "cpu", model=str(text_lm_dir), backend="transformers")[1]
+
+
+def test_backend_decides_what_is_refused_and_auto_stays_transformers_on_cpu(text_lm_dir, caplog):
+    """The keys only vLLM honours pass with backend: vllm and are refused otherwise (auto may
+    fall back to transformers); backend: auto on the CPU builds the transformers backend."""
+    vllm_only = {
+        "presence_penalty": 0.5,
+        "frequency_penalty": 1.0,
+        "logprobs": 5,
+        "prompt_logprobs": 1,
+        "spaces_between_special_tokens": False,
+    }
+    config = LOCAL.Config(model_path="m", backend="vllm", **vllm_only)
+    assert config.sampling().presence_penalty == 0.5 and config.sampling().logprobs == 5
+    assert LOCAL.Config(model_path="m").backend == "transformers"
+    for backend in ("transformers", "auto"):
+        with pytest.raises(ValidationError) as caught:
+            LOCAL.Config(model_path="m", backend=backend, **vllm_only)
+        errors = {e["loc"][0]: e["msg"] for e in caught.value.errors()}
+        assert set(errors) == set(vllm_only)
+        assert all("set backend: vllm" in message for message in errors.values())
+    for key, value in {"logits_processors": ["m:P"], "detokenize": False}.items():
+        with pytest.raises(ValidationError, match=f"the vllm backend cannot honour {key}="):
+            LOCAL.Config(model_path="m", backend="vllm", **{key: value})
+    with pytest.raises(ValidationError, match="backend: vllm runs the model locally and cannot use base_url"):
+        GPT.Config(model="m", backend="vllm", base_url="http://x/v1")
+
+    with caplog.at_level("INFO", logger="stages.text.vllm_backend"):
+        stage = GPT(GPT.Config(model=str(text_lm_dir), backend="auto"), "cpu")
+        assert isinstance(stage, TransformersTextGenerator)
+        local = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), backend="auto", temperature=0, max_tokens=4), "cpu")
+        local.load()
+    assert local.backend_name == "transformers" and local.lm is None
+    assert sum("backend auto -> transformers" in r.getMessage() for r in caplog.records) == 2
+    assert GPT.uses_accelerator(GPT.Config(model="m", backend="auto"))
+    assert not GPT.uses_accelerator(GPT.Config(model="m"))

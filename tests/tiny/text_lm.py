@@ -15,7 +15,9 @@ from tests.tiny.tokenizer import CHATML_TEMPLATE, train_bpe_tokenizer
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_text_lm(folder: str | Path, *, seed: int = 0) -> Path:
+def build_text_lm(folder: str | Path, *, seed: int = 0, hidden_size: int = 32, heads: int = 4) -> Path:
+    """Save the tiny model in `folder`. The defaults give heads of 8 dims; vLLM's CPU attention
+    needs at least 32 (`build_text_lm(folder, hidden_size=64, heads=2)`)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -29,11 +31,11 @@ def build_text_lm(folder: str | Path, *, seed: int = 0) -> Path:
     )
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
