@@ -117,6 +117,11 @@ class GPTTextGeneratorConfig(StageConfig):
 
     @model_validator(mode="after")
     def _backend_keys(self) -> GPTTextGeneratorConfig:
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} splits the model over GPUs, which only "
+                f"backend: vllm does (backend is {self.backend}); set backend: vllm or tensor_parallel_size: 1"
+            )
         if self.backend != "openai":
             given = sorted({"base_url", "api_key", "extra_body"} & self.model_fields_set)
             if given:

@@ -157,6 +157,11 @@ class LocalModelGeneratorConfig(StageConfig):
 
     @model_validator(mode="after")
     def _best_of(self) -> LocalModelGeneratorConfig:
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} splits the model over GPUs, which only "
+                f"backend: vllm does (backend is {self.backend}); set backend: vllm or tensor_parallel_size: 1"
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise _refuse(
                 "best_of",

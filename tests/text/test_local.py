@@ -230,6 +230,10 @@ def test_backend_decides_what_is_refused_and_auto_stays_transformers_on_cpu(text
     for key, value in {"logits_processors": ["m:P"], "detokenize": False}.items():
         with pytest.raises(ValidationError, match=f"the vllm backend cannot honour {key}="):
             LOCAL.Config(model_path="m", backend="vllm", **{key: value})
+    for cls, key in ((LOCAL, "model_path"), (GPT, "model")):
+        with pytest.raises(ValidationError, match="tensor_parallel_size=2 splits the model over GPUs"):
+            cls.Config(**{key: "m", "backend": "auto", "tensor_parallel_size": 2})
+        assert cls.Config(**{key: "m", "backend": "vllm", "tensor_parallel_size": 2}).tensor_parallel_size == 2
     with pytest.raises(ValidationError, match="backend: vllm runs the model locally and cannot use base_url"):
         GPT.Config(model="m", backend="vllm", base_url="http://x/v1")
 

@@ -152,6 +152,18 @@ def test_sampling_keys_reach_sampling_params(wide_lm, local_vllm):
     assert answers(local_vllm, TEXTS[:1]) == [cut + stop]
 
 
+def test_a_prompt_too_long_fails_alone(wide_lm, local_vllm):
+    local_vllm.config = LOCAL.Config(model_path=str(wide_lm), backend="vllm", temperature=0, max_tokens=8, **ENGINE)
+    out = local_vllm.process(rows([TEXTS[0], "a very long caption " * 400, TEXTS[2]]))
+    assert isinstance(out[1], StageError) and "vLLM refused" in out[1].message, out[1]
+    assert isinstance(out[0], dict) and isinstance(out[2], dict) and out[0]["text"] and out[2]["text"]
+    # truncate_prompt_tokens keeps the prompt's last tokens, so the same record then fits.
+    local_vllm.config = LOCAL.Config(
+        model_path=str(wide_lm), backend="vllm", temperature=0, max_tokens=8, truncate_prompt_tokens=100, **ENGINE
+    )
+    assert isinstance(local_vllm.process(rows(["a very long caption " * 400]))[0], dict)
+
+
 def engine_core_processes() -> list:
     found = []
     for child in psutil.Process().children(recursive=True):
