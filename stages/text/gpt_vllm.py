@@ -44,6 +44,26 @@ class VLLMTextGenerator(Stage):
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         cfg = self.config
+        results, slots, chats = self._chats(cfg, batch)
+        if chats:
+            self._finish(cfg, results, slots, self.lm.generate(chats, self._sampling(cfg)))
+        return results
+
+    async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        # Awaited on the runtime's loop, so it keeps max_num_seqs / batch_size batches in flight and
+        # vLLM batches their requests continuously.
+        cfg = self.config
+        results, slots, chats = self._chats(cfg, batch)
+        if chats:
+            self._finish(cfg, results, slots, await self.lm.agenerate(chats, self._sampling(cfg)))
+        return results
+
+    @staticmethod
+    def _sampling(cfg: GPTTextGeneratorConfig) -> Sampling:
+        return Sampling(max_tokens=cfg.max_tokens or 256, temperature=cfg.temperature)
+
+    @staticmethod
+    def _chats(cfg: GPTTextGeneratorConfig, batch: list[dict[str, Any]]):
         results: list[dict[str, Any] | StageError] = []
         chats, slots = [], []
         for record in batch:
@@ -56,11 +76,11 @@ class VLLMTextGenerator(Stage):
             slots.append(len(results))
             results.append({})
             chats.append(chat_messages(cfg.sys_prompt, user))
-        if not chats:
-            return results
-        sampling = Sampling(max_tokens=cfg.max_tokens or 256, temperature=cfg.temperature)
+        return results, slots, chats
+
+    def _finish(self, cfg: GPTTextGeneratorConfig, results: list, slots: list[int], outcomes: list) -> None:
         output_key = cfg.output_key or cfg.text_key
-        for slot, generated in zip(slots, self.lm.generate(chats, sampling), strict=True):
+        for slot, generated in zip(slots, outcomes, strict=True):
             if isinstance(generated, StageError):
                 results[slot] = generated
                 continue
@@ -71,7 +91,6 @@ class VLLMTextGenerator(Stage):
                 results[slot] = {output_key: check_json_object(text) if cfg.response_format == "json_object" else text}
             except StageError as error:
                 results[slot] = error
-        return results
 
     def close(self) -> None:
         if getattr(self, "lm", None) is not None:

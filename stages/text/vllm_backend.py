@@ -145,19 +145,27 @@ class VLLMTextLM:
 
     # -- generation -------------------------------------------------------------------
     def generate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated | StageError]:
-        """n answers per chat, or an error in the chat's slot."""
+        """n answers per chat, or an error in the chat's slot (from a plain thread)."""
+        return self._call(self._run_all(self._prompts(chats, sampling), sampling))
+
+    async def agenerate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated | StageError]:
+        """The same, awaited from another event loop (the runtime's)."""
+        future = asyncio.run_coroutine_threadsafe(self._run_all(self._prompts(chats, sampling), sampling), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def _prompts(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[list[int]]:
+        """Token ids of each chat, made as the transformers backend makes them."""
         from stages.text.local_lm import render_chat
 
         tokenizer = self.tokenizer
         plain = not getattr(tokenizer, "chat_template", None)
         limit = sampling.truncate_prompt_tokens
-        prompts = [
+        return [
             tokenizer(render_chat(tokenizer, chat), add_special_tokens=plain, truncation=bool(limit), max_length=limit)[
                 "input_ids"
             ]
             for chat in chats
         ]
-        return self._call(self._run_all(prompts, sampling))
 
     async def _run_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generated | StageError]:
         from vllm.v1.engine.exceptions import EngineDeadError

@@ -8,6 +8,7 @@ needs heads of at least 32 dims, so these tests build a wider variant of the tin
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -94,6 +95,13 @@ def test_gpt_vllm_backend_matches_transformers(wide_lm):
     try:
         assert answers(stage) == expected
         assert stage.take_usage()["tokens_out"] == 8 * len(TEXTS)
+
+        # aprocess (what the runtime awaits, several batches in flight) goes to the same engine.
+        async def two_batches():
+            return await asyncio.wait_for(asyncio.gather(stage.aprocess(rows()), stage.aprocess(rows()[:1])), 120)
+
+        both = asyncio.run(two_batches())
+        assert [o["text"] for o in both[0]] == expected and [o["text"] for o in both[1]] == expected[:1]
         stage.config = GPT.Config(backend="vllm", response_format="json_object", **ENGINE, **common)
         out = stage.process(rows())
         assert all(isinstance(o, StageError) and o.error_type == "InvalidJSON" for o in out)
