@@ -209,3 +209,60 @@ def test_engine_death_fails_in_flight_records_and_rebuilds(wide_lm, local_vllm):
     local_vllm.config = LOCAL.Config(model_path=str(wide_lm), backend="vllm", temperature=0, max_tokens=8, **ENGINE)
     again = local_vllm.process(rows())
     assert all(isinstance(r, dict) and r["text"] for r in again), again
+
+
+def test_oneshot_chain_on_vllm(tmp_path, wide_lm):
+    """`reelflow run`: GPTTextGenerator (backend: vllm) then LocalModelGenerator (backend: vllm, n=2)."""
+    import json
+
+    from tests.harness import read_jsonl, run_oneshot, write_config
+
+    meta = tmp_path / "captions.jsonl"
+    meta.write_text("".join(json.dumps({"id": f"c{i}", "caption": c}) + "\n" for i, c in enumerate(TEXTS)))
+    engine = {**ENGINE, "max_num_seqs": 4}
+    config = {
+        "meta_path": str(meta),
+        "base_folder": str(tmp_path / "work"),
+        "save_folder": str(tmp_path / "results"),
+        "text_key": "caption",
+        "steps": [
+            {
+                "type": "TextGenerator",
+                "name": "GPTTextGenerator",
+                "config": {
+                    "model": str(wide_lm),
+                    "backend": "vllm",
+                    "temperature": 0,
+                    "max_tokens": 5,
+                    "prompt": "Rewrite:",
+                    "output_key": "rewritten",
+                    "batch_size": 2,
+                    **engine,
+                },
+            },
+            {
+                "type": "TextGenerator",
+                "name": "LocalModelGenerator",
+                "config": {
+                    "model_path": str(wide_lm),
+                    "backend": "vllm",
+                    "user_prompt": "Expand: {rewritten}",
+                    "n": 2,
+                    "temperature": 1.0,
+                    "seed": 1,
+                    "max_tokens": 4,
+                    "output_key": "expanded",
+                    "batch_size": 2,
+                    **engine,
+                },
+            },
+        ],
+    }
+    finished = run_oneshot(write_config(tmp_path, config), timeout=400)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    results = [row for path in (tmp_path / "results").rglob("*.jsonl") for row in read_jsonl(path)]
+    results = [row for row in results if "expanded" in row]
+    assert sorted(row["id"] for row in results) == ["c0", "c1", "c2"]
+    for row in results:
+        assert isinstance(row["rewritten"], str) and row["rewritten"]
+        assert isinstance(row["expanded"], list) and len(row["expanded"]) == 2
