@@ -53,7 +53,7 @@ class VideoRequest:
 
 
 @contextlib.contextmanager
-def _one_engine_starting_per_host():
+def one_engine_starting_per_host():
     with _START_LOCK, open(_START_LOCK_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -70,7 +70,7 @@ def gpu_indices(device: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _visible_devices(device: str):
+def visible_devices_only(device: str):
     """Show the engine only its own GPUs while it starts its workers (they inherit the variable)."""
     indices = gpu_indices(device)
     if indices is None:
@@ -127,7 +127,7 @@ class VLLMVideoLM:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**self.engine_args)
-        with _one_engine_starting_per_host(), _visible_devices(self.device):
+        with one_engine_starting_per_host(), visible_devices_only(self.device):
             log.info("%s: starting vLLM engine for %s on %s", self.stage, self.engine_args["model"], self.device)
             return AsyncLLM.from_engine_args(args)
 

@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from stages.base import StageError, require
-from stages.captioners.vllm_backend import _one_engine_starting_per_host, _visible_devices
+from stages.captioners.vllm_backend import one_engine_starting_per_host, visible_devices_only
 from stages.text.local_lm import Generated, Sampling
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class VLLMTextLM:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**self.engine_args)
-        with _one_engine_starting_per_host(), _visible_devices(self.device):
+        with one_engine_starting_per_host(), visible_devices_only(self.device):
             log.info("%s: starting vLLM engine for %s on %s", self.stage, self.engine_args["model"], self.device)
             return AsyncLLM.from_engine_args(args)
 
