@@ -1,10 +1,9 @@
 """The vLLM backend of the local text steps: one `AsyncLLM` engine per device (group).
 
-Same pattern as the captioners' engine (stages/captioners/vllm_backend.py), whose host-wide
-start lock and device masking it shares: the engine lives on an event loop of its own in a
-daemon thread, `generate` hands a batch over with `run_coroutine_threadsafe`, every record
-becomes one request (a semaphore keeps at most `max_num_seqs` in flight) and vLLM's
-scheduler batches them continuously.
+The engine's life cycle is `stages/vllm_engine.py`'s, shared with the captioners: the engine
+lives on an event loop of its own in a daemon thread, `generate` hands a batch over to it,
+every record becomes one request (a semaphore keeps at most `max_num_seqs` in flight) and
+vLLM's scheduler batches them continuously; engines on one host start one at a time.
 
 Prompts go in as token ids: the chat is rendered with the tokenizer's chat template and
 tokenized exactly as the transformers backend does (local_lm.py), so both backends see the
@@ -17,17 +16,13 @@ down and a new one is built; later batches go to the new engine.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
-import itertools
 import logging
-import threading
 from typing import Any
 
 from stages.base import StageError, require
-from stages.captioners.vllm_backend import one_engine_starting_per_host, visible_devices_only
 from stages.text.local_lm import Generated, Sampling
+from stages.vllm_engine import EngineThread
 
 log = logging.getLogger(__name__)
 
@@ -81,67 +76,13 @@ def sampling_params(sampling: Sampling, *, detokenize: bool):
     )
 
 
-class VLLMTextLM:
+class VLLMTextLM(EngineThread):
     """An AsyncLLM engine on its own loop thread, rebuilt when it dies."""
 
     def __init__(self, engine_args: dict, device: str, max_num_seqs: int, stage: str, tokenizer):
-        self.engine_args = dict(engine_args)
-        self.device = device
-        self.max_num_seqs = max_num_seqs
-        self.stage = stage
+        super().__init__(engine_args, device, max_num_seqs, stage)
         self.tokenizer = tokenizer
-        self.engine: Any = None
-        self.restarts = 0
         self.last_params: Any = None  # the SamplingParams of the latest batch (tests, debugging)
-        self._ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._rebuild_lock: asyncio.Lock | None = None
-
-    # -- life cycle -------------------------------------------------------------------
-    def load(self) -> None:
-        require("vllm", stage=self.stage, extra="vllm")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{self.stage}-vllm", daemon=True)
-        self._thread.start()
-        self.engine = self._call(self._start())
-
-    async def _start(self):
-        self._slots = asyncio.Semaphore(self.max_num_seqs)
-        self._rebuild_lock = asyncio.Lock()
-        return self._build_engine()  # on the engine's own loop: AsyncLLM binds to the loop it is built in
-
-    def _build_engine(self):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        args = AsyncEngineArgs(**self.engine_args)
-        with one_engine_starting_per_host(), visible_devices_only(self.device):
-            log.info("%s: starting vLLM engine for %s on %s", self.stage, self.engine_args["model"], self.device)
-            return AsyncLLM.from_engine_args(args)
-
-    def close(self) -> None:
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.shutdown()
-        if self._loop is not None:
-            self._call(self._cancel_tasks())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(timeout=10)
-            self._loop.close()
-            self._loop = None
-
-    @staticmethod
-    async def _cancel_tasks() -> None:
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # -- generation -------------------------------------------------------------------
     def generate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated | StageError]:
@@ -150,8 +91,7 @@ class VLLMTextLM:
 
     async def agenerate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated | StageError]:
         """The same, awaited from another event loop (the runtime's)."""
-        future = asyncio.run_coroutine_threadsafe(self._run_all(self._prompts(chats, sampling), sampling), self._loop)
-        return await asyncio.wrap_future(future)
+        return await self._on_loop(self._run_all(self._prompts(chats, sampling), sampling))
 
     def _prompts(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[list[int]]:
         """Token ids of each chat, made as the transformers backend makes them."""
@@ -168,40 +108,15 @@ class VLLMTextLM:
         ]
 
     async def _run_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generated | StageError]:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        engine = self.engine
         params = self.last_params = sampling_params(sampling, detokenize=bool(sampling.stop))
-        outcomes = await asyncio.gather(
-            *(self._run_one(engine, prompt, params, sampling) for prompt in prompts), return_exceptions=True
+        return await self._gather(
+            lambda engine, prompt: self._run_one(engine, prompt, params, sampling), prompts, Generated
         )
-        died = engine.errored or any(isinstance(o, EngineDeadError) for o in outcomes)
-        results: list[Generated | StageError] = []
-        for outcome in outcomes:
-            if isinstance(outcome, Generated):
-                results.append(outcome)
-            elif died:
-                results.append(
-                    StageError(
-                        f"the vLLM engine died while this record was in flight ({outcome!r}); the engine is "
-                        "being restarted: submit the record again (if it keeps happening, see the daemon log "
-                        "for the engine's own error, e.g. out of GPU memory: lower max_model_len or max_num_seqs)",
-                        error_type="EngineDead",
-                    )
-                )
-            else:
-                results.append(_request_error(outcome))
-        if died:
-            await self._rebuild(engine)
-        return results
 
     async def _run_one(self, engine, prompt: list[int], params, sampling: Sampling) -> Generated:
         final = None
-        async with self._slots:
-            async for output in engine.generate(
-                {"prompt_token_ids": prompt}, params, f"{self.stage}-{next(self._ids)}"
-            ):
-                final = output
+        async for output in engine.generate({"prompt_token_ids": prompt}, params, self._request_id()):
+            final = output
         texts, tokens_out = [], 0
         for completion in sorted(final.outputs, key=lambda c: c.index):
             tokens = list(completion.token_ids)
@@ -211,24 +126,6 @@ class VLLMTextLM:
             else:
                 texts.append(self.tokenizer.decode(tokens, skip_special_tokens=sampling.skip_special_tokens))
         return Generated(texts, len(prompt), tokens_out)
-
-    async def _rebuild(self, dead_engine) -> None:
-        async with self._rebuild_lock:
-            if self.engine is not dead_engine:
-                return  # another batch already rebuilt it
-            log.error("%s: the vLLM engine died; shutting it down and starting a new one", self.stage)
-            with contextlib.suppress(Exception):
-                dead_engine.shutdown()
-            self.engine = await asyncio.to_thread(self._build_engine)
-            self.restarts += 1
-
-
-def _request_error(exc: BaseException) -> StageError:
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    return StageError(
-        f"vLLM refused or failed this request: {type(cause).__name__}: {cause}",
-        error_type=type(cause).__name__,
-    )
 
 
 def load_tokenizer(model_path: str, *, cache_dir: str | None = None, trust_remote_code: bool = False, stage: str):
