@@ -70,9 +70,9 @@ def seed_loop(stage, rows: Path) -> tuple[float, dict[str, str]]:
 
 async def run_engine(config_path: Path, rows: Path, out: Path) -> tuple[float, dict[str, str]]:
     from daemon.config import load_config
-    from daemon.engine import Engine, JobInput
+    from daemon.io.outbox import OutboxLayout
     from daemon.metrics import Metrics
-    from daemon.outbox import OutboxLayout
+    from daemon.runtime.engine import Engine, JobInput
 
     config = load_config(config_path)
     layout = OutboxLayout.one_shot((out / "base").resolve(), (out / "save").resolve())

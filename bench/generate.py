@@ -74,9 +74,9 @@ def run_loop(stage, rows: Path, media: Path, batch_size: int) -> float:
 
 async def run_engine(config_path: Path, rows: Path, out: Path, round_: int) -> tuple[float, object]:
     from daemon.config import load_config
-    from daemon.engine import Engine, JobInput
+    from daemon.io.outbox import OutboxLayout
     from daemon.metrics import Metrics
-    from daemon.outbox import OutboxLayout
+    from daemon.runtime.engine import Engine, JobInput
 
     config = load_config(config_path)
     layout = OutboxLayout.one_shot((out / f"base{round_}").resolve(), (out / f"save{round_}").resolve())

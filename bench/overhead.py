@@ -32,9 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.config import parse_config  # noqa: E402
-from daemon.engine import Engine, JobInput  # noqa: E402
+from daemon.io.outbox import OutboxLayout  # noqa: E402
 from daemon.metrics import Metrics  # noqa: E402
-from daemon.outbox import OutboxLayout  # noqa: E402
+from daemon.runtime.engine import Engine, JobInput  # noqa: E402
 from stages.base import has_prepare  # noqa: E402
 from tests.harness import sample_video  # noqa: E402
 

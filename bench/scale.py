@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from daemon.config import parse_config  # noqa: E402
-from daemon.engine import Engine, JobInput  # noqa: E402
+from daemon.io.outbox import OutboxLayout  # noqa: E402
 from daemon.metrics import Metrics  # noqa: E402
-from daemon.outbox import OutboxLayout  # noqa: E402
+from daemon.runtime.engine import Engine, JobInput  # noqa: E402
 from tests.ray.stages_for_ray import EXTRA_STAGES  # noqa: E402
 
 

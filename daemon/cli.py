@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.serve import Daemon
+    from daemon.service.serve import Daemon
 
     try:
         config = load_config(args.config)
@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True)
     for name, helptext in (
-        ("serve", "run the daemon over daemon.inbox / daemon.outbox"),
+        ("serve", "run the daemon over daemon.io.inbox / daemon.io.outbox"),
         ("run", "one-shot: process meta_path into save_folder and exit"),
         ("check", "validate a config, print every problem, exit 2 on any"),
     ):

@@ -19,10 +19,10 @@ from pathlib import Path
 import orjson
 
 from daemon.config import Config, ConfigError
-from daemon.engine import Engine, FileUnreadable, JobInput
+from daemon.io.outbox import OutboxLayout
+from daemon.io.readers import META_FORMATS, input_format
 from daemon.metrics import Metrics
-from daemon.outbox import OutboxLayout
-from daemon.readers import META_FORMATS, input_format
+from daemon.runtime.engine import Engine, FileUnreadable, JobInput
 
 log = logging.getLogger("reelflow")
 

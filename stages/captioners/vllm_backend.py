@@ -13,7 +13,7 @@ already decoded and sampled by the stage, and a metadata dict (`fps`, `duration`
 parser takes it (Qwen2.5-VL needs it for its time encoding; the others ignore it).
 
 The engine's life cycle (own loop thread, one start at a time per host, rebuild on death)
-is `stages/vllm_engine.py`'s, shared with the text steps.
+is `stages/engines/vllm.py`'s, shared with the text steps.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from stages.base import StageError
 from stages.captioners.hf_backend import Sampling
-from stages.vllm_engine import EngineThread
+from stages.engines.vllm import EngineThread
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The vLLM backend of the local text steps: one `AsyncLLM` engine per device (group).
 
-The engine's life cycle is `stages/vllm_engine.py`'s, shared with the captioners: the engine
+The engine's life cycle is `stages/engines/vllm.py`'s, shared with the captioners: the engine
 lives on an event loop of its own in a daemon thread, `generate` hands a batch over to it,
 every record becomes one request (a semaphore keeps at most `max_num_seqs` in flight) and
 vLLM's scheduler batches them continuously; engines on one host start one at a time.
@@ -21,8 +21,8 @@ import logging
 from typing import Any
 
 from stages.base import StageError, require
+from stages.engines.vllm import EngineThread
 from stages.text.local_lm import Generated, Sampling
-from stages.vllm_engine import EngineThread
 
 log = logging.getLogger(__name__)
 

@@ -175,7 +175,7 @@ def test_rotated_video_is_captioned_upright(make_captioner, videos):
 
 def test_transformers_backend_on_a_tensor_parallel_group_uses_its_first_gpu():
     from stages.captioners.hf_backend import single_device
-    from stages.vllm_engine import gpu_indices
+    from stages.engines.vllm import gpu_indices
 
     assert single_device("cuda:1", "S") == "cuda:1"
     assert single_device("cuda:2,cuda:3", "S") == "cuda:2"

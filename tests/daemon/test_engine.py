@@ -8,9 +8,9 @@ import json
 import pytest
 
 from daemon.config import parse_config
-from daemon.engine import Engine, JobInput
+from daemon.io.outbox import OutboxLayout
 from daemon.metrics import Metrics
-from daemon.outbox import OutboxLayout
+from daemon.runtime.engine import Engine, JobInput
 from tests.harness import read_jsonl
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from daemon.inbox import Inbox, is_ignored
+from daemon.io.inbox import Inbox, is_ignored
 
 pytestmark = pytest.mark.timeout(60)
 

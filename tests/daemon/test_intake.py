@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.intake import RowChecker, RowRules
-from daemon.readers import RowProblem
-from daemon.records import IdSet, duplicate_key, unreadable_row_key
+from daemon.io.intake import RowChecker, RowRules
+from daemon.io.readers import RowProblem
+from daemon.io.records import IdSet, duplicate_key, unreadable_row_key
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.readers import RowProblem, read_rows
+from daemon.io.readers import RowProblem, read_rows
 from tests.harness import PYTHON, REPO, read_jsonl, run_oneshot, write_config
 from tests.stages_for_tests import ENV
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.outbox import JobWriter, OutboxLayout, _truncate_torn_line
-from daemon.records import Record, duplicate_key, unreadable_row_key
+from daemon.io.outbox import JobWriter, OutboxLayout, _truncate_torn_line
+from daemon.io.records import Record, duplicate_key, unreadable_row_key
 
 
 def rec(rid: str | None, row_number: int, row: dict | None = None, key: str | None = None) -> Record:

@@ -8,7 +8,7 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.metrics import Metrics, MetricsServer
-from daemon.pipeline import JobRun, worker_devices
+from daemon.runtime.pipeline import JobRun, worker_devices
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.readers import RowProblem, UnreadableFile, _read_json_array, input_format, read_rows
+from daemon.io.readers import RowProblem, UnreadableFile, _read_json_array, input_format, read_rows
 
 
 def rows(path: Path, fmt: str | None = None) -> list[tuple[int, object]]:

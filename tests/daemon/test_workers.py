@@ -8,9 +8,11 @@ import time
 import pytest
 
 from daemon.config import step_config_model
+from daemon.hosts.local import LocalHost
+from daemon.io.records import Record
 from daemon.metrics import Metrics
-from daemon.records import Record
-from daemon.workers import BatchLimits, LocalHost, Worker, is_out_of_memory
+from daemon.runtime.batching import BatchLimits
+from daemon.runtime.worker import Worker, is_out_of_memory
 from tests.harness import metric_value
 from tests.stages_for_tests import Echo, OutOfMemoryError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Notifier
+from daemon.service.notify import Notifier
 from tests.harness import DaemonProcess, write_config
 from tests.ops.stages import ENV
 from tests.ops.util import jsonl, reloads, wait_for

@@ -10,7 +10,7 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.metrics import Metrics
-from daemon.pipeline import Pipeline
+from daemon.runtime.pipeline import Pipeline
 from tests.harness import metric_value
 from tests.ray.conftest import NAMESPACE
 

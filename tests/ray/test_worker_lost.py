@@ -7,9 +7,11 @@ from collections import Counter
 
 import pytest
 
+from daemon.hosts.base import WorkerGone, WorkerLost
+from daemon.io.records import Record
 from daemon.metrics import Metrics
-from daemon.records import Record
-from daemon.workers import BatchLimits, Worker, WorkerGone, WorkerLost
+from daemon.runtime.batching import BatchLimits
+from daemon.runtime.worker import Worker
 
 
 class FakeRemoteHost:

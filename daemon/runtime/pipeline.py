@@ -17,10 +17,13 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from daemon.config import Config, Step
+from daemon.hosts.base import StageHost
+from daemon.hosts.local import LocalHost
+from daemon.io.outbox import JobWriter
+from daemon.io.records import Record
 from daemon.metrics import Metrics
-from daemon.outbox import JobWriter
-from daemon.records import Record
-from daemon.workers import BatchLimits, Failure, LocalHost, StageHost, Worker
+from daemon.runtime.batching import BatchLimits
+from daemon.runtime.worker import Failure, Worker
 from stages.base import is_async
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ class Pipeline:
         self.queues: list[asyncio.Queue[Record]] = [asyncio.Queue(maxsize=s.config.queue_size) for s in config.steps]
         self.workers: list[list[Worker]] = [[] for _ in config.steps]
         self.jobs: dict[str, JobRun] = {}
-        self.remote = None  # the Ray cluster (daemon.ray_backend.RayCluster) when a step's workers run there
+        self.remote = None  # the Ray cluster (daemon.hosts.ray.host.RayCluster) when a step's workers run there
         for step, queue in zip(config.steps, self.queues, strict=True):
             metrics.queue_depth.labels(step.label).set_function(queue.qsize)
         self._group: asyncio.TaskGroup | None = None
@@ -129,7 +132,7 @@ class Pipeline:
     async def connect(self) -> None:
         """Join the Ray cluster if a step's workers run there (`workers: {backend: ray}`); before build_workers."""
         if self.remote is None and any(step.workers.backend == "ray" for step in self.steps):
-            from daemon.ray_backend import RayCluster
+            from daemon.hosts.ray.host import RayCluster
 
             self.remote = RayCluster(self.config.file.workers, lambda: self.steps, self.metrics)
             await self.remote.connect()

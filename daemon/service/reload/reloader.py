@@ -12,7 +12,7 @@ with the config in force:
   prep threads) go to each worker in place, its model stays loaded; changes of the stage's
   `heavy_keys` (model path, dtype, tensor parallelism, ...) or of its devices reload or move
   workers one at a time; adding, removing or reordering steps (or resizing a queue)
-  drains the pipeline and rebuilds it (see daemon/rollout.py);
+  drains the pipeline and rebuilds it (see daemon/service/reload/rollout.py);
 - if a new model fails to load, everything is put back and the reload counts as an error.
 
 Each worker stamps the records it takes with the digest of the config it runs with, so a
@@ -31,18 +31,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.config import Config, ConfigError, parse_config
-from daemon.inbox import DEFAULT_IGNORE
-from daemon.rollout import PLACEMENT_KEYS, Rebuild, ReloadFailed, Rollout, StepChange
+from daemon.io.inbox import DEFAULT_IGNORE
+from daemon.service.reload.rollout import PLACEMENT_KEYS, Rebuild, ReloadFailed, Rollout, StepChange
 
 if TYPE_CHECKING:
-    from daemon.serve import Daemon
+    from daemon.service.serve import Daemon
 
 log = logging.getLogger("reelflow.reload")
 
 # (key path, why it cannot change live)
 FIXED_KEYS = (
-    ("daemon.inbox", "the inbox is claimed and watched from start-up"),
-    ("daemon.outbox", "jobs in progress write there"),
+    ("daemon.io.inbox", "the inbox is claimed and watched from start-up"),
+    ("daemon.io.outbox", "jobs in progress write there"),
     ("daemon.metrics.host", "the metrics server is bound at start-up"),
     ("daemon.metrics.port", "the metrics server is bound at start-up"),
     ("meta_folder", "jobs being read resolve their paths with it"),
@@ -248,7 +248,7 @@ class Reloader:
         plan = plan_reload(old, new)
         if plan.refused:
             return self._refuse(plan.refused)
-        pipeline = daemon.engine.pipeline
+        pipeline = daemon.runtime.engine.pipeline
         try:
             if plan.rebuild:
                 await Rebuild(pipeline).apply(old, new)
@@ -260,7 +260,7 @@ class Reloader:
             if not change.changed:
                 for worker in pipeline.workers[change.new.index]:
                     worker.config_digest = new.digest
-        daemon.config = daemon.engine.config = pipeline.config = new
+        daemon.config = daemon.runtime.engine.config = pipeline.config = new
         daemon.apply_settings(new)
         self._set_watch(new.daemon.watch_config)
         daemon.metrics.set_config(new.digest)

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from daemon.records import IdSet, Record, duplicate_key, unreadable_row_key
+from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
 
 STATE_DIR = ".reelflow"
 

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from daemon.config import Step, WorkerSettings, WorkersSection
-from daemon.workers import WorkerGone, WorkerLost
+from daemon.hosts.base import WorkerGone, WorkerLost
 from stages.base import Stage, StageConfig, StageError, has_prepare, is_async
 
 log = logging.getLogger(__name__)

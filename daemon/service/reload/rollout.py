@@ -1,6 +1,6 @@
 """Apply a validated config to a running pipeline, as one transaction.
 
-Two strategies (daemon/reload.py picks one per reload):
+Two strategies (daemon/service/reload/reloader.py picks one per reload):
 
 - `Rollout`: the steps are the same (same types and names, same order). Per step, per
   worker: light changes drain that worker, hand the stage its new settings and resume it;
@@ -28,8 +28,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from daemon.config import Config, Step
-from daemon.pipeline import Pipeline, batch_limits
-from daemon.workers import StageHost, Worker
+from daemon.hosts.base import StageHost
+from daemon.runtime.pipeline import Pipeline, batch_limits
+from daemon.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 

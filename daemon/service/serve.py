@@ -4,7 +4,7 @@ Start-up: metrics server, load every stage, write `<outbox>/.reelflow/daemon.jso
 the jobs left in `inbox/.work/`, then claim settled files as they arrive. SIGTERM/SIGINT:
 stop reading, let in-flight records finish for up to `drain_timeout_s`, exit 0; unfinished
 jobs stay claimed for the next start. A second signal exits at once. SIGHUP (and a change
-of the config file) reloads the config (daemon/reload.py). Under systemd it reports its
+of the config file) reloads the config (daemon/service/reload/reloader.py). Under systemd it reports its
 state over sd_notify (daemon/notify.py).
 """
 
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.engine import Engine, FileUnreadable, JobInput
-from daemon.inbox import Inbox
-from daemon.jobs import (
+from daemon.io.inbox import Inbox
+from daemon.io.jobs import (
     DONE,
     WORK,
     JobEntry,
@@ -31,11 +30,12 @@ from daemon.jobs import (
     unique_destination,
     write_json_atomic,
 )
+from daemon.io.outbox import STATE_DIR, OutboxLayout
+from daemon.io.readers import input_format
 from daemon.metrics import Metrics, MetricsServer
-from daemon.notify import Notifier
-from daemon.outbox import STATE_DIR, OutboxLayout
-from daemon.readers import input_format
-from daemon.reload import Reloader, inbox_ignore
+from daemon.runtime.engine import Engine, FileUnreadable, JobInput
+from daemon.service.notify import Notifier
+from daemon.service.reload.reloader import Reloader, inbox_ignore
 
 log = logging.getLogger("reelflow")
 

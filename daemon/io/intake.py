@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.readers import RowProblem
-from daemon.records import IdSet, Record, duplicate_key, unreadable_row_key
+from daemon.io.readers import RowProblem
+from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
 from stages.base import JOB, MEDIA_DIR, RECORD_ID, FieldKind
 
 PATH_KINDS = ("video", "image")

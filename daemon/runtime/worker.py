@@ -5,8 +5,8 @@ stage's `prepare` in the worker's own thread pool (so frames for the next batch 
 while the model runs this one), and `batches` collects prepared records into a batch of up
 to `batch_size` or whatever arrived within `max_wait_ms`, and calls the model.
 
-Where the stage runs is behind `StageHost`: `LocalHost` keeps it in this process (threads
-for blocking code); another host (e.g. a Ray actor, daemon/ray_backend.py) only has to offer
+Where the stage runs is behind `StageHost` (daemon/hosts/): `LocalHost` keeps it in this process (threads
+for blocking code); another host (e.g. a Ray actor, daemon/hosts/ray/) only has to offer
 the same calls. A remote host tells a lost worker apart from a stage error: it raises
 `WorkerLost` when the process running the stage died or hung (the batch did not fail, it
 was lost), and `WorkerGone` when it cannot get a worker back at all.
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
 
-from daemon.records import Record
-from stages.base import Stage, StageConfig, StageError, has_prepare, is_async
+from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
+from daemon.io.records import Record
+from daemon.runtime.batching import BatchLimits, CallGate
+from stages.base import StageError
 
 log = logging.getLogger(__name__)
 
@@ -34,92 +31,7 @@ Failure = tuple[Record, str, str]  # record, error type, message
 Advance = Callable[[int, list[Record], list[Failure]], Awaitable[None]]
 
 
-class WorkerLost(Exception):
-    """The worker process died or hung during a call: the batch is retried, not failed.
-
-    `kind` names the cause in the errors file when a record keeps losing workers
-    (WorkerCrashed, WorkerTimeout).
-    """
-
-    def __init__(self, message: str, kind: str = "WorkerCrashed"):
-        super().__init__(message)
-        self.kind = kind
-
-
-class WorkerGone(Exception):
-    """No worker can be had for this host (replacements exhausted): the pipeline stops;
-    its records stay unwritten and their job resumes at the next start."""
-
-
 CRASHES_BEFORE_ERROR = 2  # a record that crashes its worker this often, alone on it, goes to errors
-
-
-class StageHost(Protocol):
-    """Where one resident stage lives. All calls are awaitable and never block the loop."""
-
-    async def load(self) -> None: ...
-    async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]: ...
-    async def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]: ...
-    async def close(self) -> None: ...
-    def take_usage(self) -> Counter[str]: ...
-    def reconfigure(self, config: StageConfig) -> None: ...
-
-
-class LocalHost:
-    """The stage in this process: blocking calls in threads, `aprocess` awaited on the loop."""
-
-    # Model loading is not thread-safe (transformers' lazy imports, accelerate's init_empty_weights
-    # patching torch process-wide), so the stages of one process load one at a time.
-    _loading = threading.Lock()
-
-    def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
-        self.stage = stage_cls(config, device)
-        self._label = label
-        self._prep_size = prep_workers
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
-        self._prep_pool = (
-            ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
-        )
-
-    async def _in_model_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
-
-    def _load(self) -> None:
-        with LocalHost._loading:
-            self.stage.load()
-
-    async def load(self) -> None:
-        await self._in_model_thread(self._load)
-
-    async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]:
-        if self._prep_pool is None:
-            return fields
-        return await asyncio.get_running_loop().run_in_executor(self._prep_pool, self.stage.prepare, fields)
-
-    async def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        if is_async(self.stage):
-            return await self.stage.aprocess(batch)
-        return await self._in_model_thread(self.stage.process, batch)
-
-    async def close(self) -> None:
-        try:
-            await self._in_model_thread(self.stage.close)
-        finally:
-            self._model_thread.shutdown(wait=False, cancel_futures=True)
-            if self._prep_pool:
-                self._prep_pool.shutdown(wait=False, cancel_futures=True)
-
-    def take_usage(self) -> Counter[str]:
-        return self.stage.take_usage()
-
-    def reconfigure(self, config: StageConfig) -> None:
-        """Light change: the stage reads `self.config` on every call. Called while the worker is drained."""
-        self.stage.config = config
-        size = config.prep_workers
-        if self._prep_pool is not None and size != self._prep_size:
-            old, self._prep_pool = self._prep_pool, ThreadPoolExecutor(size, thread_name_prefix=f"{self._label}-prep")
-            self._prep_size = size
-            old.shutdown(wait=False)  # drained: nothing is queued on it
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -127,47 +39,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "out of memory" in text and ("cuda" in text or "alloc" in text or "device" in text)
-
-
-@dataclass
-class BatchLimits:
-    batch_size: int
-    max_wait_s: float
-    concurrency: int  # batches in flight at once (async stages, remote hosts)
-
-
-class CallGate:
-    """Calls share the host, except a call retrying a lost batch, which runs alone on it:
-    then a crash can only be that batch's doing."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0  # exclusive calls waiting: they go before new shared ones
-
-    @asynccontextmanager
-    async def hold(self, alone: bool) -> AsyncIterator[None]:
-        async with self._changed:
-            if alone:
-                self._waiting += 1
-                try:
-                    await self._changed.wait_for(lambda: not self._exclusive and self._shared == 0)
-                finally:
-                    self._waiting -= 1
-                self._exclusive = True
-            else:
-                await self._changed.wait_for(lambda: not self._exclusive and self._waiting == 0)
-                self._shared += 1
-        try:
-            yield
-        finally:
-            async with self._changed:
-                if alone:
-                    self._exclusive = False
-                else:
-                    self._shared -= 1
-                self._changed.notify_all()
 
 
 class Worker:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.intake import Checked, RowChecker, RowRules
+from daemon.io.intake import Checked, RowChecker, RowRules
+from daemon.io.outbox import JobWriter, OutboxLayout
+from daemon.io.readers import UnreadableFile, read_rows
+from daemon.io.records import Record, unreadable_row_key
 from daemon.metrics import Metrics
-from daemon.outbox import JobWriter, OutboxLayout
-from daemon.pipeline import HostFactory, JobRun, Pipeline, local_host
-from daemon.readers import UnreadableFile, read_rows
-from daemon.records import Record, unreadable_row_key
+from daemon.runtime.pipeline import HostFactory, JobRun, Pipeline, local_host
 
 log = logging.getLogger(__name__)
 
