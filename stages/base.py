@@ -13,7 +13,9 @@ allowed roots), the outputs of earlier steps, and three reserved keys the runtim
   (created on demand by `media_path`).
 
 `process` returns, for each input, a dict of *new fields* to merge into the record (e.g.
-`{"text": "a caption"}`), or a `StageError`. A `Path` value in an output is written to
+`{"text": "a caption"}`), a `StageError`, a `Filtered` (the record is dropped on purpose),
+or a list of dicts: the record fans out into children (clips of a video), each a dict of
+the child's own new fields on top of its parent's. A `Path` value in an output is written to
 the results relative to the outbox, so stages return absolute `Path`s for the files they
 make.
 """
@@ -56,6 +58,29 @@ class StageError(Exception):
 
     def __repr__(self) -> str:
         return f"StageError({self.error_type}: {self.message})"
+
+
+class Filtered:
+    """Returned in a record's slot to drop it on purpose (too still, too short, a duplicate).
+
+    The record goes to `outbox/<job>.filtered.jsonl` with `reason` (what was measured, the
+    value and the limit) and `scores` (the measurements, so a threshold can be revisited).
+    """
+
+    __slots__ = ("reason", "scores")
+
+    def __init__(self, reason: str, scores: dict[str, Any] | None = None):
+        self.reason = reason
+        self.scores = dict(scores or {})
+
+    def __repr__(self) -> str:
+        return f"Filtered({self.reason!r}, {self.scores!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Filtered) and (self.reason, self.scores) == (other.reason, other.scores)
+
+
+StageOutput = "dict[str, Any] | StageError | Filtered | list[dict[str, Any]]"
 
 
 class StageConfig(BaseModel):
