@@ -80,9 +80,6 @@ class Filtered:
         return isinstance(other, Filtered) and (self.reason, self.scores) == (other.reason, other.scores)
 
 
-StageOutput = "dict[str, Any] | StageError | Filtered | list[dict[str, Any]]"
-
-
 class StageConfig(BaseModel):
     """Base of every stage's `config:` block. Unknown keys are refused.
 
