@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -104,6 +105,20 @@ class StageConfig(BaseModel):
         return {}
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs, as the stage declares it for a given config.
+
+    The runtime (local placement, Ray placement, batching) reads this and nothing else of a
+    stage's config: it never guesses settings by attribute name.
+    """
+
+    accelerators: int = 0  # GPUs per worker (a tensor-parallel group takes several); 0 = CPU only
+    concurrency_slots: int = 1  # records in flight at once per worker (an API's max_num_seqs)
+    asynchronous: bool = False  # the worker awaits `aprocess` (else `process` runs in a thread)
+    prepares: bool = False  # the stage has a per-record `prepare` run ahead of the model
+
+
 class Stage:
     """One resident transform. Subclasses set `Config` and implement `load`/`process`.
 
@@ -132,6 +147,15 @@ class Stage:
     def uses_accelerator(cls, config: StageConfig) -> bool:
         """Whether this configuration wants a GPU (override when a `backend` key decides)."""
         return cls.accelerated
+
+    @classmethod
+    def resources(cls, config: StageConfig) -> Resources:
+        """What one worker needs with this config; stages whose needs depend on a key override it."""
+        return Resources(
+            accelerators=1 if cls.uses_accelerator(config) else 0,
+            asynchronous=callable(getattr(cls, "aprocess", None)),
+            prepares=callable(getattr(cls, "prepare", None)),
+        )
 
     def load(self) -> None:
         """Load weights once; may be slow. Called in a worker thread."""
