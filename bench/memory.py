@@ -74,9 +74,9 @@ def main() -> int:
             time.sleep(1.0)
             baseline = status_kb(pid, "VmRSS")
             samples = [baseline]
-            daemon.io.inbox.mkdir(parents=True, exist_ok=True)
+            daemon.inbox.mkdir(parents=True, exist_ok=True)
             started = time.monotonic()
-            staged.rename(daemon.io.inbox / staged.name)
+            staged.rename(daemon.inbox / staged.name)
             state = None
             while time.monotonic() - started < args.timeout:
                 samples.append(status_kb(pid, "VmRSS"))
@@ -88,7 +88,7 @@ def main() -> int:
             high_water = status_kb(pid, "VmHWM")
             assert daemon.stop() == 0, daemon.log()[-2000:]
         assert state and state["state"] == "done", f"job not done: {state}"
-        with (daemon.io.outbox / "million.jsonl").open("rb") as results:
+        with (daemon.outbox / "million.jsonl").open("rb") as results:
             written = sum(1 for _ in results)
         assert written == args.rows == state["ok"], (written, state)
 

@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True)
     for name, helptext in (
-        ("serve", "run the daemon over daemon.io.inbox / daemon.io.outbox"),
+        ("serve", "run the daemon over daemon.inbox / daemon.outbox"),
         ("run", "one-shot: process meta_path into save_folder and exit"),
         ("check", "validate a config, print every problem, exit 2 on any"),
     ):

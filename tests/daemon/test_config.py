@@ -103,8 +103,8 @@ def test_env_expansion(monkeypatch):
     )
     config = parse_config(text)
     assert config.steps[0].config.num_frames == 6
-    assert config.daemon.io.inbox == Path("/srv/drop/in")
-    assert config.daemon.io.outbox == Path("/srv/out")
+    assert config.daemon.inbox == Path("/srv/drop/in")
+    assert config.daemon.outbox == Path("/srv/out")
 
 
 def test_missing_env_var_is_a_problem_with_its_path(monkeypatch):
@@ -112,8 +112,8 @@ def test_missing_env_var_is_a_problem_with_its_path(monkeypatch):
     monkeypatch.delenv("RF_TEST_UNSET2", raising=False)
     text = GOOD + "daemon: {inbox: '${RF_TEST_UNSET}', outbox: '${RF_TEST_UNSET2}/x'}\n"
     problems = problems_of(text)
-    assert any(p.startswith("daemon.io.inbox: environment variable ${RF_TEST_UNSET} is not set") for p in problems)
-    assert any(p.startswith("daemon.io.outbox: environment variable ${RF_TEST_UNSET2} is not set") for p in problems)
+    assert any(p.startswith("daemon.inbox: environment variable ${RF_TEST_UNSET} is not set") for p in problems)
+    assert any(p.startswith("daemon.outbox: environment variable ${RF_TEST_UNSET2} is not set") for p in problems)
     assert "${RF_TEST_UNSET:-default}" in problems[0]  # says how to fix it
 
 

@@ -83,9 +83,9 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
         time.sleep(rng.uniform(0.2, 1.2))
         daemon.kill()  # SIGKILL
         kills += 1
-        progress.append({j: len(read_jsonl(daemon.io.outbox / f"{j}.jsonl")) for j in jobs})
+        progress.append({j: len(read_jsonl(daemon.outbox / f"{j}.jsonl")) for j in jobs})
         if round_number == 2:  # what power loss can leave: a torn last line
-            with (daemon.io.outbox / "alpha.jsonl").open("ab") as handle:
+            with (daemon.outbox / "alpha.jsonl").open("ab") as handle:
                 handle.write(b'{"id": "a299", "echo": "a2')
         if all((daemon.job_state(j) or {}).get("state") == "done" for j in jobs):
             break
@@ -98,8 +98,8 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
     for name, (_, ok_ids, bad_rows) in inputs.items():
         job = Path(name).stem
         assert states[job]["state"] == "done", context
-        results = strict_lines(daemon.io.outbox / f"{job}.jsonl")
-        errors = strict_lines(daemon.io.outbox / f"{job}.errors.jsonl")
+        results = strict_lines(daemon.outbox / f"{job}.jsonl")
+        errors = strict_lines(daemon.outbox / f"{job}.errors.jsonl")
         result_ids = [r["id"] for r in results]
         assert len(result_ids) == len(set(result_ids)), f"duplicate results {context}"
         failed_ids = {i for i in FAIL_IDS if i in ok_ids}
@@ -112,7 +112,7 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
         assert len(results) + len(errors) == len(ok_ids) + len(bad_rows), context
         assert all(r["echo"] == r["id"] == r["echo2"] for r in results), context
         assert set(result_ids) <= processed_at_least_once, context
-    assert not any((daemon.io.inbox / ".work").iterdir())
+    assert not any((daemon.inbox / ".work").iterdir())
 
 
 @pytest.mark.timeout(120)
@@ -126,7 +126,7 @@ def test_same_content_again_does_no_work_and_a_new_file_under_a_used_name_is_num
         processed = batch_log.read_text()
 
         daemon.drop_text("clips.jsonl", content)  # the same bytes again
-        wait_until(lambda: (daemon.io.inbox / ".done" / "clips.1.jsonl").exists(), 30, "re-drop moved to .done")
+        wait_until(lambda: (daemon.inbox / ".done" / "clips.1.jsonl").exists(), 30, "re-drop moved to .done")
         time.sleep(0.3)
         assert batch_log.read_text() == processed  # the stage saw nothing new
         assert daemon.job_state("clips-2") is None

@@ -109,7 +109,7 @@ def test_mixed_inbox_every_record_accounted_for(tmp_path, videos):
         assert daemon.http("/healthz") == (200, "ok\n")
         assert daemon.http("/readyz") == (200, "ready\n")
         assert daemon.http("/nope")[0] == 404
-        inbox = daemon.io.inbox
+        inbox = daemon.inbox
         ignored = [".hidden.jsonl", "x.tmp", "x.part", "x.partial", "x.jsonl~", ".hidden.mp4"]
         for name in ignored:
             (inbox / name).write_text('{"id": "never", "video": "bikes.mp4"}\n')
@@ -173,7 +173,7 @@ def test_mixed_inbox_every_record_accounted_for(tmp_path, videos):
             for result in results:
                 assert result["probe"]["num_frames"] > 0 and len(result["frames"]) == 2
                 for frame in result["frames"]:
-                    assert (daemon.io.outbox / frame).is_file() and frame.startswith(f"media/{job}/")
+                    assert (daemon.outbox / frame).is_file() and frame.startswith(f"media/{job}/")
         assert states["slow"]["claimed_at"] >= last_write["at"] - 0.01, "slow.jsonl was claimed while being written"
         assert next(r for r in daemon.results("quoted") if r["id"] == "c1")["caption"] == "two\r\nlines, and a comma"
         assert daemon.results("dropped")[0]["video"] == "dropped.webm"
@@ -191,7 +191,7 @@ def test_mixed_inbox_every_record_accounted_for(tmp_path, videos):
             assert report["file"] == name and report["error"].startswith(name)
         assert "expected a JSON array" in json.loads((failed / "notarray.json.error.json").read_text())["error"]
         assert "unsupported file type '.txt'" in json.loads((failed / "notes.txt.error.json").read_text())["error"]
-        assert not (daemon.io.outbox / "notarray.jsonl").exists() or not daemon.results("notarray")
+        assert not (daemon.outbox / "notarray.jsonl").exists() or not daemon.results("notarray")
         assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == sorted(ignored)
         assert not any((inbox / ".work").iterdir())
         done_files = {p.name for p in (inbox / ".done").iterdir()}
@@ -226,7 +226,7 @@ def test_mixed_inbox_every_record_accounted_for(tmp_path, videos):
         assert "reelflow_config_reloads_total" in text
 
         assert daemon.stop(signal.SIGTERM) == 0
-    assert not (daemon.io.outbox / ".reelflow" / "daemon.json").exists()
+    assert not (daemon.outbox / ".reelflow" / "daemon.json").exists()
 
 
 def _parquet(folder: Path, videos) -> Path:

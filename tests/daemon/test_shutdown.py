@@ -61,10 +61,10 @@ def test_sigterm_drains_in_flight_records_and_the_rest_resumes(tmp_path):
         results = [r["id"] for r in daemon.results("rows")]
         assert len(results) == len(set(results)) < len(ALL)
         assert logged_ids(tmp_path) <= set(results)  # every batch the stage started was written
-        assert (daemon.io.inbox / ".work" / "rows.jsonl").exists()
+        assert (daemon.inbox / ".work" / "rows.jsonl").exists()
         assert daemon.job_state("rows")["state"] == "claimed"
         assert "stopping intake and draining" in daemon.log()
-        assert not (daemon.io.outbox / ".reelflow" / "daemon.json").exists()
+        assert not (daemon.outbox / ".reelflow" / "daemon.json").exists()
     finish_and_check(config)
 
 
@@ -95,7 +95,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
         assert daemon.stop(signal.SIGTERM, timeout=30) == 1
         assert time.monotonic() - started < 3
         assert "exiting now without draining" in daemon.log()
-    assert not read_jsonl(daemon.io.outbox / "rows.jsonl")
+    assert not read_jsonl(daemon.outbox / "rows.jsonl")
     finish_and_check(config)
 
 
@@ -107,7 +107,7 @@ def test_sigterm_while_reading_a_file_of_bad_rows(tmp_path):
     rows = 200_000
     with DaemonProcess(config, env=ENV) as daemon:
         daemon.drop_text("bad.jsonl", '{"id": broken\n' * rows)
-        wait_until(lambda: (daemon.io.outbox / "bad.errors.jsonl").exists(), 30, "first errors", daemon.log)
+        wait_until(lambda: (daemon.outbox / "bad.errors.jsonl").exists(), 30, "first errors", daemon.log)
         started = time.monotonic()
         assert daemon.stop(timeout=60) == 0
         assert time.monotonic() - started < 20, "the drain waited for rejected rows"

@@ -83,7 +83,7 @@ def test_nine_generators_through_the_daemon(tiny_models, data, tmp_path):
     assert sorted(line["id"] for line in results) == ["a", "b"]
     for line in results:
         assert line["SVDGenerator"] == f"media/prompts/{line['id']}_SVDGenerator.mp4"
-        check_outputs(line, daemon.io.outbox)
+        check_outputs(line, daemon.outbox)
     step = next(s for s in _step_labels(metrics) if s.endswith("_CogVideoXT2VGenerator"))
     assert metric_value(metrics, "reelflow_generated_frames_total", step=step) == 2 * 9
 
@@ -124,6 +124,6 @@ def test_shipped_chained_config_through_the_daemon(tiny_models, tmp_path):
             f"media/{prompts.stem}/{line['id']}_first_frame.png",
             f"media/{prompts.stem}/{line['id']}.mp4",
         )
-        first = read_png(daemon.io.outbox / line["first_frame"])
-        frames, fps, _, _ = read_video(daemon.io.outbox / line["video"])
+        first = read_png(daemon.outbox / line["first_frame"])
+        frames, fps, _, _ = read_video(daemon.outbox / line["video"])
         assert first.shape == (32, 48, 3) and frames.shape == (4, 32, 48, 3) and fps == 7.0

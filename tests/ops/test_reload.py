@@ -75,7 +75,7 @@ def test_plan_classifies_each_kind_of_change(parse, tmp_path: Path):
     assert daemon_only.daemon_keys == {"log_level", "settle_ms", "ignore"} and not daemon_only.refused
 
     refused = plan(daemon__inbox="other", daemon__metrics={"port": 9999}, video_key="clip")
-    assert [line.split(":")[0] for line in refused.refused] == ["daemon.io.inbox", "daemon.metrics.port", "video_key"]
+    assert [line.split(":")[0] for line in refused.refused] == ["daemon.inbox", "daemon.metrics.port", "video_key"]
     assert all("restart the daemon" in line for line in refused.refused)
 
 
@@ -118,7 +118,7 @@ def test_sighup_reloads_and_refusals_name_the_key(tmp_path: Path):
         daemon.process.send_signal(signal.SIGHUP)
         wait_for(lambda: reloads(daemon) == (2, 2), 10, "the refused reload", daemon)
         log = daemon.log()
-        assert "daemon.io.outbox: cannot change while the daemon runs" in log
+        assert "daemon.outbox: cannot change while the daemon runs" in log
         assert "daemon.metrics.port: cannot change while the daemon runs" in log
         assert config_in_force(daemon.metrics()) == in_force
         assert daemon.stop() == 0

@@ -78,11 +78,11 @@ def test_inbox_run_on_ray_matches_local(tmp_path, videos, ray_cluster):
     assert outcome(results, errors) == outcome(local[2], local[3])
     assert {r["id"] for r in results} >= {"bunny", "bikes", "h264", "vp9_webm"}
     for result in results:
-        frames = [daemon.io.outbox / p for p in result["frames"]]
+        frames = [daemon.outbox / p for p in result["frames"]]
         assert frames and all(f.is_file() and f.stat().st_size > 0 for f in frames)
     # the broken meta file ends as the local run ends it; the unsupported file is refused
     assert broken == local[-1] and broken[1]
-    assert (daemon.io.inbox / ".failed" / "notes.txt").is_file()
+    assert (daemon.inbox / ".failed" / "notes.txt").is_file()
 
     # the workers were Ray actors: one per (logical) GPU for each step, placed and alive
     for step in ("step_0_VideoProcessor_VideoProbe", "step_1_VideoProcessor_FrameSampler"):

@@ -112,7 +112,7 @@ def test_daemon_chain_retries_faults_and_never_writes_the_key(tmp_path, proxy, l
     assert max(waits) >= 1.0  # the 429'd record came back only after Retry-After
     # The key reached the server, and no file the daemon wrote holds it (nor its log, nor /metrics).
     assert proxy.log[0].headers["authorization"] == f"Bearer {SECRET}"
-    assert leaks(daemon.io.outbox) == [] and leaks(tmp_path / "inbox") == []
+    assert leaks(daemon.outbox) == [] and leaks(tmp_path / "inbox") == []
     assert SECRET not in daemon.log() and SECRET[:8] not in daemon.log() and SECRET not in metrics
 
 

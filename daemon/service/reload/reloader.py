@@ -41,8 +41,8 @@ log = logging.getLogger("reelflow.reload")
 
 # (key path, why it cannot change live)
 FIXED_KEYS = (
-    ("daemon.io.inbox", "the inbox is claimed and watched from start-up"),
-    ("daemon.io.outbox", "jobs in progress write there"),
+    ("daemon.inbox", "the inbox is claimed and watched from start-up"),
+    ("daemon.outbox", "jobs in progress write there"),
     ("daemon.metrics.host", "the metrics server is bound at start-up"),
     ("daemon.metrics.port", "the metrics server is bound at start-up"),
     ("meta_folder", "jobs being read resolve their paths with it"),
@@ -248,7 +248,7 @@ class Reloader:
         plan = plan_reload(old, new)
         if plan.refused:
             return self._refuse(plan.refused)
-        pipeline = daemon.runtime.engine.pipeline
+        pipeline = daemon.engine.pipeline
         try:
             if plan.rebuild:
                 await Rebuild(pipeline).apply(old, new)
@@ -260,7 +260,7 @@ class Reloader:
             if not change.changed:
                 for worker in pipeline.workers[change.new.index]:
                     worker.config_digest = new.digest
-        daemon.config = daemon.runtime.engine.config = pipeline.config = new
+        daemon.config = daemon.engine.config = pipeline.config = new
         daemon.apply_settings(new)
         self._set_watch(new.daemon.watch_config)
         daemon.metrics.set_config(new.digest)
