@@ -16,6 +16,7 @@ from daemon.io.intake import Checked, RowChecker, RowRules
 from daemon.io.outbox import JobWriter, OutboxLayout
 from daemon.io.readers import UnreadableFile, read_rows
 from daemon.io.records import Record, unreadable_row_key
+from daemon.io.sinks import JobSinks, ShardSink
 from daemon.metrics import Metrics
 from daemon.runtime.pipeline import HostFactory, JobRun, Pipeline, local_host
 
@@ -106,21 +107,33 @@ class Engine:
         if self._intake_stopped:
             feed.cancel()
         try:
-            try:
-                await feed
-            except asyncio.CancelledError:
-                if not feed.cancelled() or asyncio.current_task().cancelling():
-                    raise
-                # stop_intake(): no more rows; let what is in flight finish and keep the job claimed.
-                run.interrupted = True
-                await run.idle.wait()
-                return run
-            await run.finished.wait()
+            async with self._sinks(job.name, paths.results) as sinks:
+                try:
+                    await feed
+                except asyncio.CancelledError:
+                    if not feed.cancelled() or asyncio.current_task().cancelling():
+                        raise
+                    # stop_intake(): no more rows; let what is in flight finish and keep the job claimed.
+                    run.interrupted = True
+                    await run.idle.wait()
+                    return run
+                await run.finished.wait()
+                await sinks.finish()
         finally:
             self._feeds.discard(feed)
             await asyncio.to_thread(writer.close)
             self.pipeline.jobs.pop(job.name, None)
         return run
+
+    def _sinks(self, job: str, results: Path) -> JobSinks:
+        """The job's `daemon.outputs` shard sinks, following its results file."""
+        file = self.config.file
+        return JobSinks(
+            [
+                ShardSink(spec, job, results, self.layout.relative_to, file.video_key, file.text_key)
+                for spec in file.daemon.outputs
+            ]
+        )
 
     async def _feed(self, job: JobInput, run: JobRun, checker: RowChecker) -> None:
         video_key = self.config.file.video_key
