@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from daemon.config import OutputSpec, ParquetOutput, WebDatasetOutput
+from daemon.config import OutputSpec, WebDatasetOutput
 
 log = logging.getLogger(__name__)
 

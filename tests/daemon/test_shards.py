@@ -129,8 +129,9 @@ def test_kill_9_while_sharding_then_restart_every_sample_once(tmp_path):
     kills = 0
     daemon = DaemonProcess(config).start()
     daemon.drop(meta)
+    results = daemon.outbox / "rows.jsonl"
     for _ in range(3):
-        wait_until(lambda: len(read_jsonl(daemon.outbox / "rows.jsonl")) > 0, 60, "first results", daemon.log)
+        wait_until(lambda: len(read_jsonl(results)) > 0, 60, "first results", daemon.log)
         time.sleep(rng.uniform(0.2, 1.2))
         if daemon.job_state("rows") and daemon.job_state("rows")["state"] == "done":
             break
