@@ -182,6 +182,21 @@ class ParquetOutput(BaseModel):
     rows_per_file: int = Field(10000, ge=1, description="Rows per Parquet file.")
 
 
+class RemoteSection(BaseModel):
+    """Remote media (http(s)://, s3:// in a row's video/image field): fetched only from allowed prefixes."""
+
+    model_config = ConfigDict(extra="forbid")
+    allow: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes (or fnmatch globs) that may be fetched; empty: no URL is ever fetched.",
+    )
+    cache_dir: Path | None = Field(None, description="Where fetched files are kept; default <outbox>/.reelflow/remote.")
+    cache_max_gb: float = Field(20.0, gt=0, description="Least recently used files are evicted past this size.")
+    timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout of one fetch.")
+    retries: int = Field(3, ge=0, description="Retries (with backoff) on 5xx, 429, timeouts and broken connections.")
+    max_in_flight: int = Field(8, ge=1, description="Fetches at once.")
+
+
 OutputSpec = Annotated[WebDatasetOutput | ParquetOutput, Field(discriminator="format")]
 
 
@@ -200,6 +215,7 @@ class DaemonSection(BaseModel):
         True, description="Reload the config file when it changes (SIGHUP / `systemctl reload` always reloads)."
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    remote: RemoteSection = Field(default_factory=RemoteSection)
     outputs: list[OutputSpec] = Field(
         default_factory=list,
         description="Shard sinks fed from the results (webdataset tars, parquet files); reelflow run honours them too.",

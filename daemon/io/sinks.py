@@ -62,8 +62,8 @@ def duration_bucket(line: dict) -> str:
     probe = line.get("probe") if isinstance(line.get("probe"), dict) else {}
     if clip and clip.get("end_s") is not None and clip.get("start_s") is not None:
         seconds = float(clip["end_s"]) - float(clip["start_s"])
-    elif probe.get("duration"):
-        seconds = float(probe["duration"])
+    elif probe.get("duration_s"):
+        seconds = float(probe["duration_s"])
     else:
         return "unknown-len"
     for limit, name in ((5, "0-5s"), (10, "5-10s"), (30, "10-30s")):

@@ -14,8 +14,9 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.io.intake import Checked, RowChecker, RowRules
 from daemon.io.outbox import JobWriter, OutboxLayout
-from daemon.io.readers import UnreadableFile, read_rows
+from daemon.io.readers import RowProblem, UnreadableFile, read_rows
 from daemon.io.records import Record, unreadable_row_key
+from daemon.io.remote import MediaCache, RemoteFetchError, is_remote
 from daemon.io.sinks import JobSinks, ShardSink
 from daemon.metrics import Metrics
 from daemon.runtime.pipeline import HostFactory, JobRun, Pipeline, local_host
@@ -55,6 +56,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._feeds: set[asyncio.Task] = set()
         self._intake_stopped = False
+        self._media_cache: MediaCache | None = None  # remote media, fetched on first use
 
     async def start(self) -> None:
         await self.pipeline.connect()
@@ -91,7 +93,41 @@ class Engine:
             # inbox, maybe renamed to <stem>-2): `_feed` sets its real path, nothing to resolve here.
             required.pop(file.video_key, None)
             path_keys.discard(file.video_key)
-        return RowRules(required=required, path_keys=frozenset(path_keys), roots=(base,), base=base)
+        return RowRules(
+            required=required,
+            path_keys=frozenset(path_keys),
+            roots=(base,),
+            base=base,
+            remote_allow=tuple(file.daemon.remote.allow),
+        )
+
+    async def _fetch_remote(self, chunk: list[Checked], path_keys: frozenset[str], file_name: str) -> None:
+        """Fetch the allowed URLs of a chunk's rows into the media cache; a URL that cannot be had fails its row."""
+        wanted = [
+            (checked, key)
+            for checked in chunk
+            if checked.problem is None
+            for key in path_keys
+            if is_remote(checked.record.fields.get(key))
+        ]
+        if not wanted:
+            return
+        if self._media_cache is None:
+            remote = self.config.file.daemon.remote
+            self._media_cache = MediaCache(remote, remote.cache_dir or self.layout.results_dir / ".reelflow" / "remote")
+        cache = self._media_cache
+        fetched = await asyncio.gather(
+            *(cache.fetch(checked.record.fields[key]) for checked, key in wanted), return_exceptions=True
+        )
+        for (checked, key), outcome in zip(wanted, fetched, strict=True):
+            if isinstance(outcome, RemoteFetchError):
+                if checked.problem is None:
+                    where = f"{file_name}: row {checked.record.row_number}: field {key!r}"
+                    checked.problem = RowProblem(f"{where}: {outcome}", outcome.kind)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                checked.record.fields[key] = outcome
 
     async def run_job(self, job: JobInput) -> JobRun:
         paths = self.layout.for_job(job.name)
@@ -157,8 +193,10 @@ class Engine:
                 return chunk, exc, True
             return chunk, None, pulled < READ_CHUNK
 
+        path_keys = checker.rules.path_keys
         while True:
             chunk, failure, at_end = await asyncio.to_thread(next_chunk)
+            await self._fetch_remote(chunk, path_keys, job.display_name)
             rejected = [(c.record, c.problem.error_type, c.problem.message) for c in chunk if c.problem]
             if rejected:  # one write (and fsync) for the chunk's bad rows, not one each
                 await self.pipeline.reject(rejected)
