@@ -20,7 +20,9 @@ import fnmatch
 import hashlib
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from urllib.parse import urljoin, urlsplit
 
@@ -75,7 +77,10 @@ class MediaCache:
         self.folder = folder
         self._http = None
         self._s3 = None
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        # Its own threads: the loop's default pool has only cores + 4, fewer than max_in_flight may ask.
+        self._threads = ThreadPoolExecutor(settings.max_in_flight, thread_name_prefix="remote-fetch")
+        self._size: int | None = None  # bytes in the cache, counted on first use, then kept up to date
+        self._size_lock = threading.Lock()
         self.fetched = 0  # downloads (cache misses)
 
     def path_for(self, url: str) -> Path:
@@ -83,8 +88,12 @@ class MediaCache:
         return self.folder / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}{suffix}"
 
     async def fetch(self, url: str) -> Path:
-        async with self._slots:
-            return await asyncio.to_thread(self.fetch_blocking, url)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self.fetch_blocking, url)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._http is not None:
+            self._http.close()
 
     def fetch_blocking(self, url: str) -> Path:
         target = self.path_for(url)
@@ -107,8 +116,7 @@ class MediaCache:
                 delay = min(30.0, 0.25 * 2**attempt)
                 log.warning("fetching %s: %s; retry %d/%d in %.2f s", url, passing, attempt + 1, attempts - 1, delay)
                 time.sleep(delay)
-        self.fetched += 1
-        self._evict(keep=target)
+        self._added(target)
         return target
 
     @staticmethod
@@ -193,15 +201,24 @@ class MediaCache:
                 raise _Retry(f"{type(other).__name__}: {other}") from None
             raise
 
-    def _evict(self, keep: Path) -> None:
+    def _added(self, target: Path) -> None:
+        """Count a new file; past the cap, evict the least recently used (never `target`)."""
         cap = self.settings.cache_max_gb * (1 << 30)
-        files = [p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        stats = {p: p.stat() for p in files}
-        total = sum(s.st_size for s in stats.values())
-        for path in sorted(files, key=lambda p: stats[p].st_mtime):
-            if total <= cap:
-                break
-            if path == keep:
-                continue
-            total -= stats[path].st_size
-            path.unlink(missing_ok=True)
+        with self._size_lock:
+            self.fetched += 1
+            if self._size is None:
+                self._size = sum(p.stat().st_size for p in self._files())
+            else:
+                self._size += target.stat().st_size
+            if self._size <= cap:
+                return
+            files = {p: p.stat() for p in self._files()}
+            for path in sorted(files, key=lambda p: files[p].st_mtime):
+                if self._size <= cap:
+                    break
+                if path != target:
+                    path.unlink(missing_ok=True)
+                    self._size -= files[path].st_size
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")]

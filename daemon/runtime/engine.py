@@ -74,6 +74,8 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.pipeline.close()
+        if self._media_cache is not None:
+            self._media_cache.close()
 
     def stop_intake(self) -> None:
         """Stop reading every job's file; records already read still finish."""
