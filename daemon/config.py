@@ -197,6 +197,17 @@ class RemoteSection(BaseModel):
     max_in_flight: int = Field(8, ge=1, description="Fetches at once.")
 
 
+class SourceSpec(BaseModel):
+    """A remote prefix polled for new meta files, which are copied into the inbox (daemon/io/sources.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        description="The prefix to list: s3://bucket/incoming/ or an http(s):// folder index (needs reelflow[remote])."
+    )
+    poll_s: float = Field(60.0, gt=0, description="List it this often (seconds).")
+    pattern: str = Field("*", description="Only names matching this fnmatch pattern are taken.")
+
+
 OutputSpec = Annotated[WebDatasetOutput | ParquetOutput, Field(discriminator="format")]
 
 
@@ -216,6 +227,9 @@ class DaemonSection(BaseModel):
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     remote: RemoteSection = Field(default_factory=RemoteSection)
+    sources: list[SourceSpec] = Field(
+        default_factory=list, description="Remote prefixes polled for new meta files, taken into the inbox."
+    )
     outputs: list[OutputSpec] = Field(
         default_factory=list,
         description="Shard sinks fed from the results (webdataset tars, parquet files); reelflow run honours them too.",

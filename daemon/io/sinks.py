@@ -18,6 +18,7 @@ none is missing: the samples of an unfinished shard are simply packed again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
@@ -91,15 +92,43 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class _OpenShard:
-    """The shard being filled for one bucket: samples kept as encoded members until it closes."""
+    """The shard being filled for one bucket. A tar is streamed into its `.tmp` file as samples
+    come (the kernel writes it back meanwhile, so the fsync at the end is short); Parquet rows
+    are kept until the file is written whole."""
 
-    def __init__(self, bucket: str, index: int):
+    def __init__(self, bucket: str, index: int, final: Path, streamed: bool):
         self.bucket = bucket
         self.index = index
+        self.final = final
+        self.temporary = final.with_name(final.name + ".tmp")
         self.ids: list[str] = []
-        self.members: list[tuple[str, list[tuple[str, bytes]]]] = []  # key, [(extension, data)]
         self.lines: list[dict] = []
         self.bytes = 0
+        self._raw = self._tar = None
+        if streamed:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # Open until the shard is sealed (or abandoned), across many calls: no context manager.
+            self._raw = self.temporary.open("wb")  # noqa: SIM115
+            self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    def add_members(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        for extension, data in members:
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+            self.bytes += len(data)
+
+    def abandon(self) -> None:
+        """The job stopped before this shard was full: leave the `.tmp` for the restart to discard."""
+        if self._raw is not None and not self._raw.closed:
+            self._raw.close()
+
+    def seal_tar(self) -> None:
+        self._tar.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
 
 
 class ShardSink:
@@ -175,6 +204,11 @@ class ShardSink:
         for bucket in list(self._open):
             self._close(bucket)
 
+    def abandon(self) -> None:
+        for shard in self._open.values():
+            shard.abandon()
+        self._open.clear()
+
     def _bucket(self, line: dict) -> str:
         keys = getattr(self.spec, "bucket_by", None) or []
         return "_".join(BUCKETS[key](line) for key in keys)
@@ -183,12 +217,13 @@ class ShardSink:
         bucket = self._bucket(line)
         shard = self._open.get(bucket)
         if shard is None:
-            shard = self._open[bucket] = _OpenShard(bucket, self._next.get(bucket, 0))
+            index = self._next.get(bucket, 0)
+            stem = "shard" if isinstance(self.spec, WebDatasetOutput) else "part"
+            final = (self.folder / bucket if bucket else self.folder) / f"{stem}-{index:06d}{self._suffix()}"
+            shard = self._open[bucket] = _OpenShard(bucket, index, final, isinstance(self.spec, WebDatasetOutput))
         shard.ids.append(record_id)
         if isinstance(self.spec, WebDatasetOutput):
-            members = self._members(line)
-            shard.members.append((sample_key(record_id), members))
-            shard.bytes += sum(len(data) for _, data in members)
+            shard.add_members(sample_key(record_id), self._members(line))
         else:
             shard.lines.append(line)
             shard.bytes += len(orjson.dumps(line))
@@ -237,22 +272,17 @@ class ShardSink:
 
     def _close(self, bucket: str) -> None:
         shard = self._open.pop(bucket)
-        if not shard.ids:
-            return
-        folder = self.folder / bucket if bucket else self.folder
+        folder = shard.final.parent
         folder.mkdir(parents=True, exist_ok=True)
-        stem = "shard" if isinstance(self.spec, WebDatasetOutput) else "part"
-        final = folder / f"{stem}-{shard.index:06d}{self._suffix()}"
-        temporary = final.with_name(final.name + ".tmp")
         if isinstance(self.spec, WebDatasetOutput):
-            self._write_tar(temporary, shard)
+            shard.seal_tar()
         else:
-            self._write_parquet(temporary, shard)
-        size = temporary.stat().st_size
-        os.replace(temporary, final)
+            self._write_parquet(shard.temporary, shard)
+        size = shard.temporary.stat().st_size
+        os.replace(shard.temporary, shard.final)
         _fsync_dir(folder)
         entry = {
-            "file": str(final.relative_to(self.folder)),
+            "file": str(shard.final.relative_to(self.folder)),
             "bucket": bucket or None,
             "index": shard.index,
             "ids": shard.ids,
@@ -262,19 +292,6 @@ class ShardSink:
         _fsync_append(self.folder / INDEX, orjson.dumps(entry) + b"\n")
         self._next[bucket] = shard.index + 1
         self.written_shards += 1
-
-    @staticmethod
-    def _write_tar(path: Path, shard: _OpenShard) -> None:
-        with path.open("wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, members in shard.members:
-                    for extension, data in members:
-                        info = tarfile.TarInfo(f"{key}.{extension}")
-                        info.size = len(data)
-                        info.mode = 0o644
-                        tar.addfile(info, io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
 
     def _write_parquet(self, path: Path, shard: _OpenShard) -> None:
         import pyarrow as pa
@@ -308,6 +325,7 @@ class JobSinks:
     def __init__(self, sinks: list[ShardSink]):
         self.sinks = sinks
         self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     async def __aenter__(self) -> JobSinks:
         if self.sinks:
@@ -320,10 +338,15 @@ class JobSinks:
             sink.open()
 
     async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self.POLL_S)
-            for sink in self.sinks:
-                await asyncio.to_thread(sink.poll)
+        # Stopped by an event, never cancelled: a cancel would leave the poll running in its
+        # thread while `finish` starts in another, and two writers of one index lose shards.
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.POLL_S):
+                    await self._stopping.wait()
+            if not self._stopping.is_set():
+                for sink in self.sinks:
+                    await asyncio.shield(asyncio.to_thread(sink.poll))
 
     async def finish(self) -> None:
         """The job ended: pack what is left, close the partial shards."""
@@ -333,12 +356,14 @@ class JobSinks:
 
     async def _stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            if not self._task.cancelled() and self._task.exception() is not None:
-                raise self._task.exception()
-            self._task = None
+            self._stopping.set()
+            task, self._task = self._task, None
+            await task  # re-raises a sink's failure (a full disk, an unwritable path)
 
     async def __aexit__(self, *exc_info) -> None:
         # An interrupted job keeps its open shards unwritten: the restart packs them again.
-        await self._stop()
+        try:
+            await self._stop()
+        finally:
+            for sink in self.sinks:
+                sink.abandon()

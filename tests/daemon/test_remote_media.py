@@ -214,3 +214,30 @@ def test_the_cache_evicts_the_least_recently_used(tmp_path, media_server):
     assert cache.fetched == 3 and Media.hits["/clips/1.mp4"] == 1
     with pytest.raises(RemoteFetchError):
         cache.fetch_blocking(f"{media_server}/missing")
+
+
+def test_a_source_prefix_feeds_the_inbox_of_a_running_daemon(tmp_path, s3_bucket):
+    """`daemon.sources`: the real daemon lists an S3 prefix (moto) and takes new meta files once."""
+    import os
+
+    import boto3
+
+    from tests.daemon.util import ECHO, daemon_config, wait_until
+    from tests.harness import DaemonProcess
+
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.put_object(Bucket="clips", Key="incoming/first.jsonl", Body=b'{"id": 1}\n{"id": 2}\n')
+    client.put_object(Bucket="clips", Key="incoming/notes.txt", Body=b"not a meta file")
+    config = daemon_config(tmp_path, [ECHO], sources=[{"url": "s3://clips/incoming/", "poll_s": 0.3}])
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    with DaemonProcess(config, env=env) as daemon:
+        assert daemon.wait_for_job("first", 60)["state"] == "done"
+        client.put_object(Bucket="clips", Key="incoming/second.jsonl", Body=b'{"id": "a"}\n')
+        assert daemon.wait_for_job("second", 60)["state"] == "done"
+        time.sleep(1.0)  # a few more listings: nothing is taken twice
+        assert sorted(p.name for p in (daemon.inbox / ".done").iterdir()) == ["first.jsonl", "second.jsonl"]
+        assert [r["id"] for r in daemon.results("first")] == ["1", "2"]
+        wait_until(lambda: not any(daemon.inbox.glob("*.jsonl")), 10, "inbox empty", daemon.log)
+    taken = json.loads((daemon.outbox / ".reelflow" / "sources.json").read_text())
+    assert sorted(taken) == ["s3://clips/incoming/first.jsonl", "s3://clips/incoming/second.jsonl"]

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -144,6 +145,9 @@ def test_kill_9_while_sharding_then_restart_every_sample_once(tmp_path):
     assert state["state"] == "done", context
     index, samples = read_shards(shard_folder)
     listed = [i for e in index for i in e["ids"]]
+    twice = sorted(i for i, n in Counter(listed).items() if n > 1)
+    missing = sorted({f"k{n}" for n in range(rows)} - set(listed))
+    context += f" twice: {twice}, missing: {missing}, shards: {[(e['file'], e['samples']) for e in index]}"
     assert sorted(listed) == sorted(f"k{n}" for n in range(rows)), context  # none missing, none twice
     assert sorted(s["__key__"] for s in samples) == sorted(listed), context
     assert all(s["txt"] == f"t{s['__key__'][1:]}".encode() for s in samples), context
