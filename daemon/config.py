@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -153,6 +153,64 @@ class MetricsSection(BaseModel):
     port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 picks a free one.")
 
 
+class WebDatasetOutput(BaseModel):
+    """WebDataset tar shards built from the results as they are appended (daemon/io/sinks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["webdataset"] = Field(description="webdataset: tar shards, one sample per result.")
+    path: Path = Field(description="Folder for the shards; each job writes <path>/<job>/shard-000000.tar ...")
+    shard_max_samples: int = Field(1000, ge=1, description="A shard is closed once it holds this many samples.")
+    shard_max_bytes: int = Field(
+        1 << 30, ge=1, description="... or once its members add up to this many bytes (default 1 GiB)."
+    )
+    fields: list[str] = Field(
+        default_factory=lambda: ["video", "json", "txt"],
+        description="What each sample holds: video (the clip file at video_key), json (the result line), "
+        "txt (the text at text_key), or any result field (its file or files, else its value as json).",
+    )
+    bucket_by: list[Literal["resolution", "duration"]] = Field(
+        default_factory=list, description="Separate shard series per bucket: resolution (short side), duration."
+    )
+
+
+class ParquetOutput(BaseModel):
+    """Parquet files built from the results as they are appended (daemon/io/sinks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["parquet"] = Field(description="parquet: the results as Parquet files, one schema for all.")
+    path: Path = Field(description="Folder for the files; each job writes <path>/<job>/part-000000.parquet ...")
+    rows_per_file: int = Field(10000, ge=1, description="Rows per Parquet file.")
+
+
+class RemoteSection(BaseModel):
+    """Remote media (http(s)://, s3:// in a row's video/image field): fetched only from allowed prefixes."""
+
+    model_config = ConfigDict(extra="forbid")
+    allow: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes (or fnmatch globs) that may be fetched; empty: no URL is ever fetched.",
+    )
+    cache_dir: Path | None = Field(None, description="Where fetched files are kept; default <outbox>/.reelflow/remote.")
+    cache_max_gb: float = Field(20.0, gt=0, description="Least recently used files are evicted past this size.")
+    timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout of one fetch.")
+    retries: int = Field(3, ge=0, description="Retries (with backoff) on 5xx, 429, timeouts and broken connections.")
+    max_in_flight: int = Field(8, ge=1, description="Fetches at once.")
+
+
+class SourceSpec(BaseModel):
+    """A remote prefix polled for new meta files, which are copied into the inbox (daemon/io/sources.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        description="The prefix to list: s3://bucket/incoming/ or an http(s):// folder index (needs reelflow[remote])."
+    )
+    poll_s: float = Field(60.0, gt=0, description="List it this often (seconds).")
+    pattern: str = Field("*", description="Only names matching this fnmatch pattern are taken.")
+
+
+OutputSpec = Annotated[WebDatasetOutput | ParquetOutput, Field(discriminator="format")]
+
+
 class DaemonSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inbox: Path = Field(Path("inbox"), description="Folder watched for meta files and videos.")
@@ -168,6 +226,14 @@ class DaemonSection(BaseModel):
         True, description="Reload the config file when it changes (SIGHUP / `systemctl reload` always reloads)."
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    remote: RemoteSection = Field(default_factory=RemoteSection)
+    sources: list[SourceSpec] = Field(
+        default_factory=list, description="Remote prefixes polled for new meta files, taken into the inbox."
+    )
+    outputs: list[OutputSpec] = Field(
+        default_factory=list,
+        description="Shard sinks fed from the results (webdataset tars, parquet files); reelflow run honours them too.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
 
 

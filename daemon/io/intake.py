@@ -12,6 +12,7 @@ from typing import Any
 
 from daemon.io.readers import RowProblem
 from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
+from daemon.io.remote import allowing_rule, is_remote, refusal
 from stages.base import JOB, MEDIA_DIR, RECORD_ID, FieldKind
 
 PATH_KINDS = ("video", "image")
@@ -25,6 +26,7 @@ class RowRules:
     path_keys: frozenset[str]  # fields resolved to absolute paths when present
     roots: tuple[Path, ...]  # allowed folders for those paths
     base: Path  # relative paths resolve against this
+    remote_allow: tuple[str, ...] = ()  # URL prefixes/globs a path field may name (daemon.remote.allow)
 
 
 @dataclass
@@ -86,6 +88,12 @@ class RowChecker:
         for key in self.rules.path_keys:
             value = record.row.get(key)
             if not isinstance(value, str) or not value:
+                continue
+            if is_remote(value):  # fetched before the first step (daemon/io/remote.py), if allowed
+                if allowing_rule(value, list(self.rules.remote_allow)) is None:
+                    return RowProblem(
+                        f"{where}: field {key!r}: {refusal(value, list(self.rules.remote_allow))}", "RemoteRefused"
+                    )
                 continue
             resolved = self._resolve(value)
             if resolved is None:

@@ -14,8 +14,10 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.io.intake import Checked, RowChecker, RowRules
 from daemon.io.outbox import JobWriter, OutboxLayout
-from daemon.io.readers import UnreadableFile, read_rows
+from daemon.io.readers import RowProblem, UnreadableFile, read_rows
 from daemon.io.records import Record, unreadable_row_key
+from daemon.io.remote import MediaCache, RemoteFetchError, is_remote
+from daemon.io.sinks import JobSinks, ShardSink
 from daemon.metrics import Metrics
 from daemon.runtime.pipeline import HostFactory, JobRun, Pipeline, local_host
 
@@ -54,6 +56,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._feeds: set[asyncio.Task] = set()
         self._intake_stopped = False
+        self._media_cache: MediaCache | None = None  # remote media, fetched on first use
 
     async def start(self) -> None:
         await self.pipeline.connect()
@@ -71,6 +74,8 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.pipeline.close()
+        if self._media_cache is not None:
+            self._media_cache.close()
 
     def stop_intake(self) -> None:
         """Stop reading every job's file; records already read still finish."""
@@ -90,7 +95,41 @@ class Engine:
             # inbox, maybe renamed to <stem>-2): `_feed` sets its real path, nothing to resolve here.
             required.pop(file.video_key, None)
             path_keys.discard(file.video_key)
-        return RowRules(required=required, path_keys=frozenset(path_keys), roots=(base,), base=base)
+        return RowRules(
+            required=required,
+            path_keys=frozenset(path_keys),
+            roots=(base,),
+            base=base,
+            remote_allow=tuple(file.daemon.remote.allow),
+        )
+
+    async def _fetch_remote(self, chunk: list[Checked], path_keys: frozenset[str], file_name: str) -> None:
+        """Fetch the allowed URLs of a chunk's rows into the media cache; a URL that cannot be had fails its row."""
+        wanted = [
+            (checked, key)
+            for checked in chunk
+            if checked.problem is None
+            for key in path_keys
+            if is_remote(checked.record.fields.get(key))
+        ]
+        if not wanted:
+            return
+        if self._media_cache is None:
+            remote = self.config.file.daemon.remote
+            self._media_cache = MediaCache(remote, remote.cache_dir or self.layout.results_dir / ".reelflow" / "remote")
+        cache = self._media_cache
+        fetched = await asyncio.gather(
+            *(cache.fetch(checked.record.fields[key]) for checked, key in wanted), return_exceptions=True
+        )
+        for (checked, key), outcome in zip(wanted, fetched, strict=True):
+            if isinstance(outcome, RemoteFetchError):
+                if checked.problem is None:
+                    where = f"{file_name}: row {checked.record.row_number}: field {key!r}"
+                    checked.problem = RowProblem(f"{where}: {outcome}", outcome.kind)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                checked.record.fields[key] = outcome
 
     async def run_job(self, job: JobInput) -> JobRun:
         paths = self.layout.for_job(job.name)
@@ -106,21 +145,33 @@ class Engine:
         if self._intake_stopped:
             feed.cancel()
         try:
-            try:
-                await feed
-            except asyncio.CancelledError:
-                if not feed.cancelled() or asyncio.current_task().cancelling():
-                    raise
-                # stop_intake(): no more rows; let what is in flight finish and keep the job claimed.
-                run.interrupted = True
-                await run.idle.wait()
-                return run
-            await run.finished.wait()
+            async with self._sinks(job.name, paths.results) as sinks:
+                try:
+                    await feed
+                except asyncio.CancelledError:
+                    if not feed.cancelled() or asyncio.current_task().cancelling():
+                        raise
+                    # stop_intake(): no more rows; let what is in flight finish and keep the job claimed.
+                    run.interrupted = True
+                    await run.idle.wait()
+                    return run
+                await run.finished.wait()
+                await sinks.finish()
         finally:
             self._feeds.discard(feed)
             await asyncio.to_thread(writer.close)
             self.pipeline.jobs.pop(job.name, None)
         return run
+
+    def _sinks(self, job: str, results: Path) -> JobSinks:
+        """The job's `daemon.outputs` shard sinks, following its results file."""
+        file = self.config.file
+        return JobSinks(
+            [
+                ShardSink(spec, job, results, self.layout.relative_to, file.video_key, file.text_key)
+                for spec in file.daemon.outputs
+            ]
+        )
 
     async def _feed(self, job: JobInput, run: JobRun, checker: RowChecker) -> None:
         video_key = self.config.file.video_key
@@ -144,8 +195,10 @@ class Engine:
                 return chunk, exc, True
             return chunk, None, pulled < READ_CHUNK
 
+        path_keys = checker.rules.path_keys
         while True:
             chunk, failure, at_end = await asyncio.to_thread(next_chunk)
+            await self._fetch_remote(chunk, path_keys, job.display_name)
             rejected = [(c.record, c.problem.error_type, c.problem.message) for c in chunk if c.problem]
             if rejected:  # one write (and fsync) for the chunk's bad rows, not one each
                 await self.pipeline.reject(rejected)

@@ -32,6 +32,7 @@ from daemon.io.jobs import (
 )
 from daemon.io.outbox import STATE_DIR, OutboxLayout
 from daemon.io.readers import input_format
+from daemon.io.sources import SourcePoller
 from daemon.metrics import Metrics, MetricsServer
 from daemon.runtime.engine import Engine, FileUnreadable, JobInput
 from daemon.service.notify import Notifier
@@ -245,11 +246,15 @@ class Daemon:
                 self._resume(path)
         section = self.config.daemon
         self.inbox = Inbox(self.inbox_dir, section.settle_ms, section.rescan_s, inbox_ignore(self.config))
-        async for path in self.inbox.settled():
-            try:
-                await self._claim(path)
-            except FileNotFoundError:
-                log.info("%s vanished before it could be claimed", path.name)
+        sources = SourcePoller(section.sources, self.inbox_dir, self.state_dir / "sources.json").start()
+        try:
+            async for path in self.inbox.settled():
+                try:
+                    await self._claim(path)
+                except FileNotFoundError:
+                    log.info("%s vanished before it could be claimed", path.name)
+        finally:
+            await sources.stop()  # owned by intake: it ends with it
 
     def _resume(self, path: Path) -> None:
         entry = self.ledger.entries.get(path.stem)
