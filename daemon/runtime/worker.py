@@ -10,6 +10,10 @@ for blocking code); another host (e.g. a Ray actor, daemon/hosts/ray/) only has 
 the same calls. A remote host tells a lost worker apart from a stage error: it raises
 `WorkerLost` when the process running the stage died or hung (the batch did not fail, it
 was lost), and `WorkerGone` when it cannot get a worker back at all.
+
+A `prepare` or model call that fails for a transient cause (daemon/runtime/failures.py:
+disk full, EIO, a dead endpoint) is retried with backoff while intake pauses; the record
+is neither done nor failed meanwhile. Other failures are the record's own: error lines.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
 from daemon.io.records import Record
 from daemon.runtime.batching import BatchLimits, CallGate
+from daemon.runtime.failures import TRANSIENT, Pauses, classify
 from stages.base import StageError
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class Worker:
         name: str,
         config_digest: str | None = None,
         device: str = "cpu",
+        pauses: Pauses | None = None,
     ):
         self.step_index = step_index
         self.step_label = step_label
@@ -73,6 +79,7 @@ class Worker:
         self.name = name
         self.device = device
         self.config_digest = config_digest  # the config whose settings this worker runs with
+        self.pauses = pauses or Pauses(metrics)  # the pipeline's: transient failures pause its intake
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
         self._gate = CallGate()
@@ -181,7 +188,7 @@ class Worker:
         try:
             for record, task in batch:
                 try:
-                    ready.append((record, await task))
+                    ready.append((record, await self._prepared(record, task)))
                 except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
                     error = StageError.from_exception(exc)
                     failed.append((record, error.error_type, error.message))
@@ -199,6 +206,30 @@ class Worker:
             if routed is not None and not routed.done():
                 routed.set_result(None)
 
+    async def _prepared(self, record: Record, task: asyncio.Future) -> dict:
+        """The prepare's result; a transient failure (disk full writing frames) is outlasted, not failed."""
+        try:
+            return await task
+        except Exception as exc:
+            if classify(exc) != TRANSIENT:
+                raise
+            what = f"{self.name}: prepare of record {record.id} (job {record.job})"
+            return await self.pauses.outlast(exc, what, lambda: self.host.prepare(record.fields))
+
+    async def _process(self, batch: list[dict]) -> list:
+        """The model call; a transient failure (a dead endpoint, EIO) is outlasted with backoff.
+
+        Lost workers (crash isolation) and out-of-memory (batch halving) keep their own handling."""
+        try:
+            return await self.host.process(batch)
+        except (WorkerLost, WorkerGone):
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc) or classify(exc) != TRANSIENT:
+                raise
+            what = f"{self.name}: model call on a batch of {len(batch)}"
+            return await self.pauses.outlast(exc, what, lambda: self.host.process(batch))
+
     async def _call_model(
         self,
         items: list[tuple[Record, dict]],
@@ -211,7 +242,7 @@ class Worker:
         started = time.perf_counter()
         try:
             async with self._gate.hold(alone=crashes is not None):
-                outputs = await self.host.process([prepared for _, prepared in items])
+                outputs = await self._process([prepared for _, prepared in items])
             if not isinstance(outputs, list) or len(outputs) != len(items):
                 raise RuntimeError(
                     f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order"
