@@ -46,6 +46,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text and ("cuda" in text or "alloc" in text or "device" in text)
 
 
+def _seen(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class Worker:
     """One resident stage on its step's queue.
 
@@ -140,6 +145,9 @@ class Worker:
             record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
             task = asyncio.ensure_future(self.host.prepare(record.fields))
+            # A prepare whose batch is dropped by a stop is never awaited: its error is seen here, not
+            # left for asyncio's "exception was never retrieved". Awaiting it still raises it.
+            task.add_done_callback(_seen)
             await self._ready.put((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:

@@ -34,7 +34,7 @@ from daemon.io.outbox import STATE_DIR, OutboxLayout
 from daemon.io.readers import input_format
 from daemon.metrics import Metrics, MetricsServer
 from daemon.runtime.engine import Engine, FileUnreadable, JobInput
-from daemon.runtime.failures import PipelineDied, describe
+from daemon.runtime.failures import OUTBOX, PipelineDied, describe
 from daemon.service.notify import Notifier
 from daemon.service.reload.reloader import Reloader, inbox_ignore
 
@@ -297,7 +297,7 @@ class Daemon:
         claimed = self.inbox_dir / WORK / f"{name}{path.suffix}"
         os.replace(path, claimed)
         entry = JobEntry(name, path.name, path.suffix, print_, "claimed", time.time())
-        self.ledger.save(entry)
+        await self._save(entry)
         log.info("claimed %s as job %s", path.name, name)
         self._start_job(entry, claimed)
 
@@ -330,7 +330,7 @@ class Daemon:
                 os.replace(path, unique_destination(self.inbox_dir / DONE, path.name))
                 entry.state, entry.finished_at = "done", time.time()
                 entry.ok, entry.errors = run.writer.results_written, run.writer.errors_written
-                self.ledger.save(entry)
+                await self._save(entry)
                 self.metrics.jobs.labels("done").inc()
                 log.info(
                     "job %s done: %d ok, %d errors (%d skipped as already written)",
@@ -342,11 +342,19 @@ class Daemon:
             finally:
                 self.metrics.jobs.labels("claimed").dec()
 
+    async def _save(self, entry: JobEntry) -> None:
+        """Write a job's ledger entry (in the outbox): a full disk is outlasted, with intake paused."""
+        await self.engine.pipeline.pauses.call(
+            f"job {entry.name}: writing its ledger entry",
+            lambda: asyncio.to_thread(self.ledger.save, entry),
+            where=OUTBOX,
+        )
+
     async def _fail_job(self, entry: JobEntry, path: Path, exc: Exception) -> None:
         """Move the job's file to inbox/.failed/ with `<name>.error.json`; rows already written stay."""
         message = str(exc) if isinstance(exc, FileUnreadable) else f"job {entry.name} ({entry.source}): {describe(exc)}"
         target = await asyncio.to_thread(record_failure, self.inbox_dir, path, message)
         entry.state, entry.finished_at = "failed", time.time()
-        self.ledger.save(entry)
+        await self._save(entry)
         self.metrics.jobs.labels("failed").inc()
         log.warning("job %s failed: %s; moved to %s", entry.name, message, target)

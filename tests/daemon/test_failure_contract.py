@@ -244,3 +244,51 @@ def test_oneshot_with_an_unwritable_outbox_exits_1_naming_the_path(tmp_path):
     assert str((tmp_path / "work" / "meta.jsonl").resolve()) in result.stderr, result.stderr
     assert "IsADirectoryError" in result.stderr
     assert "never retrieved" not in result.stderr
+
+
+# --- the pipeline dying wakes the job waiting on it ---------------------------------------------
+
+
+class GoneHost:
+    """A remote host whose replacements are spent, as RayHost is after `max_replacements`."""
+
+    async def load(self) -> None: ...
+
+    async def prepare(self, fields):
+        return fields
+
+    async def process(self, batch):
+        from daemon.hosts.base import WorkerGone
+
+        raise WorkerGone("reelflow:step_0_Test_Echo:0 could not be brought back after 2 replacement(s)")
+
+    async def close(self) -> None: ...
+
+    def take_usage(self):
+        from collections import Counter
+
+        return Counter()
+
+    def reconfigure(self, config) -> None: ...
+
+
+@pytest.mark.timeout(60)  # the bound: before the fix, run_job waited on run.finished forever
+async def test_the_pipeline_dying_wakes_the_job_with_the_cause(tmp_path):
+    from daemon.config import parse_config
+    from daemon.io.outbox import OutboxLayout
+    from daemon.metrics import Metrics
+    from daemon.runtime.engine import Engine, JobInput
+    from daemon.runtime.failures import PipelineDied
+
+    meta = tmp_path / "m.jsonl"
+    meta.write_text("".join(json.dumps({"id": n}) + "\n" for n in range(20)))
+    config = parse_config("steps:\n  - {type: Test, name: Echo}\n")
+    engine = Engine(config, OutboxLayout.daemon(tmp_path / "out"), Metrics(), host_factory=lambda *_: GoneHost())
+    await engine.start()
+    try:
+        with pytest.raises(PipelineDied) as died:
+            await engine.run_job(JobInput("m", meta, "jsonl", "m.jsonl", tmp_path))
+    finally:
+        await engine.stop()
+    assert "WorkerGone" in str(died.value) and "could not be brought back" in str(died.value)
+    assert read_jsonl(tmp_path / "out" / "m.errors.jsonl") == []  # nothing marked failed: it resumes
