@@ -15,7 +15,11 @@ and the pauses that transient failures hold while they last.
 
 The rule depends on where the exception was raised (`where`):
 
-- `STAGE` (a stage's `prepare` or model call): a `StageError` is record-level. An `OSError`
+- `STAGE` (a stage's `prepare` or model call, raised or returned in a record's slot): a
+  `StageError` is record-level, except one that says the endpoint is down or throttling
+  after the stage's own retries (`APIConnectionError`, `RateLimitError`, HTTP 502/503/504):
+  that is transient, and the record is asked again later (a timeout answered for one
+  record stays its own: its request may be what is slow). An `OSError`
   is transient when its errno says the machine is short of something (ENOSPC, EDQUOT:
   disk full; EIO, EAGAIN, EBUSY: io_error; ENOMEM: out_of_memory), or it is a connection
   error or a timeout (endpoint); any other `OSError` there (ENOENT, ENAMETOOLONG, EISDIR of
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -81,12 +86,20 @@ ENDPOINT_ERRORS = frozenset(
     }
 )
 
+# Error types the API stages give a record after their own retries, when the endpoint is the cause.
+ENDPOINT_STAGE_ERRORS = frozenset({"APIConnectionError", "RateLimitError"})
+GATEWAY_STATUS = re.compile(r"\bHTTP 50[234]\b")
+
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 
 
 def transient_reason(exc: BaseException) -> str | None:
     """The `reelflow_paused` reason when `exc` may pass by itself, else None (any `where`)."""
+    if isinstance(exc, StageError):
+        down = exc.error_type in ENDPOINT_STAGE_ERRORS
+        down = down or (exc.error_type == "InternalServerError" and GATEWAY_STATUS.search(exc.message) is not None)
+        return ENDPOINT if down else None
     if isinstance(exc, WorkerLost):
         return WORKER_LOST
     if isinstance(exc, MemoryError):
@@ -104,8 +117,6 @@ def classify(exc: BaseException, where: str = STAGE) -> str:
     """RECORD, TRANSIENT, JOB or FATAL for an exception raised at `where` (STAGE or OUTBOX)."""
     if isinstance(exc, WorkerGone):
         return FATAL
-    if isinstance(exc, StageError):
-        return RECORD if where == STAGE else JOB
     if transient_reason(exc) is not None:
         return TRANSIENT
     return JOB if where == OUTBOX else RECORD

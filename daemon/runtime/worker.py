@@ -229,14 +229,44 @@ class Worker:
 
         Lost workers (crash isolation) and out-of-memory (batch halving) keep their own handling."""
         try:
-            return await self.host.process(batch)
+            outputs = await self.host.process(batch)
         except (WorkerLost, WorkerGone):
             raise
         except Exception as exc:
             if is_out_of_memory(exc) or classify(exc) != TRANSIENT:
                 raise
             what = f"{self.name}: model call on a batch of {len(batch)}"
-            return await self.pauses.outlast(exc, what, lambda: self.host.process(batch))
+            outputs = await self.pauses.outlast(exc, what, lambda: self.host.process(batch))
+        return await self._outlast_slots(batch, outputs)
+
+    async def _outlast_slots(self, batch: list[dict], outputs: list) -> list:
+        """Records whose slot says the endpoint is down or throttling are asked again later, not failed."""
+        if not isinstance(outputs, list) or len(outputs) != len(batch):
+            return outputs  # _call_model says what is wrong with them
+        waiting = [i for i, out in enumerate(outputs) if isinstance(out, StageError) and classify(out) == TRANSIENT]
+        if not waiting:
+            return outputs
+        outputs = list(outputs)
+
+        async def again() -> list:
+            answers = await self.host.process([batch[i] for i in waiting])
+            if not isinstance(answers, list) or len(answers) != len(waiting):
+                got = len(answers) if isinstance(answers, list) else type(answers).__name__
+                raise RuntimeError(
+                    f"stage returned {got} results for {len(waiting)} records on a retry; expected one each"
+                )
+            still = []
+            for i, answer in zip(waiting, answers, strict=True):
+                outputs[i] = answer
+                if isinstance(answer, StageError) and classify(answer) == TRANSIENT:
+                    still.append(i)
+            waiting[:] = still
+            if still:
+                raise outputs[still[0]]
+            return outputs
+
+        what = f"{self.name}: {len(waiting)} record(s) of a batch of {len(batch)}"
+        return await self.pauses.outlast(outputs[waiting[0]], what, again)
 
     async def _call_model(
         self,

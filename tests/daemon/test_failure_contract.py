@@ -292,3 +292,90 @@ async def test_the_pipeline_dying_wakes_the_job_with_the_cause(tmp_path):
         await engine.stop()
     assert "WorkerGone" in str(died.value) and "could not be brought back" in str(died.value)
     assert read_jsonl(tmp_path / "out" / "m.errors.jsonl") == []  # nothing marked failed: it resumes
+
+
+# --- a dead endpoint: transient, the records are asked again when it is back --------------------
+
+
+class Endpoint:
+    """A real OpenAI-style HTTP server on 127.0.0.1: 503 while `down`, else a one-word answer."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        endpoint = self
+        self.down = True
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                endpoint.requests += 1
+                if endpoint.down:
+                    body, status = {"error": {"message": "overloaded, come back later"}}, 503
+                else:
+                    message = {"role": "assistant", "content": "prompt"}
+                    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+                    body = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice]}
+                    body, status = {**body, "usage": usage}, 200
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep the test output quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_endpoint_pauses_intake_and_no_record_fails(tmp_path):
+    endpoint = Endpoint()
+    step = {
+        "type": "TextGenerator",
+        "name": "GPTTextGenerator",
+        "config": {
+            "model": "m",
+            "api_key": "${OPENAI_API_KEY}",
+            "base_url": endpoint.url,
+            "max_retries": 0,  # the stage gives up at once; the runtime's backoff takes over
+            "batch_size": 4,
+            "timeout_s": 5,
+            "output_key": "prompt",
+        },
+    }
+    config = daemon_config(tmp_path, [step])
+    try:
+        with DaemonProcess(config, env={**ENV, "OPENAI_API_KEY": "sk-test"}) as daemon:
+            daemon.drop_text(
+                "caps.jsonl", "".join(json.dumps({"id": f"c{n}", "text": "a cat"}) + "\n" for n in range(8))
+            )
+
+            def paused():
+                return metric_value(daemon.metrics(), "reelflow_paused", reason="endpoint") == 1
+
+            wait_until(paused, 60, "reelflow_paused{reason=endpoint} = 1", daemon.log)
+            status, body = daemon.http("/readyz")
+            assert status == 503 and "endpoint" in body and "HTTP 503" in body, (status, body)
+            assert daemon.errors("caps") == []
+            endpoint.down = False  # the endpoint is back: no restart
+            assert daemon.wait_for_job("caps", 120)["state"] == "done"
+            assert daemon.errors("caps") == []
+            assert sorted(r["id"] for r in daemon.results("caps")) == sorted(f"c{n}" for n in range(8))
+            assert all(r["prompt"] == "prompt" for r in daemon.results("caps"))
+            wait_until(lambda: not paused(), 10, "reelflow_paused back to 0", daemon.log)
+            assert daemon.stop() == 0
+    finally:
+        endpoint.close()
