@@ -148,6 +148,11 @@ class Engine:
                 if run.failure is not None:
                     raise run.failure from None
                 return run
+            except Exception:
+                # The reader broke off (a job-level failure for the caller): the rows it already
+                # handed on are still written before the job is given up.
+                await run.idle.wait()
+                raise
             await run.finished.wait()
             if run.failure is not None:
                 raise run.failure
