@@ -50,9 +50,9 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def fill(folder: Path, leave_kb: int = 0) -> Path:
+def fill(folder: Path, leave_kb: int = 0, name: str = "ballast.bin") -> Path:
     """Fill the file system under `folder` with a ballast file, then give back `leave_kb`."""
-    ballast = folder / "ballast.bin"
+    ballast = folder / name
     with ballast.open("wb", buffering=0) as handle:
         try:
             while True:
@@ -164,14 +164,19 @@ def test_disk_full_pauses_intake_and_resumes_by_itself_with_every_row_once(tmp_p
             return metric_value(daemon.metrics(), "reelflow_paused", reason="disk_full") == 1
 
         wait_until(paused, 60, "reelflow_paused{reason=disk_full} = 1", daemon.log)
-        status, body = daemon.http("/readyz")
-        assert status == 503 and "disk_full" in body, (status, body)
+        # Take the last bytes too (a cut-back append frees a little): now nothing can move.
+        rest = fill(outbox, name="ballast2.bin")
+        readyz = wait_until(
+            lambda: (answer := daemon.http("/readyz"))[0] == 503 and answer, 30, "/readyz 503", daemon.log
+        )
+        assert "disk_full" in readyz[1], readyz
         assert "pausing intake (disk_full)" in daemon.log()
         assert daemon.job_state("big")["state"] == "claimed"
         assert daemon.errors("big") == []  # nothing marked failed because of the disk
         assert len(daemon.results("big")) < len(ids)
 
         ballast.unlink()  # space returns: no restart
+        rest.unlink()
         state = daemon.wait_for_job("big", 120)
         assert state["state"] == "done", state
         results, errors = daemon.results("big"), daemon.errors("big")
@@ -227,6 +232,29 @@ def test_an_unwritable_outbox_file_fails_that_job_alone(tmp_path):
         assert daemon.http("/readyz") == (200, "ready\n")
         assert daemon.stop() == 0
     assert "never retrieved" not in daemon.log()
+
+
+@pytest.mark.timeout(120)
+def test_an_immutable_results_file_fails_its_job_and_the_daemon_goes_on(tmp_path):
+    config = daemon_config(tmp_path, [ECHO])
+    results = tmp_path / "outbox" / "frozen.jsonl"
+    results.parent.mkdir(parents=True)
+    results.touch()
+    done = subprocess.run(["chattr", "+i", str(results)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i is not supported here: {done.stderr.strip()}")
+    try:
+        with DaemonProcess(config, env=ENV) as daemon:
+            daemon.drop_text("frozen.jsonl", "".join(json.dumps({"id": f"f{n}"}) + "\n" for n in range(5)))
+            assert daemon.wait_for_job("frozen")["state"] == "failed"
+            error = json.loads((daemon.inbox / ".failed" / "frozen.jsonl.error.json").read_text())["error"]
+            assert "PermissionError" in error and str(results) in error, error
+            daemon.drop_text("after.jsonl", json.dumps({"id": "a"}) + "\n")
+            assert daemon.wait_for_job("after")["state"] == "done"
+            assert [r["id"] for r in daemon.results("after")] == ["a"]
+            assert daemon.stop() == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(results)], check=False)
 
 
 # --- one-shot: an outbox fault ends the run with exit 1, naming the path ------------------------
