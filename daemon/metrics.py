@@ -56,6 +56,12 @@ class Metrics:
             "reelflow_inflight", "Records inside a step's workers (preparing or in a model call).", ["step"], registry=r
         )
         self.jobs = Gauge("reelflow_jobs", "Jobs by state (claimed, done, failed).", ["state"], registry=r)
+        self.paused = Gauge(
+            "reelflow_paused",
+            "1 while intake is paused by a transient cause (disk_full, io_error, out_of_memory, endpoint, worker_lost).",
+            ["reason"],
+            registry=r,
+        )
         self.model_load_seconds = Gauge(
             "reelflow_model_load_seconds", "Seconds the last model load of a step took.", ["step"], registry=r
         )
@@ -98,6 +104,8 @@ class Metrics:
         }
         for state in ("claimed", "done", "failed"):
             self.jobs.labels(state).set(0)
+        for reason in ("disk_full", "io_error", "out_of_memory", "endpoint", "worker_lost"):
+            self.paused.labels(reason).set(0)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
 
@@ -116,13 +124,24 @@ class Metrics:
 
 
 class MetricsServer:
-    """HTTP on the daemon's loop: /metrics, /healthz (alive), /readyz (models loaded)."""
+    """HTTP on the daemon's loop: /metrics, /healthz (alive), /readyz (models loaded, intake not paused).
 
-    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool]):
+    `not_ready` (optional) says why /readyz answers 503 (its body); by default "loading".
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        is_ready: Callable[[], bool],
+        not_ready: Callable[[], str] | None = None,
+    ):
         self.metrics = metrics
         self.host = host
         self.port = port
         self.is_ready = is_ready
+        self.not_ready = not_ready or (lambda: "loading")
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> str:
@@ -162,11 +181,9 @@ class MetricsServer:
         if path == "/healthz":
             return "200 OK", b"ok\n", "text/plain"
         if path == "/readyz":
-            return (
-                ("200 OK", b"ready\n", "text/plain")
-                if self.is_ready()
-                else ("503 Service Unavailable", b"loading\n", "text/plain")
-            )
+            if self.is_ready():
+                return "200 OK", b"ready\n", "text/plain"
+            return "503 Service Unavailable", f"{self.not_ready()}\n".encode(), "text/plain"
         return "404 Not Found", b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
 
     async def stop(self) -> None:

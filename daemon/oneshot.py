@@ -23,6 +23,7 @@ from daemon.io.outbox import OutboxLayout
 from daemon.io.readers import META_FORMATS, input_format
 from daemon.metrics import Metrics
 from daemon.runtime.engine import Engine, FileUnreadable, JobInput
+from daemon.runtime.failures import JobFailed, PipelineDied
 
 log = logging.getLogger("reelflow")
 
@@ -197,7 +198,7 @@ def main(config: Config, progress: bool = True) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    except FileUnreadable as exc:
+    except (FileUnreadable, JobFailed, PipelineDied) as exc:  # the message names the file and the cause
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

@@ -2,12 +2,18 @@
 
 Results and errors are appended, flushed and fsynced once per batch, so after a crash
 the files hold every line written before it plus at most one torn line, which `open`
-truncates. The ids found in them on open are the resume ledger: those records are not
-run again.
+truncates (in the intermediate step files too). The ids found in them on open are the
+resume ledger: those records are not run again.
+
+An append that fails half way (disk full, EIO) is cut back to the size the file had before
+it, so retrying the batch (daemon/runtime/failures.py: transient) never duplicates a line.
+Every `OSError` raised here names the file it was about.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -137,6 +143,11 @@ class JobWriter:
         for path in (self.paths.results, self.paths.errors):
             path.parent.mkdir(parents=True, exist_ok=True)
             _truncate_torn_line(path)
+        # A torn line left in a step file would end up mid-file once appends go on after it.
+        if self.paths.intermediate.is_dir():
+            for path in sorted(self.paths.intermediate.glob("step_*.jsonl")):
+                if path.is_file():
+                    _truncate_torn_line(path)
         self.results_written = _keys_in(self.paths.results, False, done)
         self.errors_written = _keys_in(self.paths.errors, True, done)
         return done
@@ -145,7 +156,8 @@ class JobWriter:
         handle = self._files.get(path)
         if handle is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self._files[path] = path.open("ab")
+            # Unbuffered: after a failed write no bytes linger in a buffer to be flushed later.
+            handle = self._files[path] = path.open("ab", buffering=0)
         return handle
 
     def _default(self, value: Any) -> Any:
@@ -161,7 +173,10 @@ class JobWriter:
         return str(value)
 
     def _dump(self, entry: dict) -> bytes:
-        return orjson.dumps(entry, default=self._default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        try:
+            return orjson.dumps(entry, default=self._default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the stdlib encoder takes it
+            return json.dumps(entry, default=self._default, ensure_ascii=False).encode() + b"\n"
 
     def result_line(self, record: Record) -> dict:
         line = {**record.row, "id": record.id, **record.outputs}
@@ -200,15 +215,27 @@ class JobWriter:
     def _append(self, path: Path, data: bytes, sync: bool) -> None:
         with self._lock:
             handle = self._handle(path)
-            handle.write(data)
-            handle.flush()
-            if sync:
-                os.fsync(handle.fileno())
+            fd = handle.fileno()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if sync:
+                    os.fsync(fd)
+            except OSError as exc:
+                # Cut the half-written batch off, so a retry writes each line once (if even that
+                # fails, the torn tail is repaired on the next open).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
     def close(self) -> None:
         with self._lock:
-            for handle in self._files.values():
-                handle.flush()
-                os.fsync(handle.fileno())
-                handle.close()
-            self._files.clear()
+            try:
+                for handle in self._files.values():
+                    os.fsync(handle.fileno())
+            finally:
+                for handle in self._files.values():
+                    handle.close()
+                self._files.clear()

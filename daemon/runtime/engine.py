@@ -1,6 +1,8 @@
 """The engine both modes share: a loaded pipeline plus `run_job`, which streams one file through it.
 
 `reelflow serve` feeds it files from the inbox; `reelflow run` feeds it `meta_path` once.
+When the pipeline task dies, every `run_job` waiting wakes and raises `PipelineDied` with the
+cause; a job whose outbox cannot be written raises `JobFailed` (daemon/runtime/failures.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from daemon.io.records import Record, unreadable_row_key
 from daemon.io.remote import MediaCache, RemoteFetchError, is_remote
 from daemon.io.sinks import JobSinks, ShardSink
 from daemon.metrics import Metrics
+from daemon.runtime.failures import OUTBOX, JobFailed, PipelineDied, describe
 from daemon.runtime.pipeline import HostFactory, JobRun, Pipeline, local_host
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,22 @@ class Engine:
         self.pipeline.build_workers()
         await self.pipeline.load()
         self._task = asyncio.create_task(self.pipeline.run(), name="pipeline")
+        self._task.add_done_callback(self._pipeline_ended)
+
+    def _pipeline_ended(self, task: asyncio.Task) -> None:
+        """The pipeline stopped: no record can move on, so every job waiting on it wakes with the cause."""
+        if task.cancelled():  # stop(): the caller is shutting down and handles its own jobs
+            return
+        error = task.exception()
+        while isinstance(error, BaseExceptionGroup) and error.exceptions:  # a worker's, inside task groups
+            error = error.exceptions[0]
+        cause = describe(error) if error is not None else "it returned"
+        for run in list(self.pipeline.jobs.values()):
+            run.fail(
+                PipelineDied(
+                    f"job {run.name}: the pipeline stopped ({cause}); its unwritten records run again at the next start"
+                )
+            )
 
     @property
     def task(self) -> asyncio.Task:
@@ -135,10 +154,12 @@ class Engine:
         paths = self.layout.for_job(job.name)
         digest = self.config.digest if self.tag_results else None
         writer = JobWriter(job.name, paths, self.layout.relative_to, digest)
-        done = await asyncio.to_thread(writer.open)
+        done = await self._open_writer(job, writer)
         run = JobRun(job.name, writer)
         run.skipped = len(done)
         self.pipeline.open_job(run)
+        if self._task is not None and self._task.done():  # died before this job began: fail it at once
+            self._pipeline_ended(self._task)
         checker = RowChecker(job.name, job.display_name, self._rules(job), done, paths.media)
         feed = asyncio.create_task(self._feed(job, run, checker), name=f"read-{job.name}")
         self._feeds.add(feed)
@@ -146,6 +167,16 @@ class Engine:
             feed.cancel()
         try:
             async with self._sinks(job.name, paths.results) as sinks:
+                # The feed ends when the file is read; the run ends early when the job fails or the pipeline dies.
+                ended = asyncio.ensure_future(run.finished.wait())
+                try:
+                    await asyncio.wait({feed, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ended.cancel()
+                if run.failure is not None:
+                    feed.cancel()
+                    await asyncio.gather(feed, return_exceptions=True)
+                    raise run.failure
                 try:
                     await feed
                 except asyncio.CancelledError:
@@ -154,13 +185,28 @@ class Engine:
                     # stop_intake(): no more rows; let what is in flight finish and keep the job claimed.
                     run.interrupted = True
                     await run.idle.wait()
+                    if run.failure is not None:
+                        raise run.failure from None
                     return run
+                except Exception:
+                    # The reader broke off (a job-level failure for the caller): the rows it already
+                    # handed on are still written before the job is given up.
+                    await run.idle.wait()
+                    raise
                 await run.finished.wait()
+                if run.failure is not None:
+                    raise run.failure
                 await sinks.finish()
         finally:
+            if not feed.done():
+                feed.cancel()
+                await asyncio.gather(feed, return_exceptions=True)
             self._feeds.discard(feed)
-            await asyncio.to_thread(writer.close)
             self.pipeline.jobs.pop(job.name, None)
+            try:
+                await asyncio.to_thread(writer.close)
+            except OSError as exc:  # every batch was fsynced when written; this loses nothing
+                log.warning("job %s: closing its outbox files: %s", job.name, describe(exc))
         return run
 
     def _sinks(self, job: str, results: Path) -> JobSinks:
@@ -172,6 +218,16 @@ class Engine:
                 for spec in file.daemon.outputs
             ]
         )
+
+    async def _open_writer(self, job: JobInput, writer: JobWriter):
+        """Open the job's outbox files: transient failures outlasted, others the job's (JobFailed)."""
+        try:
+            return await self.pipeline.pauses.call(
+                f"job {job.name}: opening its outbox files", lambda: asyncio.to_thread(writer.open), where=OUTBOX
+            )
+        except Exception as exc:
+            path = getattr(exc, "filename", None) or writer.paths.results
+            raise JobFailed(f"cannot open the job's outbox file {path}: {describe(exc)}") from exc
 
     async def _feed(self, job: JobInput, run: JobRun, checker: RowChecker) -> None:
         video_key = self.config.file.video_key

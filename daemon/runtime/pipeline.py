@@ -4,6 +4,10 @@
 next step's queue (waiting while it is full: that is the backpressure) or, after the last
 step, into the job's results; failures go to the job's errors. A record leaves the
 pipeline exactly once, and its job hears about it.
+
+Writes follow the failure contract (daemon/runtime/failures.py): a transient failure
+(disk full) is outlasted, with intake paused (`pauses`), and marks nothing; a job-level one
+fails that job alone (`JobRun.fail`), whose records still in flight are then dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from daemon.io.outbox import JobWriter
 from daemon.io.records import Record
 from daemon.metrics import Metrics
 from daemon.runtime.batching import BatchLimits
+from daemon.runtime.failures import OUTBOX, JobFailed, Pauses, describe
 from daemon.runtime.worker import Failure, Worker
 from stages.base import is_async
 
@@ -41,8 +46,16 @@ class JobRun:
         self.errors = 0
         self.skipped = 0
         self.interrupted = False  # reading was stopped by a shutdown; the job stays claimed
+        self.failure: Exception | None = None  # job-level failure, or the pipeline's death
         self.finished = asyncio.Event()
         self.idle = asyncio.Event()
+        self.idle.set()
+
+    def fail(self, failure: Exception) -> None:
+        """The job cannot go on (its outbox cannot be written, or the pipeline died): wake its waiter."""
+        if self.failure is None:
+            self.failure = failure
+        self.finished.set()
         self.idle.set()
 
     def settle(self, ok: int = 0, errors: int = 0) -> None:
@@ -124,6 +137,7 @@ class Pipeline:
         self._intake_open = asyncio.Event()  # cleared while a reload rebuilds the step graph
         self._intake_open.set()
         self._entering = 0  # submit/reject calls past the gate, not yet admitted
+        self.pauses = Pauses(metrics)  # transient causes in force: intake waits while any lasts
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -160,7 +174,17 @@ class Pipeline:
         host = self.host_for(step, device, name)
         queue = self.queues[step.index]
         return Worker(
-            step.index, step.label, host, queue, self.advance, self.metrics, batch_limits(step), name, digest, device
+            step.index,
+            step.label,
+            host,
+            queue,
+            self.advance,
+            self.metrics,
+            batch_limits(step),
+            name,
+            digest,
+            device,
+            pauses=self.pauses,
         )
 
     def build_workers(self) -> None:
@@ -236,8 +260,9 @@ class Pipeline:
         self.jobs[job.name] = job
 
     async def submit(self, record: Record) -> None:
-        """Enter a record at step 0; waits while the queue is full (or a reload holds intake)."""
+        """Enter a record at step 0; waits while the queue is full (or a reload or a transient cause holds intake)."""
         await self._intake_open.wait()
+        await self.pauses.wait_clear()
         self._entering += 1
         try:
             await self.queues[0].put(record)
@@ -248,6 +273,7 @@ class Pipeline:
     async def reject(self, failures: list[Failure]) -> None:
         """Records that failed before any step (bad rows): straight to errors, in one write."""
         await self._intake_open.wait()
+        await self.pauses.wait_clear()
         for record, _, _ in failures:
             self.jobs[record.job].admit()
         # Shielded: once admitted they must be settled, also when the reader is cancelled (shutdown).
@@ -261,9 +287,9 @@ class Pipeline:
             for record, kind, message in failed:
                 by_job[record.job].append((record, label, kind, message))
             for job_name, entries in by_job.items():
-                job = self.jobs[job_name]
-                await asyncio.to_thread(job.writer.write_errors, entries)
-                job.settle(errors=len(entries))
+                job = self._live_job(job_name, len(entries))
+                if job is not None and await self._write(job, "errors", job.writer.write_errors, entries):
+                    job.settle(errors=len(entries))
         if not ok:
             return
         self.metrics.records.labels(label, "ok").inc(len(ok))
@@ -271,17 +297,42 @@ class Pipeline:
         for record in ok:
             by_job_ok[record.job].append(record)
         last = step_index == len(self.steps) - 1
+        going_on: list[Record] = []
         for job_name, records in by_job_ok.items():
-            job = self.jobs[job_name]
-            await asyncio.to_thread(self._write_step_output, job, label, records, last)
+            job = self._live_job(job_name, len(records))
+            # Two writes, each retried alone: a retry of the results never repeats the step file's lines.
+            if job is None or not await self._write(job, label, job.writer.write_intermediate, label, records):
+                continue
+            if last and not await self._write(job, "results", job.writer.write_results, records):
+                continue
             if last:
                 job.settle(ok=len(records))
-        if not last:
-            for record in ok:
-                await self.queues[step_index + 1].put(record)
+            else:
+                going_on.extend(records)
+        for record in going_on:
+            await self.queues[step_index + 1].put(record)
 
-    @staticmethod
-    def _write_step_output(job: JobRun, label: str, records: list[Record], last: bool) -> None:
-        job.writer.write_intermediate(label, records)
-        if last:
-            job.writer.write_results(records)
+    def _live_job(self, name: str, count: int) -> JobRun | None:
+        """The job's run, or None when it failed (or ended) meanwhile: its records are dropped."""
+        job = self.jobs.get(name)
+        if job is None or job.failure is not None:
+            if job is not None:
+                job.outstanding -= count
+            return None
+        return job
+
+    async def _write(self, job: JobRun, what: str, write: Callable, *args) -> bool:
+        """One blocking write in a thread, under the failure contract: a transient failure is
+        outlasted (intake paused); a job-level one fails the job (False)."""
+        try:
+            await self.pauses.call(
+                f"job {job.name}: writing {what}", lambda: asyncio.to_thread(write, *args), where=OUTBOX
+            )
+        except Exception as exc:  # OUTBOX: whatever is not transient is the job's
+            path = getattr(exc, "filename", None)
+            where = f" {path}" if path else ""
+            failure = JobFailed(f"cannot write the job's outbox file{where} ({what}): {describe(exc)}")
+            log.error("job %s failed: %s", job.name, failure)
+            job.fail(failure)
+            return False
+        return True

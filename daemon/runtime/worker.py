@@ -10,6 +10,10 @@ for blocking code); another host (e.g. a Ray actor, daemon/hosts/ray/) only has 
 the same calls. A remote host tells a lost worker apart from a stage error: it raises
 `WorkerLost` when the process running the stage died or hung (the batch did not fail, it
 was lost), and `WorkerGone` when it cannot get a worker back at all.
+
+A `prepare` or model call that fails for a transient cause (daemon/runtime/failures.py:
+disk full, EIO, a dead endpoint) is retried with backoff while intake pauses; the record
+is neither done nor failed meanwhile. Other failures are the record's own: error lines.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
 from daemon.io.records import Record
 from daemon.runtime.batching import BatchLimits, CallGate
+from daemon.runtime.failures import TRANSIENT, Pauses, classify
 from stages.base import StageError
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "out of memory" in text and ("cuda" in text or "alloc" in text or "device" in text)
+
+
+def _seen(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Worker:
@@ -62,6 +72,7 @@ class Worker:
         name: str,
         config_digest: str | None = None,
         device: str = "cpu",
+        pauses: Pauses | None = None,
     ):
         self.step_index = step_index
         self.step_label = step_label
@@ -73,6 +84,7 @@ class Worker:
         self.name = name
         self.device = device
         self.config_digest = config_digest  # the config whose settings this worker runs with
+        self.pauses = pauses or Pauses(metrics)  # the pipeline's: transient failures pause its intake
         self.batch_cap = limits.batch_size  # lowered after out-of-memory errors
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=max(1, limits.batch_size))
         self._gate = CallGate()
@@ -133,6 +145,9 @@ class Worker:
             record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
             task = asyncio.ensure_future(self.host.prepare(record.fields))
+            # A prepare whose batch is dropped by a stop is never awaited: its error is seen here, not
+            # left for asyncio's "exception was never retrieved". Awaiting it still raises it.
+            task.add_done_callback(_seen)
             await self._ready.put((record, task))
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
@@ -181,7 +196,7 @@ class Worker:
         try:
             for record, task in batch:
                 try:
-                    ready.append((record, await task))
+                    ready.append((record, await self._prepared(record, task)))
                 except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
                     error = StageError.from_exception(exc)
                     failed.append((record, error.error_type, error.message))
@@ -199,6 +214,60 @@ class Worker:
             if routed is not None and not routed.done():
                 routed.set_result(None)
 
+    async def _prepared(self, record: Record, task: asyncio.Future) -> dict:
+        """The prepare's result; a transient failure (disk full writing frames) is outlasted, not failed."""
+        try:
+            return await task
+        except Exception as exc:
+            if classify(exc) != TRANSIENT:
+                raise
+            what = f"{self.name}: prepare of record {record.id} (job {record.job})"
+            return await self.pauses.outlast(exc, what, lambda: self.host.prepare(record.fields))
+
+    async def _process(self, batch: list[dict]) -> list:
+        """The model call; a transient failure (a dead endpoint, EIO) is outlasted with backoff.
+
+        Lost workers (crash isolation) and out-of-memory (batch halving) keep their own handling."""
+        try:
+            outputs = await self.host.process(batch)
+        except (WorkerLost, WorkerGone):
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc) or classify(exc) != TRANSIENT:
+                raise
+            what = f"{self.name}: model call on a batch of {len(batch)}"
+            outputs = await self.pauses.outlast(exc, what, lambda: self.host.process(batch))
+        return await self._outlast_slots(batch, outputs)
+
+    async def _outlast_slots(self, batch: list[dict], outputs: list) -> list:
+        """Records whose slot says the endpoint is down or throttling are asked again later, not failed."""
+        if not isinstance(outputs, list) or len(outputs) != len(batch):
+            return outputs  # _call_model says what is wrong with them
+        waiting = [i for i, out in enumerate(outputs) if isinstance(out, StageError) and classify(out) == TRANSIENT]
+        if not waiting:
+            return outputs
+        outputs = list(outputs)
+
+        async def again() -> list:
+            answers = await self.host.process([batch[i] for i in waiting])
+            if not isinstance(answers, list) or len(answers) != len(waiting):
+                got = len(answers) if isinstance(answers, list) else type(answers).__name__
+                raise RuntimeError(
+                    f"stage returned {got} results for {len(waiting)} records on a retry; expected one each"
+                )
+            still = []
+            for i, answer in zip(waiting, answers, strict=True):
+                outputs[i] = answer
+                if isinstance(answer, StageError) and classify(answer) == TRANSIENT:
+                    still.append(i)
+            waiting[:] = still
+            if still:
+                raise outputs[still[0]]
+            return outputs
+
+        what = f"{self.name}: {len(waiting)} record(s) of a batch of {len(batch)}"
+        return await self.pauses.outlast(outputs[waiting[0]], what, again)
+
     async def _call_model(
         self,
         items: list[tuple[Record, dict]],
@@ -211,7 +280,7 @@ class Worker:
         started = time.perf_counter()
         try:
             async with self._gate.hold(alone=crashes is not None):
-                outputs = await self.host.process([prepared for _, prepared in items])
+                outputs = await self._process([prepared for _, prepared in items])
             if not isinstance(outputs, list) or len(outputs) != len(items):
                 raise RuntimeError(
                     f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order"

@@ -35,6 +35,7 @@ from daemon.io.readers import input_format
 from daemon.io.sources import SourcePoller
 from daemon.metrics import Metrics, MetricsServer
 from daemon.runtime.engine import Engine, FileUnreadable, JobInput
+from daemon.runtime.failures import OUTBOX, PipelineDied, describe
 from daemon.service.notify import Notifier
 from daemon.service.reload.reloader import Reloader, inbox_ignore
 
@@ -61,7 +62,9 @@ class Daemon:
         self.outbox_dir = section.outbox.resolve()
         self.state_dir = self.outbox_dir / STATE_DIR
         self.metrics = Metrics()
-        self.server = MetricsServer(self.metrics, section.metrics.host, section.metrics.port, lambda: self.ready)
+        self.server = MetricsServer(
+            self.metrics, section.metrics.host, section.metrics.port, self.is_ready, self.not_ready_reason
+        )
         self.engine = Engine(config, OutboxLayout.daemon(self.outbox_dir), self.metrics, tag_results=True)
         self.ledger: JobLedger | None = None
         self.ready = False
@@ -187,6 +190,15 @@ class Daemon:
         if self.inbox is not None:
             self.inbox.configure(section.settle_ms, section.rescan_s, inbox_ignore(config))
 
+    def is_ready(self) -> bool:
+        """/readyz: models loaded and intake not paused by a transient cause (disk full, ...)."""
+        return self.ready and not self.engine.pipeline.pauses.active
+
+    def not_ready_reason(self) -> str:
+        if self.ready:
+            return f"paused: {self.engine.pipeline.pauses.summary()}"
+        return "stopping" if self._stopping else "loading"
+
     def healthy(self) -> bool:
         """What WATCHDOG=1 vouches for: the loop runs (this is called from it), the pipeline
         task is alive and, once ready, every step has a worker."""
@@ -290,14 +302,20 @@ class Daemon:
         claimed = self.inbox_dir / WORK / f"{name}{path.suffix}"
         os.replace(path, claimed)
         entry = JobEntry(name, path.name, path.suffix, print_, "claimed", time.time())
-        self.ledger.save(entry)
+        await self._save(entry)
         log.info("claimed %s as job %s", path.name, name)
         self._start_job(entry, claimed)
 
     def _start_job(self, entry: JobEntry, path: Path) -> None:
         task = asyncio.create_task(self._run_job(entry, path), name=f"job-{entry.name}")
         self._job_tasks.add(task)
-        task.add_done_callback(self._job_tasks.discard)
+        task.add_done_callback(self._job_ended)
+
+    def _job_ended(self, task: asyncio.Task) -> None:
+        """Owned to the end: a job task's exception is retrieved and logged, never left to asyncio."""
+        self._job_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s ended with %s", task.get_name(), describe(task.exception()))
 
     async def _run_job(self, entry: JobEntry, path: Path) -> None:
         async with self._active_jobs:
@@ -306,19 +324,18 @@ class Daemon:
                 job = JobInput(entry.name, path, input_format(path) or "", entry.source, self.inbox_dir)
                 try:
                     run = await self.engine.run_job(job)
-                except FileUnreadable as exc:
-                    await asyncio.to_thread(record_failure, self.inbox_dir, path, str(exc))
-                    entry.state, entry.finished_at = "failed", time.time()
-                    self.ledger.save(entry)
-                    self.metrics.jobs.labels("failed").inc()
-                    log.warning("job %s: %s; moved to %s", entry.name, exc, self.inbox_dir / ".failed")
+                except PipelineDied as exc:  # not the job's fault: it stays claimed and resumes next start
+                    log.error("%s", exc)
+                    return
+                except Exception as exc:  # job-level (JobFailed, FileUnreadable, a reader's error): this job alone
+                    await self._fail_job(entry, path, exc)
                     return
                 if run.interrupted:
                     return
                 os.replace(path, unique_destination(self.inbox_dir / DONE, path.name))
                 entry.state, entry.finished_at = "done", time.time()
                 entry.ok, entry.errors = run.writer.results_written, run.writer.errors_written
-                self.ledger.save(entry)
+                await self._save(entry)
                 self.metrics.jobs.labels("done").inc()
                 log.info(
                     "job %s done: %d ok, %d errors (%d skipped as already written)",
@@ -329,3 +346,20 @@ class Daemon:
                 )
             finally:
                 self.metrics.jobs.labels("claimed").dec()
+
+    async def _save(self, entry: JobEntry) -> None:
+        """Write a job's ledger entry (in the outbox): a full disk is outlasted, with intake paused."""
+        await self.engine.pipeline.pauses.call(
+            f"job {entry.name}: writing its ledger entry",
+            lambda: asyncio.to_thread(self.ledger.save, entry),
+            where=OUTBOX,
+        )
+
+    async def _fail_job(self, entry: JobEntry, path: Path, exc: Exception) -> None:
+        """Move the job's file to inbox/.failed/ with `<name>.error.json`; rows already written stay."""
+        message = str(exc) if isinstance(exc, FileUnreadable) else f"job {entry.name} ({entry.source}): {describe(exc)}"
+        target = await asyncio.to_thread(record_failure, self.inbox_dir, path, message)
+        entry.state, entry.finished_at = "failed", time.time()
+        await self._save(entry)
+        self.metrics.jobs.labels("failed").inc()
+        log.warning("job %s failed: %s; moved to %s", entry.name, message, target)
