@@ -91,7 +91,7 @@ def unique_destination(folder: Path, file_name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / file_name
     n = 0
-    while target.exists():
+    while os.path.lexists(target):  # lexists: a dangling link there (a refused inbox link) is taken too
         n += 1
         target = folder / f"{Path(file_name).stem}.{n}{Path(file_name).suffix}"
     return target
