@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from daemon import secrets
 from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
 
 STATE_DIR = ".reelflow"
@@ -184,7 +185,7 @@ class JobWriter:
                     "row": r.row_number,
                     "step": step,
                     "error": kind,
-                    "message": message,
+                    "message": secrets.redact(message),  # a server's echo of the key, whole or shortened
                     "record": r.row,
                 }
             )
