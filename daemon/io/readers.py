@@ -61,6 +61,7 @@ def _parse_int(text: str) -> int:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_int=_parse_int)  # one for all rows: json.loads(parse_int=) builds one a call
 MAX_DEPTH = 200  # nesting the results writer (orjson: 254 levels) can still wrap in a result or error line
 
 
@@ -124,7 +125,7 @@ def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
             if not line:
                 continue
             try:
-                value = json.loads(line, parse_int=_parse_int)
+                value = _DECODER.decode(line.decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError, UnicodeDecodeError
                 yield (
                     line_number,
