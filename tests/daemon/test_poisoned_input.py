@@ -12,7 +12,10 @@ from daemon.io.outbox import OutboxLayout
 from daemon.io.readers import RowProblem, read_rows
 from daemon.metrics import Metrics
 from daemon.runtime.engine import Engine, JobInput
-from tests.harness import read_jsonl
+from tests.harness import DaemonProcess, read_jsonl
+from tests.stages_for_tests import ENV
+
+from .util import ECHO, daemon_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,3 +115,19 @@ async def test_poison_in_a_json_array_names_the_element(tmp_path):
     assert (run.ok, run.errors) == (1, 1)
     [error] = read_jsonl(tmp_path / "out" / "m.errors.jsonl")
     assert error["row"] == 2 and "m.json: array element 2" in error["message"] and "5000 digits" in error["message"]
+
+
+def test_the_daemon_finishes_a_poisoned_file_and_keeps_serving(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    expected = _poisoned_jsonl(media)  # writes media/ok.mp4 and media/m.jsonl
+    config = daemon_config(tmp_path, [{**ECHO, "config": {"needs": {"video": "video"}}}], meta_folder=media)
+    with DaemonProcess(config, env=ENV) as daemon:
+        daemon.drop(media / "m.jsonl", "poisoned.jsonl")
+        state = daemon.wait_for_job("poisoned")
+        assert (state["state"], state["ok"], state["errors"]) == ("done", 18 - len(expected), len(expected))
+        assert not list((daemon.inbox / ".work").iterdir())
+        daemon.drop_text("after.jsonl", json.dumps({"id": "z", "video": "ok.mp4"}) + "\n")
+        assert daemon.wait_for_job("after")["ok"] == 1
+        assert sorted(e["row"] for e in daemon.errors("poisoned")) == sorted(expected)
+        assert "never retrieved" not in daemon.log()
