@@ -1,7 +1,9 @@
-"""RSS growth of a real `reelflow serve` while a 1M-row jsonl streams through it (goal < 100 MB).
+"""RSS growth of a real `reelflow serve` while a 1M-row jsonl streams through it (goal < 100 MB),
+or over many small jobs (`--jobs N`: goal < 20 MB for 100,000 finished jobs).
 
     python bench/memory.py                 # 1,000,000 rows, trivial stage, batch_size 64
     python bench/memory.py --rows 200000   # quicker
+    python bench/memory.py --jobs 100000   # 100,000 one-row jobs, dropped 256 at a time
 
 The daemon runs in its own process (as a user starts it); this script drops the meta file into
 its inbox (written elsewhere, renamed in), samples the daemon's resident set size from
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.harness import DaemonProcess, write_config  # noqa: E402
 
 GOAL_MB = 100
+JOBS_GOAL_MB = 20  # for 100,000 finished jobs
+JOBS_IN_FLIGHT = 256  # dropped but not yet done: the inbox never holds more
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -48,7 +53,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None, help="where the run's files go (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--jobs", type=int, default=0, help="instead of one big file: this many one-row jobs")
     args = parser.parse_args()
+    if args.jobs:
+        return many_jobs(args)
 
     root = Path(tempfile.mkdtemp(prefix="reelflow-memory-", dir=args.workdir))
     try:
@@ -102,6 +110,61 @@ def main() -> int:
         )
         print(
             f"growth = {growth_mb:.1f} MiB; goal < {GOAL_MB} MB: {'met' if growth_mb * 1.048576 < GOAL_MB else 'MISSED'}"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def many_jobs(args: argparse.Namespace) -> int:
+    """RSS after N finished one-row jobs minus RSS after a warm-up: what each finished job leaves."""
+    root = Path(tempfile.mkdtemp(prefix="reelflow-jobs-", dir=args.workdir))
+    try:
+        staging = root / "staging"
+        staging.mkdir()
+        step = {"type": "Test", "name": "Spin", "config": {"work": 0, "max_wait_ms": 0, "devices": ["cpu"]}}
+        section = {"inbox": "inbox", "outbox": "outbox", "settle_ms": 50, "rescan_s": 1, "metrics": {"port": 0}}
+        config = write_config(root, {"steps": [step], "daemon": section})
+        env = {"REELFLOW_EXTRA_STAGES": "Test.Spin=tests.stages_for_tests:Spin"}
+        with DaemonProcess(config, env=env) as daemon:
+            pid = daemon.process.pid
+            done_dir = daemon.inbox / ".done"
+            dropped = 0
+
+            def finish(target: int) -> None:
+                nonlocal dropped
+                deadline = time.monotonic() + args.timeout
+                while True:
+                    finished = len(os.listdir(done_dir)) if done_dir.is_dir() else 0
+                    if finished >= target:
+                        return
+                    while dropped < target and dropped - finished < JOBS_IN_FLIGHT:
+                        staged = staging / f"j{dropped:07d}.jsonl"
+                        staged.write_text(json.dumps({"id": "a", "n": dropped}) + "\n")
+                        staged.rename(daemon.inbox / staged.name)
+                        dropped += 1
+                    if time.monotonic() > deadline or daemon.process.poll() is not None:
+                        raise RuntimeError(f"{finished} of {target} jobs done:\n{daemon.log()[-2000:]}")
+                    time.sleep(0.05)
+
+            warm = min(1000, max(1, args.jobs // 10))
+            finish(warm)  # first jobs fill caches (imports, allocator pools) that later ones reuse
+            time.sleep(1.0)
+            baseline = status_kb(pid, "VmRSS")
+            started = time.monotonic()
+            finish(warm + args.jobs)
+            elapsed = time.monotonic() - started
+            time.sleep(1.0)
+            after = status_kb(pid, "VmRSS")
+            assert daemon.stop() == 0, daemon.log()[-2000:]
+        growth_mb = (after - baseline) / 1024
+        per_job = (after - baseline) * 1024 / args.jobs
+        projected = per_job * 100_000 / 2**20
+        print(f"jobs={args.jobs} (after {warm} warm-up jobs) in {elapsed:.1f} s ({args.jobs / elapsed:,.0f} jobs/s)")
+        print(f"RSS: after warm-up {baseline / 1024:.1f} MiB, after {args.jobs} more {after / 1024:.1f} MiB")
+        print(
+            f"growth = {growth_mb:.1f} MiB ({per_job:.0f} B/job; {projected:.1f} MiB per 100,000 jobs); "
+            f"goal < {JOBS_GOAL_MB} MB per 100,000: {'met' if projected * 1.048576 < JOBS_GOAL_MB else 'MISSED'}"
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

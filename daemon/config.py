@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from daemon import secrets
 from stages.base import StageConfig
 from stages.registry import UnknownStage, stage_class
 
@@ -304,11 +305,14 @@ class ConfigError(Exception):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
+def _expand_env(node: Any, path: str, problems: list[str], written: dict[str, str] | None = None) -> Any:
+    """Substitute `${NAME}`; `written` maps each expanded string back to the text as written,
+    so that messages show `${OPENAI_API_KEY}`, never its value."""
+    written = {} if written is None else written
     if isinstance(node, dict):
-        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems, written) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_expand_env(v, f"{path}[{i}]", problems, written) for i, v in enumerate(node)]
     if isinstance(node, str):
 
         def substitute(match: re.Match) -> str:
@@ -319,13 +323,18 @@ def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
                     f"{path}: environment variable ${{{name}}} is not set (set it, or write ${{{name}:-default}})"
                 )
                 return ""
+            if secrets.looks_secret(name):
+                secrets.remember(value, f"${{{name}}}")
             return value
 
-        return _ENV.sub(substitute, node)
+        expanded = _ENV.sub(substitute, node)
+        if expanded != node:
+            written[expanded] = node
+        return expanded
     return node
 
 
-def _describe(error: dict, prefix: str) -> str:
+def _describe(error: dict, prefix: str, written: dict[str, str] | None = None) -> str:
     loc = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
     loc = loc.lstrip(".") or "(top level)"
     message = error["msg"]
@@ -334,7 +343,11 @@ def _describe(error: dict, prefix: str) -> str:
     if error["type"] == "missing":
         return f"{loc}: required key is missing"
     given = error.get("input")
-    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    if isinstance(given, str) and written and given in written:
+        as_written = written[given]  # `${VAR}`: the value is shown only when it is no secret
+        shown = f" (got {as_written!r})" if secrets.redact(given) != given else f" (got {as_written!r} = {given!r})"
+    else:
+        shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
     return f"{loc}: {message}{shown}"
 
 
@@ -353,27 +366,32 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(
             source, [f"expected a mapping with a `steps:` list at the top level, got {type(raw).__name__}"]
         )
-    raw = _expand_env(raw, "", problems)
+    written: dict[str, str] = {}
+    raw = _expand_env(raw, "", problems, written)
+    secrets.remember_environment()  # stages read some keys by default ($OPENAI_API_KEY)
+    secrets.remember_config(raw)
     try:
         pipeline = PipelineFile.model_validate(raw)
     except ValidationError as exc:
-        problems += [_describe(e, "") for e in exc.errors()]
+        problems += [_describe(e, "", written) for e in exc.errors()]
         pipeline = None
     steps: list[Step] = []
     defaults = pipeline.workers.step_defaults() if pipeline is not None else {}
     for index, spec in enumerate(raw.get("steps") or []):
-        step = _validate_step(index, spec, raw, defaults, problems)
+        step = _validate_step(index, spec, raw, defaults, problems, written)
         if step:
             steps.append(step)
     if problems or pipeline is None:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, [secrets.redact(p) for p in problems])
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return Config(
         file=pipeline, steps=tuple(steps), source=Path(source) if source != "<config>" else None, digest=digest
     )
 
 
-def _validate_step(index: int, spec: Any, raw: dict, worker_defaults: dict, problems: list[str]) -> Step | None:
+def _validate_step(
+    index: int, spec: Any, raw: dict, worker_defaults: dict, problems: list[str], written: dict[str, str]
+) -> Step | None:
     where = f"steps[{index}]"
     if not isinstance(spec, dict) or "type" not in spec or "name" not in spec:
         return None  # the file-level validation has reported it
@@ -394,7 +412,7 @@ def _validate_step(index: int, spec: Any, raw: dict, worker_defaults: dict, prob
     try:
         config = step_config_model(cls).model_validate(settings)
     except ValidationError as exc:
-        problems.extend(_describe(e, f"{where}.config") for e in exc.errors())
+        problems.extend(_describe(e, f"{where}.config", written) for e in exc.errors())
         return None
     own = config.workers.model_dump(exclude_unset=True) if config.workers else {}
     workers = WorkerSettings.model_validate({**worker_defaults, **own})

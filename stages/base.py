@@ -22,6 +22,7 @@ make.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -181,12 +182,25 @@ def is_async(stage: Stage) -> bool:
 
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+STEM_CHARS = 200  # longest plain stem; with the hash and an extension a name stays under 255 bytes
+READABLE_CHARS = 100  # the readable part of a hashed stem
+HASH_MARK = "~"  # never in a plain stem, so a hashed stem can never equal one
 
 
 def safe_file_stem(text: str) -> str:
-    """A file name made from a record id or template: no separators, no dot-files."""
-    stem = _UNSAFE_NAME.sub("_", text).strip("._") or "record"
-    return stem[:200]
+    """A file (or folder) name made from a record id or template, injective over ids.
+
+    An id that is already a safe name (letters, digits, `.`, `_`, `-`; not starting or ending
+    with `.` or `_`; at most 200 characters) is its own stem, so ordinary ids keep their plain
+    names. Any other id gets a readable stem plus `~` and 16 hex digits of the SHA-256 of the
+    exact id: `cam/1` -> `cam_1~<hash>`, while `cam_1` stays `cam_1`. Two ids share a stem only
+    on a 64-bit hash collision.
+    """
+    stem = _UNSAFE_NAME.sub("_", text).strip("._")
+    if stem == text and 0 < len(stem) <= STEM_CHARS:
+        return stem
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{stem[:READABLE_CHARS] or 'record'}{HASH_MARK}{digest}"
 
 
 def media_path(record: dict[str, Any], extension: str, template: str | None = None) -> Path:

@@ -3,6 +3,11 @@
 watchfiles events are only hints that wake the scanner early: a full scan runs at start
 and every `rescan_s`, because events get lost (NFS, overflowing inotify queues). A file is
 settled once its size and mtime have not changed for `settle_ms`.
+
+Only regular files are taken, never through a link: an entry that is a symlink is refused at
+once (moved, as the link itself, to `inbox/.failed/` with a `.error.json` giving the reason),
+so `ln -s /etc/passwd inbox/x.csv` never reads /etc/passwd. A FIFO, a folder or any other
+non-regular entry named like a meta file is left alone, with one warning per path.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+from daemon.io.jobs import record_failure
+from daemon.io.readers import input_format
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,7 @@ class Inbox:
         # yielded, not yet moved away by the claimer -> its (size, mtime_ns, inode) then; another file
         # renamed in under the same name before the next scan differs, and is a new file to take.
         self._taken: dict[Path, tuple[int, int, int]] = {}
+        self._warned: set[Path] = set()  # entries left alone and already logged; forgotten once gone
 
     def configure(self, settle_ms: int, rescan_s: float, ignore: tuple[str, ...]) -> None:
         """New settings from a config reload; they apply from the next scan, which starts now."""
@@ -51,17 +60,50 @@ class Inbox:
             entries = list(os.scandir(self.folder))
         except FileNotFoundError:
             return []
+        notes: dict[Path, str] = {}  # entries left alone this scan -> why (logged once per path)
         for entry in entries:
             if is_ignored(entry.name, self.ignore):
                 continue
+            path = Path(entry.path)
             try:
-                if not entry.is_file():
+                if entry.is_symlink():
+                    if (note := self._refuse_link(path)) is not None:
+                        notes[path] = note
                     continue
-                stat = entry.stat()
+                if not entry.is_file(follow_symlinks=False):
+                    if input_format(path) is not None:
+                        notes[path] = (
+                            f"{path} is not a regular file (a folder, FIFO, socket or device); left alone: "
+                            "drop meta files and videos as regular files"
+                        )
+                    continue
+                stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            found.append((Path(entry.path), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+            found.append((path, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        for path in notes.keys() - self._warned:
+            log.warning("%s", notes[path])
+        self._warned = set(notes)  # a path that went away and comes back is reported again
         return found
+
+    def _refuse_link(self, path: Path) -> str | None:
+        """Move a link (never what it points to) to .failed/; a note when it cannot be moved."""
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        message = (
+            f"{path.name}: is a symbolic link (to {target}); inbox entries must be regular files, "
+            "never links: copy or move the file itself into the inbox"
+        )
+        try:
+            moved = record_failure(self.folder, path, message)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # cannot move it: left where it is (logged once), never followed
+            return f"{message}; it could not be moved to {self.folder / '.failed'} ({exc}), so it stays ignored"
+        log.warning("%s; moved to %s", message, moved)
+        return None
 
     async def _watch(self) -> None:
         try:

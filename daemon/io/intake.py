@@ -45,11 +45,33 @@ class RowChecker:
         self.media_dir = media_dir
 
     def check(self, row_number: int, row: Any) -> Checked | None:
-        """None means: already written by an earlier run, skip it."""
+        """None means: already written by an earlier run, skip it.
+
+        Whatever goes wrong with one row (a path the OS refuses: NUL byte, name too long; an id
+        that is not a string or number) is that row's problem; it never stops the file.
+        """
         if isinstance(row, RowProblem):
-            key = unreadable_row_key(row_number)
-            return None if key in self.done else Checked(self._record(None, row_number, {}, key), row)
-        record_id = _record_id(row, row_number)
+            return self._unreadable(row_number, row)
+        try:
+            record_id = _record_id(row, row_number)
+        except BadId as exc:
+            return self._unreadable(row_number, RowProblem(f"{self.file_name}: row {row_number}: {exc}", "BadId"), row)
+        try:
+            return self._check(row_number, row, record_id)
+        except Exception as exc:  # a bug's or the OS's surprise about this row's data, never the file's
+            problem = RowProblem(
+                f"{self.file_name}: row {row_number}: could not check the row ({type(exc).__name__}: {exc}); "
+                "expected paths and fields the first step can use",
+                type(exc).__name__,
+            )
+            return Checked(self._record(record_id, row_number, row, record_id), problem)
+
+    def _unreadable(self, row_number: int, problem: RowProblem, row: dict | None = None) -> Checked | None:
+        """A row with no usable id: its error line's id is the row number, its resume key row-based."""
+        key = unreadable_row_key(row_number)
+        return None if key in self.done else Checked(self._record(None, row_number, row or {}, key), problem)
+
+    def _check(self, row_number: int, row: dict, record_id: str) -> Checked | None:
         if not self.seen.add(record_id):
             key = duplicate_key(record_id, row_number)
             if key in self.done:
@@ -95,14 +117,22 @@ class RowChecker:
                         f"{where}: field {key!r}: {refusal(value, list(self.rules.remote_allow))}", "RemoteRefused"
                     )
                 continue
-            resolved = self._resolve(value)
+            try:
+                resolved = self._resolve(value)
+                found = resolved is not None and resolved.is_file()
+            except (OSError, ValueError) as exc:  # NUL byte, name too long, ...
+                return RowProblem(
+                    f"{where}: field {key!r} = {_short(value)} is not a usable path ({_os_reason(exc)}); "
+                    "expected the path of a file under meta_folder",
+                    "BadPath",
+                )
             if resolved is None:
                 return RowProblem(
                     f"{where}: field {key!r} = {value!r} points outside the allowed folders {[str(r) for r in self.rules.roots]}; "
                     "media paths must stay under meta_folder (or the meta file's folder)",
                     "PathOutsideRoot",
                 )
-            if self.rules.required.get(key) in PATH_KINDS and not resolved.is_file():
+            if self.rules.required.get(key) in PATH_KINDS and not found:
                 return RowProblem(f"{where}: field {key!r}: file not found: {resolved}", "FileNotFound")
             record.fields[key] = resolved
         return None
@@ -118,10 +148,31 @@ class RowChecker:
         return None
 
 
+class BadId(ValueError):
+    pass
+
+
+def _short(value: str, keep: int = 80) -> str:
+    """A value for a message: long paths shortened (a 10 kB path would drown the line)."""
+    return repr(value) if len(value) <= keep else f"{value[:keep]!r}... ({len(value)} characters)"
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 def _record_id(row: dict, row_number: int) -> str:
     value = row.get(RECORD_ID)
     if value is None or value == "":
         return str(row_number)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        shown = repr(value)
+        raise BadId(
+            f"field 'id' is a {type(value).__name__} ({shown[:60]}{'...' if len(shown) > 60 else ''}); "
+            "expected a string or a number"
+        )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)

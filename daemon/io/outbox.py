@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from daemon import secrets
 from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
 
 STATE_DIR = ".reelflow"
@@ -101,7 +102,7 @@ def _keys_in(path: Path, is_errors: bool, into: IdSet) -> int:
             record_id = entry.get("id")
             if is_errors and entry.get("error") == "DuplicateId":
                 into.add(duplicate_key(str(record_id), int(entry.get("row", 0))))
-            elif record_id is None:
+            elif record_id is None or type(record_id) is int:  # a row with no usable id: its number (int) stands in
                 into.add(unreadable_row_key(int(entry.get("row", 0))))
             else:
                 into.add(str(record_id))
@@ -194,12 +195,12 @@ class JobWriter:
         data = b"".join(
             self._dump(
                 {
-                    "id": r.id,
+                    "id": r.id if r.id is not None else r.row_number,  # an int: resume tells it from string ids
                     "job": self.job,
                     "row": r.row_number,
                     "step": step,
                     "error": kind,
-                    "message": message,
+                    "message": secrets.redact(message),  # a server's echo of the key, whole or shortened
                     "record": r.row,
                 }
             )

@@ -27,6 +27,7 @@ from daemon.io.jobs import (
     JobLedger,
     fingerprint,
     record_failure,
+    remove_state_file,
     unique_destination,
     write_json_atomic,
 )
@@ -96,11 +97,12 @@ class Daemon:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             self.notifier.close()
+            remove_state_file(self.state_dir / "daemon.json")  # on every way out, errors included
 
     async def _serve(self) -> int:
         for folder in (self.inbox_dir / WORK, self.outbox_dir, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.ledger = JobLedger(self.state_dir)
+        self.ledger = JobLedger(self.state_dir, self.inbox_dir)
         url = await self.server.start()
         log.info("metrics at %s (also /healthz, /readyz)", url)
         try:
@@ -134,6 +136,7 @@ class Daemon:
         self._signals += 1
         if self._signals > 1:
             log.warning("second %s: exiting now without draining", sig.name)
+            remove_state_file(self.state_dir / "daemon.json")  # os._exit skips every finally
             os._exit(1)
         log.info(
             "%s: stopping intake and draining (up to %.0f s; send it again to exit at once)",

@@ -50,7 +50,7 @@ class FrameSampler(Stage):
             max_frames=config.max_frames,
             max_side=config.max_side,
         )
-        folder = Path(record[MEDIA_DIR]) / safe_file_stem(str(record[RECORD_ID]))
+        folder = Path(record[MEDIA_DIR]) / safe_file_stem(str(record[RECORD_ID]))  # one folder per id, never shared
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for image, index in zip(sampled.frames, sampled.indices, strict=True):

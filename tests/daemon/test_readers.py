@@ -209,11 +209,21 @@ def test_csv_header_only_and_empty(tmp_path):
     assert rows(tmp_path / "h.csv") == [] and rows(tmp_path / "e.csv") == []
 
 
-def test_csv_not_utf8_is_unreadable(tmp_path):
+def test_csv_header_not_utf8_is_unreadable(tmp_path):
     path = tmp_path / "l.csv"
-    path.write_bytes("id,caption\n1,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(UnreadableFile, match="l.csv: not UTF-8"):
+    path.write_bytes("id,caf\xe9\n1,x\n".encode("latin-1"))
+    with pytest.raises(UnreadableFile, match=r"l.csv: the header \(line 1\) is not UTF-8"):
         rows(path)
+
+
+def test_csv_row_not_utf8_costs_that_row_only(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_bytes(b'id,caption\n1,ok\n2,"caf\xe9\nsecond line"\n3,fine\n')
+    result = rows(path)
+    assert good(result) == [(1, {"id": "1", "caption": "ok"}), (3, {"id": "3", "caption": "fine"})]
+    [(number, problem)] = bad(result)
+    assert number == 2 and problem.error_type == "BadEncoding"
+    assert problem.message.startswith("l.csv: row 2 (line 3) is not UTF-8 text")
 
 
 # --- parquet ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.base import StageError
+from stages.base import StageError, safe_file_stem
 from stages.generators._common import record_seed
 from stages.registry import stage_class
 from tests.generators.conftest import IMAGE_TO_VIDEO, TINY, make_record, read_png, read_video, stage_config
@@ -55,7 +55,7 @@ def test_generates_requested_media(name, loaded, tmp_path, cond_image):
         assert set(result) == {key}
         path = result[key]
         assert path.is_absolute() and path.parent == tmp_path / "media"
-        assert path.name == f"{record['id'].replace('/', '_')}.{'mp4' if is_video else 'png'}"
+        assert path.name == f"{safe_file_stem(record['id'])}.{'mp4' if is_video else 'png'}"
         if is_video:
             frames, fps, codec, pix_fmt = read_video(path)
             height = config.height or 16  # CogVideoX-I2V: its trained resolution
