@@ -218,6 +218,7 @@ def sample_frames(
     size: SizeRule | None = None,
     over_max_frames: Literal["thin", "error"] = "thin",
     window: ClipWindow | None = None,
+    at: list[int] | None = None,
 ) -> SampledFrames:
     """Decode the frames chosen by `num_frames` (uniform) or `fps` (every 1/fps s).
 
@@ -228,11 +229,12 @@ def sample_frames(
     `max_frames` evenly over the video and `"error"` raises a `StageError` of type
     `TooManyFrames` before anything is decoded. `window` restricts everything (the count,
     the spacing, the limit) to one clip of the video; indices and timestamps stay the video's.
+    `at` (instead of `num_frames`/`fps`) names the frames to take, counted from the window's start.
     """
     import av
 
-    if (num_frames is None) == (fps is None):
-        raise ValueError("give exactly one of num_frames or fps")
+    if sum(x is not None for x in (num_frames, fps, at)) != 1:
+        raise ValueError("give exactly one of num_frames, fps or at")
     if size is not None and max_side is not None:
         raise ValueError("give at most one of max_side or size")
     container = _open(path)
@@ -249,7 +251,9 @@ def sample_frames(
         video_fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
         time_base = float(stream.time_base or 0)
         first, span = _window_frames(index, time_base, video_fps, window, name)
-        if num_frames:
+        if at is not None:
+            wanted = sorted({i for i in at if 0 <= i < span})
+        elif num_frames:
             wanted = uniform_indices(span, num_frames)
         else:
             limit = None if over_max_frames == "error" else max_frames
@@ -261,6 +265,8 @@ def sample_frames(
                     f"frames, more than the {max_frames} allowed",
                     error_type="TooManyFrames",
                 )
+        if not wanted:
+            raise StageError(f"{name}: no frames to sample (asked for {at})", error_type="EmptyVideo")
         wanted = [first + i for i in wanted]
         wanted_pts = [index.pts[i] for i in wanted]
         if _seeking_is_cheaper(index, len(wanted), span):
