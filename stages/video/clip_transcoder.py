@@ -115,6 +115,8 @@ class ClipTranscoder(Stage):
             ) from None
         finally:
             container.close()
+        with partial.open("rb+") as written:
+            os.fsync(written.fileno())  # on disk before it has the final name (a power cut, not only kill -9)
         os.replace(partial, final)  # complete and counted: only now under the final name
         self.usage["clips_written"] += 1
         self.usage[f"clips_{method}"] += 1
@@ -135,6 +137,8 @@ class ClipTranscoder(Stage):
             raise StageError(f"ClipTranscoder: {source.name} has no video frames", error_type="EmptyVideo")
         time_base = stream.time_base
         fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
+        container.seek(0)  # the display rotation sits on decoded frames (side data), not in the stream tags
+        rotation = _rotation_of(stream, next(container.decode(stream), None))
         cut = _cut_of(index, time_base, fps, window, source.name)
         audio = container.streams.audio[0] if c.keep_audio and container.streams.audio else None
         if audio is not None and audio.codec_context.name not in MP4_AUDIO:
@@ -142,13 +146,12 @@ class ClipTranscoder(Stage):
             audio = None
         width, height = stream.codec_context.width, stream.codec_context.height
         size = _output_size(width, height, c.max_short_side)
-        if self._can_copy(stream, index, cut, size, (width, height)):
+        if not rotation and self._can_copy(stream, index, cut, size, (width, height)):
             written = _copy(container, stream, audio, cut, partial)
             if written == cut.count:
                 return "copy", {"num_frames": written, "width": width, "height": height, "fps": round(fps, 3)}
             self.usage["copy_fallbacks"] += 1  # a stream the packet rule does not fit (open GOP): encode
         out_fps = c.fps or fps
-        rotation = _rotation_of(stream)
         written, out_size = _encode(container, stream, audio, cut, partial, c, size, fps, out_fps, rotation)
         expected = cut.count if c.fps is None else max(1, round(cut.count * out_fps / fps))
         if written != expected:
@@ -161,7 +164,7 @@ class ClipTranscoder(Stage):
         return "encode", {"num_frames": written, "width": out_size[0], "height": out_size[1], "fps": round(out_fps, 3)}
 
     def _can_copy(self, stream, index, cut: _Cut, size, source_size) -> bool:
-        c = self.config
+        c = self.config  # (a rotated source is always encoded: copied packets would lose the rotation)
         if not c.copy_when_possible or c.fps is not None or size != source_size:
             return False
         if ENCODED_AS.get(c.codec) != stream.codec_context.name or stream.codec_context.pix_fmt != c.pix_fmt:
@@ -214,6 +217,12 @@ def _audio_packet(packet, audio_out, cut: _Cut) -> bool:
     return True
 
 
+def _well_past(packet, video, cut: _Cut) -> bool:
+    """A video packet 2 s past the clip: any audio of the clip has come by (muxers interleave
+    far tighter), so an audio track that ends early does not make us read the whole file."""
+    return packet.stream is video and packet.pts is not None and float(packet.pts * packet.time_base) > cut.end_time + 2
+
+
 def _copy(container, stream, audio, cut: _Cut, partial: Path) -> int:
     """Stream copy of the clip's packets (from its keyframe to the next); returns frames written."""
     out, audio_out = _open_output(partial, audio)
@@ -223,11 +232,10 @@ def _copy(container, stream, audio, cut: _Cut, partial: Path) -> int:
         written, audio_open, wanted = 0, audio is not None, cut.count
         for packet in container.demux(*([stream] + ([audio] if audio is not None else []))):
             if packet.stream is stream:
-                if packet.pts is None or packet.size == 0 or written == wanted:
-                    continue
-                if packet.pts < cut.start_pts:
-                    continue
-                if float(packet.pts * packet.time_base) >= cut.end_time - 1e-9:
+                if _well_past(packet, stream, cut):
+                    break
+                inside = packet.pts is not None and packet.size and written < wanted
+                if not (inside and cut.start_pts <= packet.pts and packet.pts * packet.time_base < cut.end_time - 1e-9):
                     continue
                 packet.pts -= cut.start_pts
                 packet.dts = packet.pts if packet.dts is None else packet.dts - cut.start_pts
@@ -275,7 +283,7 @@ def _encode(container, stream, audio, cut: _Cut, partial: Path, c, size, fps, ou
                     if seen >= cut.count or written >= wanted:
                         video_done = True
                         break
-            if video_done and not audio_open:
+            if video_done and (not audio_open or _well_past(packet, stream, cut)):
                 break
         for packet in video_out.encode(None):
             out.mux(packet)

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import textwrap
 
+import numpy as np
 import pytest
 
 from stages.video.clip_transcoder import ClipTranscoder
-from stages.video.frames import probe
+from stages.video.frames import probe, sample_frames
 from tests.harness import PYTHON, REPO, read_jsonl, run_oneshot, write_config
 from tests.stages.clip_media import child, clip, decoded_levels, numbered, pan
 
@@ -174,3 +175,17 @@ def test_config_refuses_unknown_keys_and_bad_values():
         ClipTranscoder.Config(crf=20, bitrate="2M")
     with pytest.raises(ValueError, match="crf"):
         ClipTranscoder.Config(crf=60)
+
+
+def test_a_rotated_source_is_written_upright(videos, tmp_path):
+    if "rotated" not in videos:
+        pytest.skip("ffmpeg not on PATH: no rotated test video")
+    source = videos["rotated"]  # 96x64 coded, shown turned by 90 degrees
+    out, _ = transcode(child(source, tmp_path, None, rid="turned"), crf=0, preset="ultrafast")
+    info = probe(out["video"])
+    assert out["transcode"]["method"] == "encode"  # copying would drop the display rotation
+    assert (info.width, info.height, info.rotation, info.num_frames) == (64, 96, 0, probe(source).num_frames)
+    shown = sample_frames(source, num_frames=3)
+    written = sample_frames(out["video"], num_frames=3)
+    assert written.frames.shape == shown.frames.shape
+    assert np.abs(written.frames.astype(int) - shown.frames.astype(int)).mean() < 6
