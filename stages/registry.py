@@ -23,6 +23,9 @@ from stages.base import Stage
 BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
     ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+    ("VideoProcessor", "ClipTranscoder"): "stages.video.clip_transcoder:ClipTranscoder",
+    ("VideoFilter", "MotionFilter"): "stages.filters.motion:MotionFilter",
+    ("VideoFilter", "PropertyFilter"): "stages.filters.properties:PropertyFilter",
     ("ImageGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
     ("VideoGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
     ("ImageGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",

@@ -40,6 +40,7 @@ from stages.captioners.config import CaptionerConfig, VideoCost
 log = logging.getLogger(__name__)
 
 PREPARED = "_caption_input"  # the key prepare() adds to a record
+FRAME_TIMES = "_frame_times_s"  # and the sampled frames' times in the video (seconds)
 
 
 class VideoCaptioner(Stage):
@@ -123,7 +124,7 @@ class VideoCaptioner(Stage):
 
     # -- per record ------------------------------------------------------------------------
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
-        from stages.video.frames import sample_frames
+        from stages.video.frames import clip_window, sample_frames
 
         c, name = self.config, type(self).__name__
         path = record.get(c.video_key)
@@ -147,12 +148,13 @@ class VideoCaptioner(Stage):
                 error_type="PromptTooLong",
             )
         try:
+            window = clip_window(record)  # a clip of the source (ShotSplitter): caption only the clip
             if c.fps is not None:
                 sampled = sample_frames(
-                    path, fps=c.fps, max_frames=fits, size=self.decode_size, over_max_frames="error"
+                    path, fps=c.fps, max_frames=fits, size=self.decode_size, over_max_frames="error", window=window
                 )
             else:
-                sampled = sample_frames(path, num_frames=c.num_frames or fits, size=self.decode_size)
+                sampled = sample_frames(path, num_frames=c.num_frames or fits, size=self.decode_size, window=window)
         except StageError as bad:
             raise _explain(bad, name, c, fits) from None
         frames = _whole_groups(sampled.frames, cost.group)
@@ -160,7 +162,8 @@ class VideoCaptioner(Stage):
             "fps": sampled.fps,
             "duration": sampled.duration_s,
             "total_num_frames": sampled.total_frames,
-            "frames_indices": _whole_groups_list(sampled.indices, cost.group),
+            # The model sees the clip, so its frame numbers count from the clip's start.
+            "frames_indices": _whole_groups_list([i - sampled.first_frame for i in sampled.indices], cost.group),
             "width": int(frames.shape[2]),
             "height": int(frames.shape[1]),
         }
@@ -182,7 +185,7 @@ class VideoCaptioner(Stage):
                 "fps or max_pixels, or raise max_model_len",
                 error_type="VideoTooLong",
             )
-        return {**record, PREPARED: prepared}
+        return {**record, PREPARED: prepared, FRAME_TIMES: sampled.timestamps_s}
 
     def chat_text(self, instruction: str) -> str:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]

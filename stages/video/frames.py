@@ -5,6 +5,12 @@ the exact frame count and the keyframe positions; when keyframes are dense the s
 seeks to each target, when they are sparse it decodes straight through and keeps only the
 targets, whichever decodes fewer frames. Frames come out upright (display rotation applied)
 as uint8 RGB arrays, T x H x W x 3.
+
+Clip windows. A record made by ShotSplitter carries `clip: {start_s, end_s, start_frame,
+num_frames, ...}` while its `video_key` still names the whole source; every frame-reading
+stage passes `clip_window(record)` as `window=` so it samples only inside [start_s, end_s).
+Once ClipTranscoder has written the clip as its own file it sets `clip_file: true` and the
+window no longer applies (the file *is* the clip).
 """
 
 from __future__ import annotations
@@ -37,13 +43,48 @@ class VideoInfo:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class ClipWindow:
+    """The part of a video a record stands for: frames [start_frame, start_frame + num_frames)
+    when ShotSplitter gave frame numbers (exact), else the seconds [start_s, end_s)."""
+
+    start_s: float
+    end_s: float
+    start_frame: int | None = None
+    num_frames: int | None = None
+
+
+CLIP_KEY = "clip"
+CLIP_FILE_KEY = "clip_file"  # set by ClipTranscoder: video_key names the clip's own file
+
+
+def clip_window(record: dict) -> ClipWindow | None:
+    """The window to sample for this record, or None (the whole file)."""
+    clip = record.get(CLIP_KEY)
+    if not isinstance(clip, dict) or record.get(CLIP_FILE_KEY):
+        return None
+    try:
+        start_s, end_s = float(clip["start_s"]), float(clip["end_s"])
+    except (KeyError, TypeError, ValueError):
+        raise StageError(
+            f"record {record.get('id')!r}: `clip` must hold numeric start_s and end_s (as ShotSplitter writes "
+            f"them), got {clip!r}",
+            error_type="BadClip",
+        ) from None
+    start_frame, num_frames = clip.get("start_frame"), clip.get("num_frames")
+    if isinstance(start_frame, int) and isinstance(num_frames, int):
+        return ClipWindow(start_s, end_s, start_frame, num_frames)
+    return ClipWindow(start_s, end_s)
+
+
 @dataclass
 class SampledFrames:
     frames: np.ndarray  # T x H x W x 3, uint8, RGB, upright
     indices: list[int]  # frame numbers in the video, 0-based
     fps: float  # the video's own frame rate
-    total_frames: int
-    timestamps_s: list[float] = field(default_factory=list)
+    total_frames: int  # frames in the sampled window (the whole video without one)
+    timestamps_s: list[float] = field(default_factory=list)  # from the video's start
+    first_frame: int = 0  # frame number where the window starts
 
     @property
     def duration_s(self) -> float:
@@ -101,7 +142,8 @@ def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=quarter_turns)) if quarter_turns else image
 
 
-def probe(path: str | Path) -> VideoInfo:
+def probe(path: str | Path, window: ClipWindow | None = None) -> VideoInfo:
+    """Container and stream facts; with a `window`, the duration and frame count are the clip's."""
     import av
 
     container = _open(path)
@@ -115,11 +157,14 @@ def probe(path: str | Path) -> VideoInfo:
         except av.error.FFmpegError:
             first = None
         fps = float(stream.average_rate or stream.base_rate or 0)
-        duration = _duration_s(container, stream, index, fps)
+        duration, num_frames = _duration_s(container, stream, index, fps), len(index.pts)
+        if window is not None and index.pts:
+            _, num_frames = _window_frames(index, float(stream.time_base or 0), fps or 25.0, window, Path(path).name)
+            duration = num_frames / fps if fps else window.end_s - window.start_s
         return VideoInfo(
             duration_s=round(duration, 3),
             fps=round(fps, 3),
-            num_frames=len(index.pts),
+            num_frames=num_frames,
             width=stream.codec_context.width,
             height=stream.codec_context.height,
             codec=stream.codec_context.name,
@@ -172,6 +217,8 @@ def sample_frames(
     *,
     size: SizeRule | None = None,
     over_max_frames: Literal["thin", "error"] = "thin",
+    window: ClipWindow | None = None,
+    at: list[int] | None = None,
 ) -> SampledFrames:
     """Decode the frames chosen by `num_frames` (uniform) or `fps` (every 1/fps s).
 
@@ -180,12 +227,14 @@ def sample_frames(
     resize rule, so frames come out at the size its processor wants, scaled once by ffmpeg).
     When `fps` sampling needs more than `max_frames` frames, `over_max_frames="thin"` spreads
     `max_frames` evenly over the video and `"error"` raises a `StageError` of type
-    `TooManyFrames` before anything is decoded.
+    `TooManyFrames` before anything is decoded. `window` restricts everything (the count,
+    the spacing, the limit) to one clip of the video; indices and timestamps stay the video's.
+    `at` (instead of `num_frames`/`fps`) names the frames to take, counted from the window's start.
     """
     import av
 
-    if (num_frames is None) == (fps is None):
-        raise ValueError("give exactly one of num_frames or fps")
+    if sum(x is not None for x in (num_frames, fps, at)) != 1:
+        raise ValueError("give exactly one of num_frames, fps or at")
     if size is not None and max_side is not None:
         raise ValueError("give at most one of max_side or size")
     container = _open(path)
@@ -200,22 +249,31 @@ def sample_frames(
                 f"{name} has a video stream with no frames (empty or truncated file)", error_type="EmptyVideo"
             )
         video_fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
-        if num_frames:
-            wanted = uniform_indices(total, num_frames)
+        time_base = float(stream.time_base or 0)
+        first, span = _window_frames(index, time_base, video_fps, window, name)
+        if at is not None:
+            wanted = sorted({i for i in at if 0 <= i < span})
+        elif num_frames:
+            wanted = uniform_indices(span, num_frames)
         else:
             limit = None if over_max_frames == "error" else max_frames
-            wanted = fps_indices(total, video_fps, fps, limit)
+            wanted = fps_indices(span, video_fps, fps, limit)
             if max_frames and len(wanted) > max_frames:
+                what = "its clip" if window else "it"
                 raise StageError(
-                    f"{name} lasts {total / video_fps:.1f} s: sampling it at {fps:g} fps takes {len(wanted)} "
+                    f"{name} lasts {span / video_fps:.1f} s: sampling {what} at {fps:g} fps takes {len(wanted)} "
                     f"frames, more than the {max_frames} allowed",
                     error_type="TooManyFrames",
                 )
+        if not wanted:
+            raise StageError(f"{name}: no frames to sample (asked for {at})", error_type="EmptyVideo")
+        wanted = [first + i for i in wanted]
         wanted_pts = [index.pts[i] for i in wanted]
-        if _seeking_is_cheaper(index, len(wanted)):
+        if _seeking_is_cheaper(index, len(wanted), span):
             decoded = _decode_by_seeking(container, stream, wanted_pts)
         else:
-            decoded = _decode_straight(container, stream, wanted_pts)
+            # Inside a clip window, straight decoding starts at the keyframe before the clip.
+            decoded = _decode_straight(container, stream, wanted_pts, from_pts=wanted_pts[0] if first else None)
         found = [(i, p) for i, p in zip(wanted, wanted_pts, strict=True) if p in decoded]
         if not found:
             raise StageError(
@@ -224,14 +282,14 @@ def sample_frames(
         first_frame = decoded[found[0][1]]
         rotation = _rotation_of(stream, first_frame)
         images = [_to_rgb(decoded[p], max_side, rotation, size) for _, p in found]
-        time_base = float(stream.time_base or 0)
         start = index.pts[0]
         return SampledFrames(
             frames=np.stack(images),
             indices=[i for i, _ in found],
             fps=video_fps,
-            total_frames=total,
+            total_frames=span,
             timestamps_s=[round((p - start) * time_base, 4) for _, p in found],
+            first_frame=first,
         )
     except av.error.FFmpegError as exc:
         raise StageError(
@@ -241,18 +299,48 @@ def sample_frames(
         container.close()
 
 
-def _seeking_is_cheaper(index: _PacketIndex, targets: int) -> bool:
+def _window_frames(
+    index: _PacketIndex, time_base: float, fps: float, window: ClipWindow | None, name: str
+) -> tuple[int, int]:
+    """(first frame, frame count) of the window in presentation order; the whole video without one."""
+    total = len(index.pts)
+    if window is None:
+        return 0, total
+    if window.start_frame is not None and window.num_frames is not None:
+        first, span = window.start_frame, window.num_frames
+    else:
+        # A frame belongs to the window when its time rounds into [start_s, end_s): half a frame of
+        # slack, so a start written with a few decimals (1/30 s = 0.033) still takes its first frame.
+        slack, origin = 0.5 / fps, index.pts[0]
+        times = [(p - origin) * time_base for p in index.pts]
+        inside = [n for n, t in enumerate(times) if window.start_s - slack <= t < window.end_s - slack]
+        first, span = (inside[0], len(inside)) if inside else (0, 0)
+    if span <= 0 or first < 0 or first + span > total:
+        raise StageError(
+            f"{name}: the clip window [{window.start_s:g} s, {window.end_s:g} s) (frames {first}..{first + span}) "
+            f"is not inside the video's {total} frames ({total / fps:.2f} s); the record's `clip` does not belong "
+            "to this file",
+            error_type="BadClip",
+        )
+    return first, span
+
+
+def _seeking_is_cheaper(index: _PacketIndex, targets: int, span: int | None = None) -> bool:
+    span = len(index.pts) if span is None else span
     if not index.keyframe_pts:
         return False
     average_gop = len(index.pts) / len(index.keyframe_pts)
-    # A seek decodes on average half a GOP plus the target; straight decoding decodes everything.
-    return targets * (average_gop / 2 + 1) < len(index.pts)
+    # A seek decodes on average half a GOP plus the target; straight decoding decodes the span.
+    return targets * (average_gop / 2 + 1) < span
 
 
-def _decode_straight(container, stream, wanted_pts: list[int]) -> dict:
+def _decode_straight(container, stream, wanted_pts: list[int], from_pts: int | None = None) -> dict:
     wanted, found = set(wanted_pts), {}
     last_wanted = max(wanted_pts)
-    container.seek(0)
+    if from_pts is None:
+        container.seek(0)
+    else:
+        container.seek(from_pts, stream=stream, backward=True, any_frame=False)
     for frame in container.decode(stream):
         if frame.pts in wanted:
             found[frame.pts] = frame

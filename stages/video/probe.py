@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from stages.base import FieldKind, Stage, StageConfig, StageError
-from stages.video.frames import probe
+from stages.video.frames import clip_window, probe
 
 
 class VideoProbeConfig(StageConfig):
@@ -18,7 +18,11 @@ class VideoProbeConfig(StageConfig):
 
 
 class VideoProbe(Stage):
-    """Adds `{duration_s, fps, num_frames, width, height, codec, pix_fmt, rotation, has_audio, bit_rate}`."""
+    """Adds `{duration_s, fps, num_frames, width, height, codec, pix_fmt, rotation, has_audio, bit_rate}`.
+
+    For a clip record (a `clip` window on the source, see stages/video/frames.py) the duration and
+    frame count are the clip's.
+    """
 
     Config = VideoProbeConfig
 
@@ -26,7 +30,8 @@ class VideoProbe(Stage):
         results: list[dict[str, Any] | StageError] = []
         for record in batch:
             try:
-                results.append({self.config.output_key: probe(record[self.config.video_key]).as_dict()})
+                window = clip_window(record)
+                results.append({self.config.output_key: probe(record[self.config.video_key], window).as_dict()})
             except StageError as error:
                 results.append(error)
         return results

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from stages.base import MEDIA_DIR, RECORD_ID, FieldKind, Stage, StageConfig, StageError, safe_file_stem
-from stages.video.frames import sample_frames
+from stages.video.frames import clip_window, sample_frames
 
 
 class FrameSamplerConfig(StageConfig):
@@ -49,6 +49,7 @@ class FrameSampler(Stage):
             fps=config.fps,
             max_frames=config.max_frames,
             max_side=config.max_side,
+            window=clip_window(record),  # a clip of the source: only its frames
         )
         folder = Path(record[MEDIA_DIR]) / safe_file_stem(str(record[RECORD_ID]))  # one folder per id, never shared
         folder.mkdir(parents=True, exist_ok=True)

