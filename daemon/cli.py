@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from daemon.config import ConfigError, load_config
+from daemon.config import Config, ConfigError, load_config
 from stages.registry import known_stages, stage_class
 
 
@@ -16,12 +16,46 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change set at INFO
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+# Exit codes, as the README documents them.
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+log = logging.getLogger("reelflow")
+
+
+def _load_checked(path: str, *, network: bool = True) -> Config | None:
+    """The validated config, preflight passed; else the problems are printed and None returned."""
+    from daemon.preflight import preflight
+
     try:
-        config = load_config(args.config)
+        config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        return None
+    problems = preflight(config, network=network)
+    if problems:
+        for problem in problems:  # one line each, so a wrapper's journal shows the whole cause
+            print(f"{path}: {problem}", file=sys.stderr)
+        return None
+    return config
+
+
+def _startup_failed(exc: BaseException) -> int:
+    """One line naming where it failed and why; the traceback only at DEBUG."""
+    log.debug("start-up failed", exc_info=exc)
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # a TaskGroup's: the first cause says it
+        exc = exc.exceptions[0]
+    where = "; ".join(getattr(exc, "__notes__", ()))
+    cause = (str(exc).strip().splitlines() or [""])[0]
+    print(
+        f"reelflow: failed{f' in {where}' if where else ''}: {type(exc).__name__}: {cause} (--log-level DEBUG shows the traceback)",
+        file=sys.stderr,
+    )
+    return EXIT_RUNTIME
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_checked(args.config, network=not args.offline)
+    if config is None:
+        return EXIT_CONFIG
     print(f"{args.config}: ok ({len(config.steps)} step(s): {', '.join(f'{s.type}/{s.name}' for s in config.steps)})")
     return 0
 
@@ -44,13 +78,14 @@ def cmd_steps(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon import oneshot
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = _load_checked(args.config)
+    if config is None:
+        return EXIT_CONFIG
     _setup_logging(args.log_level or config.daemon.log_level)
-    return oneshot.main(config, progress=not args.no_progress)
+    try:
+        return oneshot.main(config, progress=not args.no_progress)
+    except Exception as exc:  # noqa: BLE001 - a stage's load may raise anything; say it in one line
+        return _startup_failed(exc)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -58,17 +93,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from daemon.service.serve import Daemon
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = _load_checked(args.config)
+    if config is None:
+        return EXIT_CONFIG
     _setup_logging(args.log_level or config.daemon.log_level)
     try:
         return asyncio.run(Daemon(config, Path(args.config).resolve(), log_level_pinned=bool(args.log_level)).run())
     except OSError as exc:
-        logging.getLogger("reelflow").error("%s", exc)
-        return 1
+        log.error("%s", exc)
+        return EXIT_RUNTIME
+    except Exception as exc:  # noqa: BLE001 - a stage's load may raise anything; say it in one line
+        return _startup_failed(exc)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
         if name != "check":
             cmd.add_argument(
                 "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override daemon.log_level"
+            )
+        if name == "check":
+            cmd.add_argument(
+                "--offline", action="store_true", help="skip the hub lookups (hub ids only checked in the local cache)"
             )
         if name == "run":
             cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
