@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
 
 from daemon.config import Config, ConfigError, load_config
 from stages.registry import known_stages, stage_class
@@ -88,9 +90,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _startup_failed(exc)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon import demo, oneshot
 
+    folder = Path(args.folder).resolve()
+    for quiet in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_PROGRESS_BAR"):  # the loaders' bars drown the output
+        os.environ.setdefault(quiet, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _setup_logging(args.log_level or "WARNING")
+    print(f"reelflow demo: building tiny random-weight models and sample clips under {folder} ...", flush=True)
+    config_file = demo.prepare(folder)
+    config = _load_checked(str(config_file), network=False)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        code = oneshot.main(config, progress=not args.no_progress)
+    except Exception as exc:  # noqa: BLE001 - a stage's load may raise anything; say it in one line
+        return _startup_failed(exc)
+    if code != EXIT_OK:
+        return code
+    results = config.file.save_folder / config.file.meta_path.with_suffix(".jsonl").name
+    complete = demo.show(results)
+    print(
+        "For real captions and videos, edit the config's model_path (e.g. Qwen/Qwen2-VL-2B-Instruct) and run it "
+        "on a GPU with pip install 'reelflow[vllm]': see the README's \"The demo\" section."
+    )
+    return EXIT_OK if complete else EXIT_RUNTIME
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.service.serve import Daemon
 
     config = _load_checked(args.config)
@@ -128,6 +157,10 @@ def parser() -> argparse.ArgumentParser:
             )
         if name == "run":
             cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo = sub.add_parser("demo", help="offline smoke run: caption and generate on tiny random-weight models")
+    demo.add_argument("--folder", default="reelflow-demo", help="where the clips, models and results go")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
     steps = sub.add_parser("steps", help="list the registered stages")
     steps.add_argument("--verbose", "-v", action="store_true", help="also list each stage's config keys")
     return top
@@ -135,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "run": cmd_run, "check": cmd_check, "steps": cmd_steps}
+    handlers = {"serve": cmd_serve, "run": cmd_run, "check": cmd_check, "steps": cmd_steps, "demo": cmd_demo}
     return handlers[args.command](args)
 
 
