@@ -35,7 +35,8 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["local", "ray"] = Field(
-        "local", description="local: workers in this process; ray: each worker is a Ray actor (see docs/ray.md)."
+        "local",
+        description='local: workers in this process; ray: each worker is a Ray actor (see the README\'s "Scale out on Ray").',
     )
     count: int | None = Field(
         None,
