@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, StepRuntime, load_config
 from stages.registry import known_stages, stage_class
 
 
@@ -21,6 +23,7 @@ def _setup_logging(level: str) -> None:
 # Exit codes, as the README documents them.
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("reelflow")
+RUNTIME_KEYS_ORDER = tuple(StepRuntime.model_fields)
 
 
 def _load_checked(path: str, *, network: bool = True) -> Config | None:
@@ -62,19 +65,68 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_steps(args: argparse.Namespace) -> int:
+def _stages_by_target() -> dict[str, list[str]]:
+    """Each stage class once, with every `Type/Name` it is registered under (aliases after the first)."""
+    grouped: dict[str, list[str]] = {}
     for (step_type, name), target in sorted(known_stages().items()):
-        print(f"{step_type}/{name}  ({target})")
-        if args.verbose:
+        grouped.setdefault(target, []).append(f"{step_type}/{name}")
+    return grouped
+
+
+def _fields(label: str):
+    step_type, _, name = label.partition("/")
+    return stage_class(step_type, name).Config.model_fields
+
+
+def _default(field) -> str:
+    return "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+
+
+def _aliases(labels: list[str]) -> str:
+    """The other names of one stage, each as short as it can be: `also VideoGenerator/`, `also /QwenVLCaptioner`."""
+    first_type, first_name = labels[0].split("/")
+    short = []
+    for label in labels[1:]:
+        step_type, name = label.split("/")
+        short.append(f"{step_type}/" if name == first_name else f"/{name}" if step_type == first_type else label)
+    return f"  (also {', '.join(dict.fromkeys(short))})" if short else ""
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    grouped = _stages_by_target()
+    if args.name:
+        wanted = args.name.lower()
+        chosen = {t: labels for t, labels in grouped.items() if any(wanted in lab.lower() for lab in labels)}
+        if not chosen:
+            names = sorted({lab.split("/")[1] for labels in grouped.values() for lab in labels})
+            guess = difflib.get_close_matches(args.name, names, n=1, cutoff=0.5)
+            print(
+                f"no stage named {args.name!r}.{f' Did you mean {guess[0]}?' if guess else ''} Known: {', '.join(names)}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        for target, labels in chosen.items():
+            print(f"{labels[0]}  ({target}){_aliases(labels)}")
             try:
-                fields = stage_class(step_type, name).Config.model_fields
+                fields = _fields(labels[0])
             except ImportError as exc:
                 print(f"    (cannot import: {exc})")
                 continue
             for key, field in fields.items():
-                default = "" if field.is_required() else f" = {field.get_default(call_default_factory=True)!r}"
-                print(f"    {key}{default}: {field.description or ''}")
-    return 0
+                print(f"    {key} = {_default(field)}: {field.description or ''}")
+            print(f"    + runtime keys: {', '.join(RUNTIME_KEYS_ORDER)} (see the README's config reference)")
+        return EXIT_OK
+    for labels in grouped.values():
+        print(f"{labels[0]}{_aliases(labels)}")
+        if args.verbose:
+            try:
+                keys = ", ".join(_fields(labels[0]))
+            except ImportError as exc:
+                keys = f"(cannot import: {exc})"
+            print(textwrap.fill(keys, width=100, initial_indent="    ", subsequent_indent="    "))
+    if args.verbose:
+        print("`reelflow steps NAME` describes one stage's keys, with defaults.")
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -135,10 +187,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _startup_failed(exc)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reelflow")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="reelflow", description="Streaming video-dataset daemon: inbox -> model stages -> outbox."
     )
+    top.add_argument("--version", action="version", version=f"reelflow {_version()}")
     sub = top.add_subparsers(dest="command", required=True)
     for name, helptext in (
         ("serve", "run the daemon over daemon.inbox / daemon.outbox"),
@@ -162,6 +224,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: WARNING")
     steps = sub.add_parser("steps", help="list the registered stages")
+    steps.add_argument("name", nargs="?", help="one stage (e.g. Qwen2VLCaptioner): its keys, defaults and descriptions")
     steps.add_argument("--verbose", "-v", action="store_true", help="also list each stage's config keys")
     return top
 
