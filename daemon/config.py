@@ -8,13 +8,14 @@ configures the long-running mode. Each step's `config:` block is validated by th
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -24,6 +25,7 @@ from stages.base import StageConfig
 from stages.registry import UnknownStage, stage_class
 
 CLUSTER_KEYS = frozenset({"address", "namespace", "runtime_env"})
+AVAILABLE = " Available: "  # how stages.registry.UnknownStage lists the known stages
 
 
 class WorkerSettings(BaseModel):
@@ -36,7 +38,8 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["local", "ray"] = Field(
-        "local", description="local: workers in this process; ray: each worker is a Ray actor (see docs/ray.md)."
+        "local",
+        description='local: workers in this process; ray: each worker is a Ray actor (see the README\'s "Scale out on Ray").',
     )
     count: int | None = Field(
         None,
@@ -334,11 +337,47 @@ def _expand_env(node: Any, path: str, problems: list[str], written: dict[str, st
     return node
 
 
-def _describe(error: dict, prefix: str, written: dict[str, str] | None = None) -> str:
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys accepted where `loc` (the path of an unknown key) points, walking nested models."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = (
+            [a for a in _flat_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if field
+            else []
+        )
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _flat_args(annotation: Any) -> list[Any]:
+    args = get_args(annotation)
+    return [annotation] if not args else [a for arg in args for a in _flat_args(arg)]
+
+
+def _describe(
+    error: dict, prefix: str, model: type[BaseModel] | None = None, written: dict[str, str] | None = None
+) -> str:
     loc = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
     loc = loc.lstrip(".") or "(top level)"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        parts = error["loc"]
+        beside_config = not prefix and len(parts) == 3 and parts[0] == "steps"
+        if beside_config and not difflib.get_close_matches(key, list(StepSpec.model_fields), n=1, cutoff=0.6):
+            return (
+                f"{loc}: unknown key beside type/name/config; a step's settings, runtime keys such as batch_size "
+                f"included, go inside its `config:` block (steps[{parts[1]}].config.{key})"
+            )
+        known = _known_keys(model, parts) if model is not None else []
+        guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if guess:
+            return f"{loc}: unknown key; did you mean {guess[0]!r}?"
         return f"{loc}: unknown key (check its spelling; see `reelflow steps` and the README's config reference)"
     if error["type"] == "missing":
         return f"{loc}: required key is missing"
@@ -373,7 +412,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         pipeline = PipelineFile.model_validate(raw)
     except ValidationError as exc:
-        problems += [_describe(e, "", written) for e in exc.errors()]
+        problems += [_describe(e, "", PipelineFile, written) for e in exc.errors()]
         pipeline = None
     steps: list[Step] = []
     defaults = pipeline.workers.step_defaults() if pipeline is not None else {}
@@ -382,11 +421,20 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         if step:
             steps.append(step)
     if problems or pipeline is None:
-        raise ConfigError(source, [secrets.redact(p) for p in problems])
+        raise ConfigError(source, [secrets.redact(p) for p in _list_stages_once(problems)])
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return Config(
         file=pipeline, steps=tuple(steps), source=Path(source) if source != "<config>" else None, digest=digest
     )
+
+
+def _list_stages_once(problems: list[str]) -> list[str]:
+    """Several unknown stages: each problem keeps its guess, the list of available stages comes once, last."""
+    listing = [p for p in problems if AVAILABLE in p]
+    if len(listing) < 2:
+        return problems
+    stages = listing[0].split(AVAILABLE, 1)[1]
+    return [p.split(AVAILABLE, 1)[0] for p in problems] + [f"available stages: {stages}"]
 
 
 def _validate_step(
@@ -409,10 +457,11 @@ def _validate_step(
     for key in ("text_key", "video_key", "image_key"):
         if key in raw and key not in settings and key in cls.Config.model_fields:
             settings[key] = raw[key]
+    model = step_config_model(cls)
     try:
-        config = step_config_model(cls).model_validate(settings)
+        config = model.model_validate(settings)
     except ValidationError as exc:
-        problems.extend(_describe(e, f"{where}.config", written) for e in exc.errors())
+        problems.extend(_describe(e, f"{where}.config", model, written) for e in exc.errors())
         return None
     own = config.workers.model_dump(exclude_unset=True) if config.workers else {}
     workers = WorkerSettings.model_validate({**worker_defaults, **own})

@@ -31,7 +31,7 @@ class Metrics:
         r = self.registry
         self.records = Counter(
             "reelflow_records",
-            "Records finished, by step and status (ok, error, skipped).",
+            "Records finished, by step and status (ok, error).",
             ["step", "status"],
             registry=r,
         )

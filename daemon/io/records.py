@@ -45,8 +45,8 @@ def unreadable_row_key(row_number: int) -> str:
 class IdSet:
     """A set of strings kept as 64-bit hashes in an open-addressing table.
 
-    A Python set of a million id strings costs ~100 MB; this costs 16 bytes a slot (8 MB
-    per half-million ids at most half full). A false "seen" needs a 64-bit collision:
+    A Python set of a million id strings costs ~100 MB; this costs 8 bytes a slot and, the
+    table being at most half full, at most 16 bytes an id (8 MB per half-million ids). A false "seen" needs a 64-bit collision:
     about 1 in 10^7 for a million ids.
     """
 

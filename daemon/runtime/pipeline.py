@@ -208,7 +208,11 @@ class Pipeline:
     async def load_host(self, step: Step, host: StageHost, name: str) -> None:
         """Load one stage copy and count it (reelflow_model_loads_total, reelflow_model_load_seconds)."""
         started = time.perf_counter()
-        await host.load()
+        try:
+            await host.load()
+        except Exception as exc:
+            exc.add_note(f"{name} ({step.type}/{step.name}) loading its model")  # the CLI's one-line message names it
+            raise
         self.metrics.model_load_seconds.labels(step.label).set(time.perf_counter() - started)
         self.metrics.model_loads.labels(step.label).inc()
         log.info("%s loaded in %.1f s", name, time.perf_counter() - started)

@@ -23,6 +23,19 @@ from stages.base import require
 
 log = logging.getLogger(__name__)
 
+# transformers' sampling draws from torch's global generator (generate takes no Generator), which
+# every model on a device shares: one lock per device makes a sampled batch the generator's only
+# user, and a seeded one runs on a forked, seeded state, so seeded captions are reproducible when
+# workers share a process.
+_SAMPLING_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _sampling_lock(device: str) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _SAMPLING_LOCKS.setdefault(device, threading.Lock())
+
+
 # Processor outputs that are per-token rows, padded on the left with these values.
 _TOKEN_ROWS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 
@@ -135,14 +148,15 @@ class TransformersVideoLM:
         if sampling.temperature > 0:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             options["top_k"] = sampling.top_k if sampling.top_k > 0 else None
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if sampling.repetition_penalty != 1.0:
             options["repetition_penalty"] = sampling.repetition_penalty
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **options)
+        if not options["do_sample"]:  # greedy: no random draws, no lock
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **options)
+        else:
+            output = self._sample(inputs, options, sampling.seed)
         new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
         counts = [_generated_length(row.tolist(), self.stop_ids) for row in new_tokens]
         texts = self.processor.batch_decode(
@@ -150,6 +164,16 @@ class TransformersVideoLM:
         )
         prompt_lengths = [int(record["input_ids"].shape[1]) for record in encoded]
         return [(text.strip(), count, n) for text, count, n in zip(texts, counts, prompt_lengths, strict=True)]
+
+    def _sample(self, inputs: dict, options: dict, seed: int | None):
+        import torch
+
+        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with _sampling_lock(self.device), torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.inference_mode():
+                return self.model.generate(**inputs, **options)
 
     def close(self) -> None:
         self.model = None

@@ -35,7 +35,7 @@ def checkpoint_file(model_path: str, filename: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(model_path, filename)
-    except (ValueError, OSError):  # not a valid repo id
+    except (ValueError, OSError, ImportError):  # not a valid repo id; no huggingface_hub: nothing cached
         return None
     return Path(cached) if isinstance(cached, str) else None
 

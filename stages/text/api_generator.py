@@ -52,6 +52,12 @@ class APIGeneratorConfig(StageConfig):
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default: the server's).")
     seed: int | None = Field(None, description="Sampling seed, where the provider supports one.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens per answer.")
+    # DataFlow-Gen's configs/TextGeneration.yaml names these sampling keys too.
+    stop: str | list[str] | None = Field(None, description="Stop sequence(s), passed to the API.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Presence penalty, passed to the API.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Frequency penalty, passed to the API.")
+    n: int = Field(1, ge=1, description="Answers per request: only 1 (a record has one answer field).")
+    stream: bool = Field(False, description="Only false: answers are stored whole, so streaming gains nothing.")
     response_format: Literal["text", "json_object"] = Field(
         "text", description="json_object: accept only JSON objects."
     )
@@ -67,6 +73,26 @@ class APIGeneratorConfig(StageConfig):
     def _provider_model(cls, value: str) -> str:
         if not _MODEL_ID.match(value):
             raise ValueError(f'model_id must be "provider:model", e.g. "openai:gpt-4o", got {value!r}')
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(
+                f"n: {value} would ask for {value} answers per record, but a record keeps one answer in output_key; "
+                "set n: 1 (for several answers, add one APIGenerator step per answer with its own output_key and seed)"
+            )
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _whole_answers(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "stream: true is not supported: the answer is written to the results whole, once complete, so "
+                "streaming its tokens gains nothing here; remove stream (or set it to false)"
+            )
         return value
 
     @field_validator("user_prompt")
@@ -140,7 +166,14 @@ class APIGenerator(Stage):
             "messages": chat_messages(cfg.prompt, user),
             "temperature": cfg.temperature,
         }
-        optional = {"top_p": cfg.top_p, "seed": cfg.seed, "max_tokens": cfg.max_tokens}
+        optional = {
+            "top_p": cfg.top_p,
+            "seed": cfg.seed,
+            "max_tokens": cfg.max_tokens,
+            "stop": cfg.stop,
+            "presence_penalty": cfg.presence_penalty,
+            "frequency_penalty": cfg.frequency_penalty,
+        }
         request.update({k: v for k, v in optional.items() if v is not None})
         if cfg.response_format == "json_object":
             request["response_format"] = {"type": "json_object"}

@@ -63,6 +63,21 @@ def test_config_refusals(monkeypatch):
     assert (config.provider, config.model, config.endpoint) == ("openai", "gpt-4o", "https://api.openai.com/v1")
 
 
+def test_dataflow_sampling_keys_reach_the_request_or_are_refused_by_name(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    config = API.Config(
+        model_id="openai:gpt-4o", stop=["\n\n"], presence_penalty=0.5, frequency_penalty=-0.25, n=1, stream=False
+    )
+    request = API(config, "cpu")._request(rows(1)[0])
+    assert request["stop"] == ["\n\n"]
+    assert (request["presence_penalty"], request["frequency_penalty"]) == (0.5, -0.25)
+    assert "n" not in request and "stream" not in request
+    with pytest.raises(ValidationError, match="n: 3 would ask for 3 answers per record"):
+        API.Config(model_id="openai:gpt-4o", n=3)
+    with pytest.raises(ValidationError, match="stream: true is not supported"):
+        API.Config(model_id="openai:gpt-4o", stream=True)
+
+
 def test_backoff_policy():
     for attempt in range(6):
         ceiling = min(8.0, 0.5 * 2**attempt)

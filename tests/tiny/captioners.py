@@ -16,38 +16,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny.tokenizer import train_bpe_tokenizer
+from daemon.demo.tiny_qwen2vl import (  # shared with `reelflow demo`
+    HEAD,
+    TINY_SIDE,
+    build_qwen2_vl,
+    peaked,
+    save_model,
+    seeded,
+    text_dims,
+)
+from daemon.demo.tiny_tokenizer import train_bpe_tokenizer
 
-# Frames are resized to this side by the LLaVA processors; Qwen gets it as max_pixels.
-TINY_SIDE = 112
 # LLaVA-NeXT-Video's tower: vLLM's video pooler computes image_size // patch_size**2, which
 # must not be 0, so the side is at least 14^2 = 196.
 NEXT_VIDEO_SIDE = 224
-HEAD = 32  # attention head width (vLLM CPU needs >= 32)
-
-QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# ChatML as Qwen2-VL's own template renders it: a default system turn, then the user's parts.
-QWEN_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # LLaVA-NeXT-Video (Vicuna style): media first, then the text.
 LLAVA_NEXT_VIDEO_TEMPLATE = (
@@ -69,29 +51,6 @@ ONEVISION_TEMPLATE = (
 )
 
 
-def _text_dims(vocab_size: int) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=2 * HEAD,
-        intermediate_size=4 * HEAD,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        # Wider than the usual 0.02 so that random weights give captions that vary with the
-        # input instead of one token repeated.
-        initializer_range=0.2,
-    )
-
-
-def _save(model, processor, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def _hub_vision_names(folder: Path) -> None:
     """Rename `vision_tower.*` weights to `vision_tower.vision_model.*`, as hub checkpoints name them.
 
@@ -108,74 +67,6 @@ def _hub_vision_names(folder: Path) -> None:
         for k, v in weights.items()
     }
     save_file(renamed, path, metadata={"format": "pt"})
-
-
-def _seeded(seed: int):
-    import torch
-
-    torch.manual_seed(seed)
-
-
-def _peaked(model):
-    """Scale the final norm so next-token distributions are peaked: greedy captions then do not
-    flip on float noise, and transformers and vLLM runs of one checkpoint can be compared."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("language_model.norm.weight"):
-                param.mul_(8.0)
-    return model
-
-
-def build_qwen2_vl(folder: Path, *, qwen25: bool = False) -> Path:
-    """Qwen2-VL (or Qwen2.5-VL with `qwen25=True`): ChatML, frame pairs, dynamic resolution."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    tokenizer = train_bpe_tokenizer(
-        QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_TEMPLATE
-    )
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIALS}
-    text = dict(_text_dims(len(tokenizer)), eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-    text["pad_token_id"] = ids["<|endoftext|>"]
-    # M-RoPE splits the rotary half-dimension (HEAD / 2) into temporal, height and width sections.
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
-    vision = dict(depth=1, num_heads=1, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    common = dict(
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    if qwen25:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-
-        vision.update(
-            hidden_size=HEAD,
-            intermediate_size=2 * HEAD,
-            out_hidden_size=2 * HEAD,
-            window_size=56,
-            fullatt_block_indexes=[0],
-        )
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-        model_cls, processor_cls = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    else:
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-        vision.update(embed_dim=HEAD, mlp_ratio=2, hidden_size=2 * HEAD)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-        model_cls, processor_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    _seeded(0)
-    model = _peaked(model_cls(config).eval())
-    pixels = {"shortest_edge": 56 * 56, "longest_edge": TINY_SIDE * TINY_SIDE}
-    processor = processor_cls(
-        image_processor=Qwen2VLImageProcessor(size=pixels),
-        video_processor=Qwen2VLVideoProcessor(size=pixels),
-        tokenizer=tokenizer,
-        chat_template=QWEN_TEMPLATE,
-    )
-    return _save(model, processor, folder)
 
 
 def build_llava_next_video(folder: Path) -> Path:
@@ -204,7 +95,7 @@ def build_llava_next_video(folder: Path) -> Path:
         projection_dim=HEAD,
     )
     text = dict(
-        _text_dims(len(tokenizer)),
+        text_dims(len(tokenizer)),
         model_type="llama",
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
@@ -226,8 +117,8 @@ def build_llava_next_video(folder: Path) -> Path:
         video_seq_length=patches // 4,
         tie_word_embeddings=True,
     )
-    _seeded(0)
-    model = _peaked(LlavaNextVideoForConditionalGeneration(config).eval())
+    seeded(0)
+    model = peaked(LlavaNextVideoForConditionalGeneration(config).eval())
     side = {"shortest_edge": NEXT_VIDEO_SIDE}
     crop = {"height": NEXT_VIDEO_SIDE, "width": NEXT_VIDEO_SIDE}
     processor = LlavaNextVideoProcessor(
@@ -241,7 +132,7 @@ def build_llava_next_video(folder: Path) -> Path:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    _save(model, processor, folder)
+    save_model(model, processor, folder)
     _hub_vision_names(folder)
     return folder
 
@@ -272,7 +163,7 @@ def build_llava_onevision(folder: Path) -> Path:
         vision_use_head=False,
     )
     text = dict(
-        _text_dims(len(tokenizer)),
+        text_dims(len(tokenizer)),
         model_type="qwen2",
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -286,8 +177,8 @@ def build_llava_onevision(folder: Path) -> Path:
         image_grid_pinpoints=pinpoints,
         tie_word_embeddings=True,
     )
-    _seeded(0)
-    model = _peaked(LlavaOnevisionForConditionalGeneration(config).eval())
+    seeded(0)
+    model = peaked(LlavaOnevisionForConditionalGeneration(config).eval())
     side = {"height": TINY_SIDE, "width": TINY_SIDE}
     processor = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(size=side, image_grid_pinpoints=pinpoints),
@@ -297,7 +188,7 @@ def build_llava_onevision(folder: Path) -> Path:
         num_image_tokens=(TINY_SIDE // 14) ** 2,
         vision_feature_select_strategy="full",
     )
-    _save(model, processor, folder)
+    save_model(model, processor, folder)
     _hub_vision_names(folder)
     return folder
 

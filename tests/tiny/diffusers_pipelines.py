@@ -17,59 +17,24 @@ Sizes the tiny models expect (the tests use these):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tests.tiny.tokenizer import CORPUS
+from daemon.demo.tiny_diffusers import (  # shared with `reelflow demo`
+    clip_text,
+    clip_tokenizer,
+    modelscope_t2v,
+    sd_scheduler,
+    sd_vae,
+)
+from daemon.demo.tiny_tokenizer import CORPUS
 
 T5_D_MODEL = 32  # T5 width shared by every tiny model that uses T5
-CLIP_MAX_LENGTH = 32
 
 ALLEGRO_VAE_SAMPLE_SIZE = 128
 COGVIDEOX_I2V_SIZE = 16
 
 
 # --- tokenizers ------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The byte -> printable character table of GPT-2/CLIP byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def clip_tokenizer(folder: Path):
-    """A CLIPTokenizer whose vocabulary is every byte character, alone and word-final.
-
-    Ids: 0 = <|startoftext|> (bos), 1 = <|endoftext|> (eos and pad).
-    """
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in _bytes_to_unicode():
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        model_max_length=CLIP_MAX_LENGTH,
-        pad_token="<|endoftext|>",
-    )
-
-
-CLIP_VOCAB = 2 + 2 * 256
-CLIP_IDS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
 
 
 def t5_tokenizer(folder: Path):
@@ -119,26 +84,6 @@ def _t5_encoder(d_model: int = T5_D_MODEL):
         decoder_start_token_id=0,
     )
     return T5EncoderModel(config)
-
-
-def _clip_text(hidden: int, with_projection: bool = False, projection_dim: int = 32, layers: int = 2):
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=37,
-        num_attention_heads=4 if hidden % 4 == 0 else 2,
-        num_hidden_layers=layers,
-        vocab_size=CLIP_VOCAB,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=projection_dim,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        **CLIP_IDS,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def _clip_vision(hidden: int, image_size: int, patch_size: int, projection_dim: int):
@@ -197,7 +142,7 @@ def flux(work: Path):
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=_clip_text(32),
+        text_encoder=clip_text(32),
         tokenizer=clip_tokenizer(work / "clip"),
         text_encoder_2=_t5_encoder(),
         tokenizer_2=t5_tokenizer(work / "t5"),
@@ -247,9 +192,9 @@ def sd3(work: Path):
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=_clip_text(16, with_projection=True, projection_dim=16),
+        text_encoder=clip_text(16, with_projection=True, projection_dim=16),
         tokenizer=clip_tokenizer(work / "clip"),
-        text_encoder_2=_clip_text(16, with_projection=True, projection_dim=16),
+        text_encoder_2=clip_text(16, with_projection=True, projection_dim=16),
         tokenizer_2=clip_tokenizer(work / "clip2"),
         text_encoder_3=_t5_encoder(),
         tokenizer_3=t5_tokenizer(work / "t5"),
@@ -295,32 +240,6 @@ def allegro(work: Path):
     )
 
 
-def _sd_vae(blocks: int = 2, channels: int = 8):
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * blocks,
-        up_block_types=["UpDecoderBlock2D"] * blocks,
-        block_out_channels=(channels,) * blocks,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=32,
-    )
-
-
-def _sd_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
-    )
-
-
 def animatediff_base(work: Path):
     """A Stable Diffusion 1.5-shaped base pipeline (what `emilianJR/epiCRealism` is)."""
     import torch
@@ -340,11 +259,11 @@ def animatediff_base(work: Path):
         norm_num_groups=2,
     )
     return StableDiffusionPipeline(
-        vae=_sd_vae(),
-        text_encoder=_clip_text(8),
+        vae=sd_vae(),
+        text_encoder=clip_text(8),
         tokenizer=clip_tokenizer(work / "clip"),
         unet=unet,
-        scheduler=_sd_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -468,39 +387,13 @@ def i2vgen_xl(work: Path):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
     )
     return I2VGenXLPipeline(
-        vae=_sd_vae(),
-        text_encoder=_clip_text(4),
+        vae=sd_vae(),
+        text_encoder=clip_text(4),
         tokenizer=clip_tokenizer(work / "clip"),
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
         unet=unet,
         scheduler=scheduler,
-    )
-
-
-def modelscope_t2v(work: Path):
-    import torch
-    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet3DConditionModel(
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=4,
-        attention_head_dim=4,
-        norm_num_groups=2,
-    )
-    return TextToVideoSDPipeline(
-        vae=_sd_vae(),
-        text_encoder=_clip_text(4),
-        tokenizer=clip_tokenizer(work / "clip"),
-        unet=unet,
-        scheduler=_sd_scheduler(),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny.tokenizer import CHATML_TEMPLATE, train_bpe_tokenizer
+from daemon.demo.tiny_tokenizer import CHATML_TEMPLATE, train_bpe_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -1,0 +1,131 @@
+"""Preflight, as a user meets it: `reelflow check`/`run` as real subprocesses, exit codes and one line per problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from stages.base import Stage, StageConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FailingLoad(Stage):
+    """A stage whose load raises something other than OSError, as a broken checkpoint does."""
+
+    Config = StageConfig
+
+    def load(self) -> None:
+        raise RuntimeError("weights are corrupt: expected 4 tensors, found 3")
+
+    def process(self, batch):
+        return [{} for _ in batch]
+
+
+def _write(folder: Path, steps: list[dict]) -> Path:
+    (folder / "meta.jsonl").write_text(json.dumps({"video": "a.mp4", "text": "a cat"}) + "\n")
+    config = {
+        "meta_path": str(folder / "meta.jsonl"),
+        "save_folder": str(folder / "out"),
+        "base_folder": str(folder / "work"),
+        "steps": steps,
+    }
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _reelflow(args: list[str], folder: Path, **env: str) -> subprocess.CompletedProcess:
+    hf_home = folder / "hf-home"  # an empty hub cache
+    hf_home.mkdir(exist_ok=True)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.pop("PYTHONPATH", "")])),
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "REELFLOW_EXTRA_STAGES": "Test.FailingLoad=tests.daemon.test_preflight:FailingLoad",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        cwd=folder,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+CAPTION_STEPS = [
+    {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "./no/such/folder"}},
+    {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "Qwen/Qwen2-VL-2B-Instruct"}},
+]
+
+
+def test_check_names_each_unresolvable_model_path_in_one_line(tmp_path):
+    config = _write(tmp_path, CAPTION_STEPS)
+    done = _reelflow(["check", "--config", str(config)], tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    assert "steps[0] (VideoCaptioner/Qwen2VLCaptioner)" in lines[0] and "./no/such/folder" in lines[0]
+    assert "not an existing folder" in lines[0]
+    assert "steps[1]" in lines[1] and "Qwen/Qwen2-VL-2B-Instruct" in lines[1]
+    assert "not in the local hub cache" in lines[1] and "HF_HUB_OFFLINE" in lines[1]
+    assert "Traceback" not in done.stderr
+
+
+def test_run_stops_before_writing_anything(tmp_path):
+    config = _write(tmp_path, CAPTION_STEPS[1:])
+    done = _reelflow(["run", "--config", str(config)], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Qwen/Qwen2-VL-2B-Instruct" in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_folder_without_checkpoint_files_is_refused(tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    steps = [{"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "./empty-model"}}]
+    done = _reelflow(["check", "--config", str(_write(tmp_path, steps))], tmp_path)
+    assert done.returncode == 2
+    assert "without config.json or model_index.json" in done.stderr
+
+
+def test_missing_dependency_named_with_its_extra(tmp_path):
+    # Make `transformers` uninstalled for the subprocess: a None entry in sys.modules is what
+    # importlib reports as "no such module", for find_spec and import alike.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    steps = [{"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "./model"}}]
+    done = _reelflow(["check", "--config", str(_write(tmp_path, steps))], tmp_path, PYTHONPATH=str(shim))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "steps[0] (VideoCaptioner/Qwen2VLCaptioner)" in done.stderr
+    assert "`transformers`" in done.stderr and "pip install 'reelflow[captioners]'" in done.stderr
+
+
+def test_check_offline_accepts_a_hub_id_it_cannot_look_up(tmp_path):
+    done = _reelflow(
+        ["check", "--offline", "--config", str(_write(tmp_path, CAPTION_STEPS[1:]))], tmp_path, HF_HUB_OFFLINE=""
+    )
+    assert done.returncode == 0, done.stderr
+    assert ": ok" in done.stdout
+
+
+def test_load_failure_is_one_line_naming_the_step(tmp_path):
+    steps = [{"type": "Test", "name": "FailingLoad", "config": {}}]
+    done = _reelflow(["run", "--no-progress", "--config", str(_write(tmp_path, steps))], tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    failed = [line for line in done.stderr.splitlines() if line.startswith("reelflow: failed")]
+    assert len(failed) == 1, done.stderr
+    assert "Test/FailingLoad" in failed[0] and "RuntimeError: weights are corrupt" in failed[0]
