@@ -8,8 +8,10 @@ are followed only to allowed URLs.
 An allowed URL is fetched before the record enters the first step, into a bounded local
 cache (`cache_dir`, least recently used files evicted past `cache_max_gb`), with at most
 `max_in_flight` fetches at once. 5xx answers, timeouts and broken connections are retried
-with backoff (`retries` times): no error line while retries remain. 404 and 403 are the
-record's own problem: an error line at once. The stage then reads the cached local file;
+with backoff (`retries` times); a server still failing after that is a dead endpoint, which
+the failure contract calls transient: intake pauses (`reelflow_paused{reason="endpoint"}`)
+and the fetch is asked again until it passes, so no record is failed for it. 404 and 403 are
+the record's own problem: an error line at once. The stage then reads the cached local file;
 the result line keeps the URL the row gave.
 """
 
@@ -65,6 +67,12 @@ class RemoteFetchError(Exception):
         self.kind = kind
 
 
+class RemoteUnavailable(ConnectionError):
+    """The server kept failing (5xx, timeouts) past `retries`: a dead endpoint, transient by the
+    failure contract (runtime/failures.py): intake pauses and the fetch is asked again later;
+    the record is not failed for it."""
+
+
 class _Retry(Exception):
     """A failure that may pass (5xx, timeout, connection): try again."""
 
@@ -108,10 +116,9 @@ class MediaCache:
                 break
             except _Retry as passing:
                 if attempt + 1 == attempts:
-                    raise RemoteFetchError(
+                    raise RemoteUnavailable(
                         f"{url}: {passing} (tried {attempts} times over about {self._backoff_total(attempts):.0f} s; "
-                        "raise daemon.remote.retries or timeout_s if the server is slow)",
-                        "RemoteUnavailable",
+                        "raise daemon.remote.retries or timeout_s if the server is slow)"
                     ) from None
                 delay = min(30.0, 0.25 * 2**attempt)
                 log.warning("fetching %s: %s; retry %d/%d in %.2f s", url, passing, attempt + 1, attempts - 1, delay)
@@ -170,7 +177,7 @@ class MediaCache:
                     return
             except (httpx.TimeoutException, httpx.TransportError) as passing:
                 raise _Retry(f"{type(passing).__name__}: {passing}") from None
-        raise RemoteFetchError(f"{url}: more than {MAX_REDIRECTS} redirects", "RemoteUnavailable")
+        raise RemoteFetchError(f"{url}: more than {MAX_REDIRECTS} redirects", "RemoteRefused")
 
     def _download_s3(self, url: str, part: Path) -> None:
         if self._s3 is None:
@@ -179,7 +186,7 @@ class MediaCache:
             except ImportError as missing:
                 raise RemoteFetchError(
                     f"{url}: s3:// URLs need s3fs ({missing}); install it with: pip install 'reelflow[remote]'",
-                    "RemoteUnavailable",
+                    "MissingDependency",
                 ) from None
             timeout = self.settings.timeout_s
             self._s3 = s3fs.S3FileSystem(

@@ -137,9 +137,13 @@ class Engine:
             remote = self.config.file.daemon.remote
             self._media_cache = MediaCache(remote, remote.cache_dir or self.layout.results_dir / ".reelflow" / "remote")
         cache = self._media_cache
-        fetched = await asyncio.gather(
-            *(cache.fetch(checked.record.fields[key]) for checked, key in wanted), return_exceptions=True
-        )
+
+        def fetch(checked: Checked, key: str):
+            url = checked.record.fields[key]
+            what = f"{file_name}: row {checked.record.row_number}: fetching {url}"
+            return self.pipeline.pauses.call(what, lambda: cache.fetch(url))  # a dead server pauses intake
+
+        fetched = await asyncio.gather(*(fetch(checked, key) for checked, key in wanted), return_exceptions=True)
         for (checked, key), outcome in zip(wanted, fetched, strict=True):
             if isinstance(outcome, RemoteFetchError):
                 if checked.problem is None:

@@ -39,6 +39,8 @@ class Media(BaseHTTPRequestHandler):
             count = self.hits[self.path]
         if self.path.startswith("/flaky/") and count <= 2:
             return self._answer(503, b"busy")
+        if self.path.startswith("/down/") and count <= 5:
+            return self._answer(502, b"down")
         if self.path.startswith("/slow/"):
             time.sleep(3)
         if self.path == "/missing":
@@ -178,13 +180,31 @@ def test_nothing_is_fetched_by_default(tmp_path, media_server):
     assert "empty" in errors["a"]["message"] and not Media.hits  # the server never saw a request
 
 
-def test_a_slow_server_is_retried_then_named(tmp_path, media_server):
-    run, results, errors, _ = run_rows(
-        tmp_path, [{"id": "slow", "video": f"{media_server}/slow/s.mp4"}], allow=[media_server], retries=1
-    )
-    assert not results
-    assert errors["slow"]["error"] == "RemoteUnavailable" and "tried 2 times" in errors["slow"]["message"]
-    assert Media.hits["/slow/s.mp4"] == 2
+def test_a_server_down_past_its_retries_pauses_intake_and_no_row_fails(tmp_path, media_server, caplog):
+    """A dead endpoint is transient (the failure contract): the down route answers 502 five
+    times; with retries: 1 each fetch gives up after two tries, intake pauses (reason
+    endpoint) and the fetch is asked again until it passes. The slow route answers within
+    timeout_s and is simply waited for."""
+    rows = [
+        {"id": "slow", "video": f"{media_server}/slow/s.mp4"},
+        {"id": "down", "video": f"{media_server}/down/d.mp4"},
+    ]
+    with caplog.at_level("WARNING"):
+        run, results, errors, _ = run_rows(tmp_path, rows, allow=[media_server], retries=1, timeout_s=5)
+    assert sorted(results) == ["down", "slow"] and not errors
+    assert Media.hits["/down/d.mp4"] == 6
+    assert any("pausing intake (endpoint)" in r.getMessage() for r in caplog.records)
+    assert any("resuming intake: endpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_a_timeout_is_retried(tmp_path, media_server):
+    settings = RemoteSection(allow=[media_server], retries=1, timeout_s=1.0)
+    cache = MediaCache(settings, tmp_path / "cache")
+    from daemon.io.remote import RemoteUnavailable
+
+    with pytest.raises(RemoteUnavailable, match="tried 2 times"):
+        cache.fetch_blocking(f"{media_server}/slow/t.mp4")
+    assert Media.hits["/slow/t.mp4"] == 2
 
 
 def test_s3_rows_through_the_engine(tmp_path, s3_bucket):
