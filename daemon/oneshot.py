@@ -46,6 +46,8 @@ class Summary:
     skipped: int
     results: Path
     errors_file: Path
+    filtered: int = 0
+    filtered_file: Path | None = None
 
 
 def _targets(config: Config) -> tuple[Path, Path, Path, str]:
@@ -94,7 +96,7 @@ async def run_once(config: Config, progress: bool = True) -> Summary:
         await engine.stop()
     paths = layout.for_job(job.name)
     export_results(paths.results, fmt, final)
-    return Summary(run.ok, run.errors, run.skipped, final, paths.errors)
+    return Summary(run.ok, run.errors, run.skipped, final, paths.errors, run.filtered, paths.filtered)
 
 
 async def _show_progress(engine: Engine, job: str, task: asyncio.Task, enabled: bool) -> None:
@@ -107,8 +109,8 @@ async def _show_progress(engine: Engine, job: str, task: asyncio.Task, enabled: 
             await asyncio.wait({task}, timeout=0.25)
             run = engine.pipeline.jobs.get(job) or run
             if run is not None:
-                bar.n = run.ok + run.errors
-                bar.set_postfix(ok=run.ok, errors=run.errors, refresh=False)
+                bar.n = run.ok + run.errors + run.filtered
+                bar.set_postfix(ok=run.ok, errors=run.errors, filtered=run.filtered, refresh=False)
                 bar.refresh()
     finally:
         bar.close()
@@ -202,9 +204,12 @@ def main(config: Config, progress: bool = True) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"done: {summary.ok} ok, {summary.errors} errors, {summary.skipped} skipped (already written by an earlier run)"
+        f"done: {summary.ok} ok, {summary.errors} errors, {summary.filtered} filtered, "
+        f"{summary.skipped} skipped (already written by an earlier run)"
     )
     print(f"results: {summary.results}")
     if summary.errors or summary.errors_file.exists():
         print(f"errors:  {summary.errors_file}")
+    if summary.filtered_file is not None and (summary.filtered or summary.filtered_file.exists()):
+        print(f"filtered: {summary.filtered_file}")
     return 0

@@ -23,6 +23,7 @@ from stages.base import Stage
 BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
     ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
+    ("VideoProcessor", "ShotSplitter"): "stages.video.shot_splitter:ShotSplitter",
     ("VideoProcessor", "ClipTranscoder"): "stages.video.clip_transcoder:ClipTranscoder",
     ("VideoFilter", "MotionFilter"): "stages.filters.motion:MotionFilter",
     ("VideoFilter", "PropertyFilter"): "stages.filters.properties:PropertyFilter",

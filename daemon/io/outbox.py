@@ -53,6 +53,7 @@ class OutboxLayout:
         return JobPaths(
             results=self.results_dir / f"{job}.jsonl",
             errors=self.errors_dir / f"{job}.errors.jsonl",
+            filtered=self.errors_dir / f"{job}.filtered.jsonl",
             media=media,
             intermediate=intermediate,
         )
@@ -62,6 +63,7 @@ class OutboxLayout:
 class JobPaths:
     results: Path
     errors: Path
+    filtered: Path
     media: Path
     intermediate: Path
 
@@ -137,11 +139,12 @@ class JobWriter:
         self._files: dict[Path, Any] = {}
         self.results_written = 0
         self.errors_written = 0
+        self.filtered_written = 0
 
     def open(self) -> IdSet:
         """Repair torn last lines and return the keys already written (the resume ledger)."""
         done = IdSet()
-        for path in (self.paths.results, self.paths.errors):
+        for path in (self.paths.results, self.paths.errors, self.paths.filtered):
             path.parent.mkdir(parents=True, exist_ok=True)
             _truncate_torn_line(path)
         # A torn line left in a step file would end up mid-file once appends go on after it.
@@ -151,7 +154,26 @@ class JobWriter:
                     _truncate_torn_line(path)
         self.results_written = _keys_in(self.paths.results, False, done)
         self.errors_written = _keys_in(self.paths.errors, True, done)
+        self.filtered_written = _keys_in(self.paths.filtered, False, done)
+        self._settled_parents(done)
         return done
+
+    def _settled_parents(self, done: IdSet) -> None:
+        """A parent that fanned out is done once each of its children is: then it is not split again."""
+        if not self.paths.intermediate.is_dir():
+            return
+        for path in sorted(self.paths.intermediate.glob("step_*.jsonl")):
+            with path.open("rb") as handle:
+                for line in handle:
+                    if b'"_children"' not in line:
+                        continue
+                    try:
+                        entry = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    children = entry.get("_children") or []
+                    if children and all(str(c) in done for c in children):
+                        done.add(str(entry.get("id")))
 
     def _handle(self, path: Path):
         handle = self._files.get(path)
@@ -208,6 +230,34 @@ class JobWriter:
         )
         self._append(self.paths.errors, data, sync=True)
         self.errors_written += len(entries)
+
+    def write_filtered(self, entries: list[tuple[Record, str]]) -> None:
+        """`entries`: (record, step label); the record's `filtered` says why."""
+        data = b"".join(
+            self._dump(
+                {
+                    "id": r.id,
+                    "job": self.job,
+                    "row": r.row_number,
+                    "step": step,
+                    "reason": r.filtered.reason,
+                    "scores": r.filtered.scores,
+                    "record": self.result_line(r),
+                }
+            )
+            for r, step in entries
+        )
+        self._append(self.paths.filtered, data, sync=True)
+        self.filtered_written += len(entries)
+
+    def write_expansions(self, step_label: str, parents: list[Record]) -> None:
+        """Each parent that fanned out, with its children's ids, fsynced before the children go on:
+        resume then knows which children a parent has."""
+        data = b"".join(
+            self._dump({**self.result_line(r), "_children": [f"{r.id}:{k:04d}" for k in range(len(r.children))]})
+            for r in parents
+        )
+        self._append(self.paths.intermediate / f"{step_label}.jsonl", data, sync=True)
 
     def write_intermediate(self, step_label: str, records: list[Record]) -> None:
         data = b"".join(self._dump(self.result_line(r)) for r in records)

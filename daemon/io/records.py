@@ -28,6 +28,24 @@ class Record:
     key: str
     outputs: dict[str, Any] = field(default_factory=dict)
     step_digests: dict[str, str | None] = field(default_factory=dict)
+    # What the last step decided besides new fields (DESIGN.md, "Fan-out and filters"):
+    filtered: Any = None  # a stages.base.Filtered: the record ends in the job's filtered file
+    children: list[dict[str, Any]] | None = None  # the record fans out into these (each a dict of new fields)
+
+    def child(self, k: int, own: dict[str, Any]) -> Record:
+        """The k-th child of this record: id `<id>:<k:04d>`, the parent's fields plus its own."""
+        child_id = f"{self.id}:{k:04d}"
+        fields = {**self.fields, **own, "id": child_id}
+        return Record(
+            id=child_id,
+            job=self.job,
+            row_number=self.row_number,
+            row=self.row,
+            fields=fields,
+            key=child_id,
+            outputs={**self.outputs, **own},
+            step_digests=dict(self.step_digests),
+        )
 
     def merge(self, output: dict[str, Any]) -> None:
         self.outputs.update(output)

@@ -161,6 +161,7 @@ class Engine:
         done = await self._open_writer(job, writer)
         run = JobRun(job.name, writer)
         run.skipped = len(done)
+        run.done = done
         self.pipeline.open_job(run)
         if self._task is not None and self._task.done():  # died before this job began: fail it at once
             self._pipeline_ended(self._task)

@@ -29,9 +29,16 @@ from daemon.metrics import Metrics
 from daemon.runtime.batching import BatchLimits
 from daemon.runtime.failures import OUTBOX, JobFailed, Pauses, describe
 from daemon.runtime.worker import Failure, Worker
-from stages.base import is_async
+from stages.base import Filtered, is_async
 
 log = logging.getLogger(__name__)
+
+
+def _by_job(records: list[Record]) -> dict[str, list[Record]]:
+    grouped: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        grouped[record.job].append(record)
+    return grouped
 
 
 class JobRun:
@@ -44,7 +51,10 @@ class JobRun:
         self.reading_done = False
         self.ok = 0
         self.errors = 0
+        self.filtered = 0
+        self.expanded = 0  # parents that fanned out into children (each child ends on its own)
         self.skipped = 0
+        self.done = None  # the resume ledger (IdSet): children already written are not run again
         self.interrupted = False  # reading was stopped by a shutdown; the job stays claimed
         self.failure: Exception | None = None  # job-level failure, or the pipeline's death
         self.finished = asyncio.Event()
@@ -58,10 +68,17 @@ class JobRun:
         self.finished.set()
         self.idle.set()
 
-    def settle(self, ok: int = 0, errors: int = 0) -> None:
+    def settle(self, ok: int = 0, errors: int = 0, filtered: int = 0) -> None:
         self.ok += ok
         self.errors += errors
-        self.outstanding -= ok + errors
+        self.filtered += filtered
+        self.outstanding -= ok + errors + filtered
+        self._check()
+
+    def expand(self, parents: int, children: int) -> None:
+        """`parents` records became `children` records, each of which is still on its way."""
+        self.expanded += parents
+        self.outstanding += children - parents
         self._check()
 
     def mark_read(self) -> None:
@@ -294,6 +311,7 @@ class Pipeline:
                 job = self._live_job(job_name, len(entries))
                 if job is not None and await self._write(job, "errors", job.writer.write_errors, entries):
                     job.settle(errors=len(entries))
+        ok = await self._route_filtered_and_children(step_index, label, ok)
         if not ok:
             return
         self.metrics.records.labels(label, "ok").inc(len(ok))
@@ -315,6 +333,38 @@ class Pipeline:
                 going_on.extend(records)
         for record in going_on:
             await self.queues[step_index + 1].put(record)
+
+    async def _route_filtered_and_children(self, step_index: int, label: str, ok: list[Record]) -> list[Record]:
+        """File the records a stage filtered, fan out the ones it split; return the rest, which go on."""
+        plain = [r for r in ok if r.filtered is None and r.children is None]
+        if len(plain) == len(ok):
+            return ok
+        for record in ok:
+            if record.children == []:  # a split that yields nothing is a filter with that reason
+                record.children = None
+                record.filtered = Filtered(f"{label} produced no output records (e.g. no clip long enough)")
+        filtered = [r for r in ok if r.filtered is not None]
+        parents = [r for r in ok if r.children is not None]
+        if filtered:
+            self.metrics.records.labels(label, "filtered").inc(len(filtered))
+        for job_name, records in _by_job(filtered).items():
+            job = self._live_job(job_name, len(records))
+            entries = [(r, label) for r in records]
+            if job is not None and await self._write(job, "filtered", job.writer.write_filtered, entries):
+                job.settle(filtered=len(records))
+        for job_name, records in _by_job(parents).items():
+            job = self._live_job(job_name, len(records))
+            if job is None or not await self._write(job, label, job.writer.write_expansions, label, records):
+                continue
+            children = [
+                child
+                for parent in records
+                for child in (parent.child(k, own) for k, own in enumerate(parent.children))
+                if job.done is None or child.key not in job.done  # written by an earlier run
+            ]
+            job.expand(len(records), len(children))
+            plain.extend(children)
+        return plain
 
     def _live_job(self, name: str, count: int) -> JobRun | None:
         """The job's run, or None when it failed (or ended) meanwhile: its records are dropped."""

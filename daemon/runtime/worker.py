@@ -28,7 +28,7 @@ from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
 from daemon.io.records import Record
 from daemon.runtime.batching import BatchLimits, CallGate
 from daemon.runtime.failures import TRANSIENT, Pauses, classify
-from stages.base import StageError
+from stages.base import Filtered, StageError
 
 log = logging.getLogger(__name__)
 
@@ -301,12 +301,19 @@ class Worker:
             elif isinstance(output, dict):
                 record.merge(output)
                 ok.append(record)
+            elif isinstance(output, Filtered):
+                record.filtered = output
+                ok.append(record)
+            elif isinstance(output, list) and all(isinstance(child, dict) for child in output):
+                record.children = output  # an empty list: no child; the pipeline files it as filtered
+                ok.append(record)
             else:
                 failed.append(
                     (
                         record,
                         "BadStageOutput",
-                        f"stage returned a {type(output).__name__}; expected a dict of new fields or a StageError",
+                        f"stage returned a {type(output).__name__}; expected a dict of new fields, a StageError, "
+                        "a Filtered or a list of children (dicts)",
                     )
                 )
 

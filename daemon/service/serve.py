@@ -341,10 +341,11 @@ class Daemon:
                 await self._save(entry)
                 self.metrics.jobs.labels("done").inc()
                 log.info(
-                    "job %s done: %d ok, %d errors (%d skipped as already written)",
+                    "job %s done: %d ok, %d errors, %d filtered (%d skipped as already written)",
                     entry.name,
                     run.ok,
                     run.errors,
+                    run.filtered,
                     run.skipped,
                 )
             finally:

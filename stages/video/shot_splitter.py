@@ -1,0 +1,204 @@
+"""VideoProcessor/ShotSplitter: one video in, one child record per shot (clip) out.
+
+Shot boundaries come from PySceneDetect's detectors (`content`: HSV/luma difference between
+adjacent frames against `threshold`; `adaptive`: that difference against its rolling
+average), fed frames decoded by PyAV at `analysis_short_side` pixels (with the decoder's own
+threads) rather than at full size, which is where most of the time goes. `stride` cuts fixed
+`stride_s` pieces without looking at the pixels.
+
+Each shot then obeys `min_clip_s` (shorter ones dropped, or merged into the previous shot with
+`merge_short: true`) and `max_clip_s` (longer ones cut into equal pieces that tile the shot
+exactly). Each clip becomes a child record (id `<parent>:<k>`, by the runtime) holding
+`clip: {index, start_s, end_s, start_frame, end_frame, num_frames, fps}` (frames counted from
+0, `end_frame` exclusive, so `num_frames = end_frame - start_frame`; `start_s = start_frame /
+fps`), `source_id` and `source_video`. A video with no clip long enough is filtered with
+that reason. Cuts land on the first frame of the new shot.
+
+The work runs in `prepare` (decoding is CPU work the runtime overlaps with other records);
+`process` only hands the clips on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from stages.base import Filtered, FieldKind, Stage, StageConfig, StageError, require
+
+
+class ShotSplitterConfig(StageConfig):
+    detector: Literal["content", "adaptive", "stride"] = Field(
+        "content", description="content / adaptive: PySceneDetect's detectors; stride: fixed-length pieces."
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        description="Detector threshold: content's `threshold` (default 27) or adaptive's `adaptive_threshold` (3).",
+    )
+    min_clip_s: float = Field(1.0, ge=0, description="Shots shorter than this are dropped (or merged, merge_short).")
+    merge_short: bool = Field(
+        False, description="Merge a too-short shot into the one before it instead of dropping it."
+    )
+    max_clip_s: float = Field(30.0, gt=0, description="Longer shots are cut into equal pieces of at most this.")
+    stride_s: float = Field(5.0, gt=0, description="detector: stride: the length of each piece.")
+    analysis_short_side: int = Field(
+        160, ge=16, description="Detection decodes frames with this short side (pixels): far faster than full size."
+    )
+    min_scene_frames: int = Field(
+        1, ge=1, description="Detector's min_scene_len: frames a shot must last before the next cut is taken."
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> ShotSplitterConfig:
+        if self.min_clip_s > self.max_clip_s:
+            raise ValueError(
+                f"min_clip_s ({self.min_clip_s}) is above max_clip_s ({self.max_clip_s}); no clip could satisfy both"
+            )
+        return self
+
+    def input_fields(self) -> dict[str, FieldKind]:
+        return {self.video_key: "video"}
+
+
+def _decode_small(path: Path, short_side: int):
+    """Yield (frame number, BGR ndarray at the analysis size); and the fps, via the first item."""
+    av = require("av", stage="ShotSplitter", extra="clips")
+    container = av.open(str(path))
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.base_rate or stream.guessed_rate
+        fps = float(rate) if rate else 25.0
+        width, height = stream.codec_context.width, stream.codec_context.height
+        scale = short_side / max(1, min(width, height))
+        size = (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)) if scale < 1 else None
+        yield fps
+        for number, frame in enumerate(container.decode(stream)):
+            if size is not None:
+                image = frame.to_ndarray(width=size[0], height=size[1], format="bgr24")
+            else:
+                image = frame.to_ndarray(format="bgr24")
+            yield number, image
+    finally:
+        container.close()
+
+
+def detect_cuts(path: Path, config: ShotSplitterConfig) -> tuple[list[int], int, float]:
+    """The first frame of every shot after the first, the number of frames, and the fps."""
+    if config.detector == "stride":
+        return [], *_count_frames(path)
+    scenedetect = require("scenedetect", stage="ShotSplitter", extra="clips")
+    from scenedetect.common import FrameTimecode
+
+    frames = _decode_small(path, config.analysis_short_side)
+    fps = next(frames)
+    if config.detector == "content":
+        detector = scenedetect.ContentDetector(
+            threshold=config.threshold or 27.0, min_scene_len=config.min_scene_frames
+        )
+    else:
+        detector = scenedetect.AdaptiveDetector(
+            adaptive_threshold=config.threshold or 3.0, min_scene_len=config.min_scene_frames
+        )
+    cuts: list[int] = []
+    total = 0
+    for number, image in frames:
+        total = number + 1
+        for cut in detector.process_frame(FrameTimecode(number, fps), image):
+            cuts.append(cut.frame_num)
+    if total:
+        for cut in detector.post_process(FrameTimecode(total - 1, fps)):
+            cuts.append(cut.frame_num)
+    return sorted({c for c in cuts if 0 < c < total}), total, fps
+
+
+def _count_frames(path: Path) -> tuple[int, float]:
+    frames = _decode_small(path, 16)
+    fps = next(frames)
+    total = sum(1 for _ in frames)
+    return total, fps
+
+
+def plan_clips(cuts: list[int], total: int, fps: float, config: ShotSplitterConfig) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of the clips: shots from the cuts (or strides), then the limits."""
+    if config.detector == "stride":
+        step = max(1, round(config.stride_s * fps))
+        bounds = list(range(0, total, step))
+    else:
+        bounds = [0, *cuts]
+    shots = [(start, end) for start, end in zip(bounds, [*bounds[1:], total], strict=True) if end > start]
+    min_frames = config.min_clip_s * fps
+    kept: list[tuple[int, int]] = []
+    carry: int | None = None  # the start of a too-short first shot, waiting to join the next
+    for start, end in shots:
+        if carry is not None:
+            start, carry = carry, None
+        if end - start >= min_frames:
+            kept.append((start, end))
+        elif config.merge_short and kept:
+            kept[-1] = (kept[-1][0], end)  # a short shot joins the one before it
+        elif config.merge_short:
+            carry = start
+    max_frames = max(1, math.floor(config.max_clip_s * fps + 1e-9))
+    clips: list[tuple[int, int]] = []
+    for start, end in kept:
+        pieces = math.ceil((end - start) / max_frames)
+        edges = [start + round(i * (end - start) / pieces) for i in range(pieces + 1)]
+        clips.extend((a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a)
+    return clips
+
+
+class ShotSplitter(Stage):
+    Config = ShotSplitterConfig
+
+    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        path = record[config.video_key]
+        try:
+            cuts, total, fps = detect_cuts(Path(path), config)
+        except StageError:
+            raise
+        except Exception as exc:  # PyAV's decode errors name the file; say what was expected
+            raise StageError(
+                f"ShotSplitter: cannot decode {path}: {type(exc).__name__}: {exc}; expected a readable video",
+                error_type="UndecodableVideo",
+            ) from exc
+        clips = plan_clips(cuts, total, fps, config)
+        return {**record, "_clips": clips, "_fps": fps, "_total": total, "_cuts": cuts}
+
+    def process(self, batch: list[dict[str, Any]]) -> list[Any]:
+        out: list[Any] = []
+        for record in batch:
+            clips, fps = record["_clips"], record["_fps"]
+            if not clips:
+                out.append(
+                    Filtered(
+                        f"no clip of at least min_clip_s={self.config.min_clip_s} s: the video has "
+                        f"{record['_total']} frames at {fps:.3f} fps in {len(record['_cuts']) + 1} shot(s)",
+                        {"num_frames": record["_total"], "fps": fps, "shots": len(record["_cuts"]) + 1},
+                    )
+                )
+                continue
+            source = record[self.config.video_key]
+            out.append(
+                [
+                    {
+                        "clip": {
+                            "index": index,
+                            "start_s": round(start / fps, 6),
+                            "end_s": round(end / fps, 6),
+                            "start_frame": start,
+                            "end_frame": end,
+                            "num_frames": end - start,
+                            "fps": fps,
+                        },
+                        "source_id": record["id"],
+                        "source_video": source,
+                    }
+                    for index, (start, end) in enumerate(clips)
+                ]
+            )
+        return out
