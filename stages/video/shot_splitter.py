@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages.base import Filtered, FieldKind, Stage, StageConfig, StageError, require
+from stages.base import FieldKind, Filtered, Stage, StageConfig, StageError, require
 
 
 class ShotSplitterConfig(StageConfig):
