@@ -164,3 +164,53 @@ def test_a_parent_half_done_yields_only_its_missing_children(tmp_path):
     again = run_engine(tmp_path, rows, SPLIT_THEN_PROBE)
     assert again.ok == 1
     assert sorted(r["id"] for r in read_jsonl(results)) == ["a:0000", "a:0001", "a:0002"]
+
+
+def test_kill_9_while_splitting_then_restart_every_clip_exactly_once(tmp_path, monkeypatch):
+    """The real daemon (ShotSplitter -> a slow Echo), SIGKILLed at random moments, restarted."""
+    import time
+
+    from tests.daemon.util import daemon_config
+    from tests.harness import DaemonProcess
+    from tests.stages_for_tests import EXTRA_STAGES
+
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)  # Test/Echo
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    lengths = {f"v{n}": [30 + 5 * n, 40, 28 + n] for n in range(6)}
+    for name, shots in lengths.items():
+        shots_video(videos / f"{name}.mp4", shots)
+    expected = sorted(f"{name}:{k:04d}" for name, shots in lengths.items() for k in range(len(shots)))
+    config = daemon_config(
+        tmp_path,
+        [
+            {"type": "VideoProcessor", "name": "ShotSplitter", "config": {"min_clip_s": 0.5}},
+            {"type": "Test", "name": "Echo", "config": {"sleep_s": 0.05}},
+        ],
+        meta_folder=videos,
+    )
+    meta = tmp_path / "clips.jsonl"
+    meta.write_text("".join(json.dumps({"id": name, "video": f"{name}.mp4"}) + "\n" for name in lengths))
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    daemon = DaemonProcess(config).start()
+    daemon.drop(meta)
+    kills = 0
+    for _ in range(3):
+        time.sleep(rng.uniform(0.3, 1.5))
+        state = daemon.job_state("clips")
+        if state and state["state"] == "done":
+            break
+        daemon.kill()
+        kills += 1
+        daemon = DaemonProcess(config).start()
+    assert daemon.wait_for_job("clips", 180)["state"] == "done"
+    daemon.stop()
+    context = f"(seed {seed}, {kills} kills)"
+    results = [r["id"] for r in read_jsonl(daemon.outbox / "clips.jsonl")]
+    assert sorted(results) == expected, context  # every clip, none twice
+    assert not read_jsonl(daemon.outbox / "clips.errors.jsonl"), context
+    step_file = next((daemon.outbox / "intermediate" / "clips").glob("step_0_*.jsonl"))
+    parents = [line["id"] for line in read_jsonl(step_file) if "_children" in line]
+    # a parent is split again after a kill only if some of its clips had not ended yet
+    assert set(parents) == set(lengths), context
