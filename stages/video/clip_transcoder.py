@@ -77,15 +77,23 @@ class ClipTranscoder(Stage):
     config: ClipTranscoderConfig
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        # Clips of one source usually come in one batch (a split's children): open and index
+        # the source once for all of them, not once per clip.
+        sources: dict[Path, _Source | StageError] = {}
         results: list[dict[str, Any] | StageError] = []
-        for record in batch:
-            try:
-                results.append(self._one(record))
-            except StageError as error:
-                results.append(error)
+        try:
+            for record in batch:
+                try:
+                    results.append(self._one(record, sources))
+                except StageError as error:
+                    results.append(error)
+        finally:
+            for opened in sources.values():
+                if isinstance(opened, _Source):
+                    opened.container.close()
         return results
 
-    def _one(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _one(self, record: dict[str, Any], sources: dict[Path, _Source | StageError]) -> dict[str, Any]:
         import av
 
         c = self.config
@@ -104,17 +112,24 @@ class ClipTranscoder(Stage):
                 error_type="BadOutputPath",
             )
         partial = final.with_name(final.name + ".part")
-        container = _open(source)
         try:
-            method, info = self._write(container, source, clip_window(record), partial)
+            if source not in sources:
+                sources[source] = _open_source(source)
+            opened = sources[source]
+            if isinstance(opened, StageError):
+                raise opened
+            method, info = self._write(opened, clip_window(record), partial)
         except av.error.FFmpegError as exc:
             partial.unlink(missing_ok=True)
-            raise StageError(
+            error = StageError(
                 f"ClipTranscoder: {source.name} could not be cut ({exc}); the file is corrupt or truncated",
                 error_type="VideoDecodeError",
-            ) from None
-        finally:
-            container.close()
+            )
+            sources.setdefault(source, error)
+            raise error from None
+        except StageError as error:
+            sources.setdefault(source, error)
+            raise
         with partial.open("rb+") as written:
             os.fsync(written.fileno())  # on disk before it has the final name (a power cut, not only kill -9)
         os.replace(partial, final)  # complete and counted: only now under the final name
@@ -129,35 +144,26 @@ class ClipTranscoder(Stage):
         }
 
     # -- one clip --------------------------------------------------------------------------
-    def _write(self, container, source: Path, window, partial: Path) -> tuple[str, dict]:
-        c = self.config
-        stream = container.streams.video[0]
-        index = _index_packets(container, stream)
-        if not index.pts:
-            raise StageError(f"ClipTranscoder: {source.name} has no video frames", error_type="EmptyVideo")
-        time_base = stream.time_base
-        fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
-        container.seek(0)  # the display rotation sits on decoded frames (side data), not in the stream tags
-        rotation = _rotation_of(stream, next(container.decode(stream), None))
-        cut = _cut_of(index, time_base, fps, window, source.name)
-        audio = container.streams.audio[0] if c.keep_audio and container.streams.audio else None
-        if audio is not None and audio.codec_context.name not in MP4_AUDIO:
+    def _write(self, src: _Source, window, partial: Path) -> tuple[str, dict]:
+        c, stream, index, fps = self.config, src.stream, src.index, src.fps
+        cut = _cut_of(index, stream.time_base, fps, window, src.path.name)
+        audio = src.audio if c.keep_audio else None
+        if c.keep_audio and src.audio_dropped:
             self.usage["audio_dropped"] += 1  # e.g. Vorbis from a webm: mp4 cannot hold it as it is
-            audio = None
         width, height = stream.codec_context.width, stream.codec_context.height
         size = _output_size(width, height, c.max_short_side)
-        if not rotation and self._can_copy(stream, index, cut, size, (width, height)):
-            written = _copy(container, stream, audio, cut, partial)
+        if not src.rotation and self._can_copy(stream, index, cut, size, (width, height)):
+            written = _copy(src.container, stream, audio, cut, partial)
             if written == cut.count:
                 return "copy", {"num_frames": written, "width": width, "height": height, "fps": round(fps, 3)}
             self.usage["copy_fallbacks"] += 1  # a stream the packet rule does not fit (open GOP): encode
         out_fps = c.fps or fps
-        written, out_size = _encode(container, stream, audio, cut, partial, c, size, fps, out_fps, rotation)
+        written, out_size = _encode(src.container, stream, audio, cut, partial, c, size, fps, out_fps, src.rotation)
         expected = cut.count if c.fps is None else max(1, round(cut.count * out_fps / fps))
         if written != expected:
             partial.unlink(missing_ok=True)
             raise StageError(
-                f"ClipTranscoder: {source.name} frames {cut.first}..{cut.first + cut.count}: expected {expected} "
+                f"ClipTranscoder: {src.path.name} frames {cut.first}..{cut.first + cut.count}: expected {expected} "
                 f"frames in the clip file, wrote {written}; the source is damaged inside the clip",
                 error_type="VideoDecodeError",
             )
@@ -172,6 +178,39 @@ class ClipTranscoder(Stage):
         keys = set(index.keyframe_pts)
         end = cut.first + cut.count
         return index.pts[cut.first] in keys and (end == len(index.pts) or index.pts[end] in keys)
+
+
+@dataclass
+class _Source:
+    """An opened source and what every clip of it needs: its packet index, rate, rotation."""
+
+    path: Path
+    container: Any
+    stream: Any
+    index: Any
+    fps: float
+    rotation: int
+    audio: Any  # the audio stream to copy, or None
+    audio_dropped: bool  # it has audio mp4 cannot hold as it is
+
+
+def _open_source(path: Path) -> _Source:
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        index = _index_packets(container, stream)
+        if not index.pts:
+            raise StageError(f"ClipTranscoder: {path.name} has no video frames", error_type="EmptyVideo")
+        fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
+        container.seek(0)  # the display rotation sits on decoded frames (side data), not in the stream tags
+        rotation = _rotation_of(stream, next(container.decode(stream), None))
+    except BaseException:
+        container.close()
+        raise
+    audio = container.streams.audio[0] if container.streams.audio else None
+    dropped = audio is not None and audio.codec_context.name not in MP4_AUDIO
+    return _Source(path, container, stream, index, fps, rotation, None if dropped else audio, dropped)
 
 
 def _cut_of(index, time_base, fps: float, window, name: str) -> _Cut:
