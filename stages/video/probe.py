@@ -17,8 +17,20 @@ class VideoProbeConfig(StageConfig):
         return {self.video_key: "video"}
 
 
+def probe_fields(video: Any) -> dict[str, Any]:
+    """The probe result: `width`/`height` as coded (stored), `display_width`/`display_height` as the
+    frames come out of the samplers (upright: a 90 or 270 degree `rotation` swaps them)."""
+    info = probe(video).as_dict()
+    quarter = info["rotation"] % 180 == 90
+    info["display_width"], info["display_height"] = (
+        (info["height"], info["width"]) if quarter else (info["width"], info["height"])
+    )
+    return info
+
+
 class VideoProbe(Stage):
-    """Adds `{duration_s, fps, num_frames, width, height, codec, pix_fmt, rotation, has_audio, bit_rate}`."""
+    """Adds `{duration_s, fps, num_frames, width, height, display_width, display_height, codec, pix_fmt,
+    rotation, has_audio, bit_rate}`; width/height are the coded size, display_* the upright one."""
 
     Config = VideoProbeConfig
 
@@ -26,7 +38,7 @@ class VideoProbe(Stage):
         results: list[dict[str, Any] | StageError] = []
         for record in batch:
             try:
-                results.append({self.config.output_key: probe(record[self.config.video_key]).as_dict()})
+                results.append({self.config.output_key: probe_fields(record[self.config.video_key])})
             except StageError as error:
                 results.append(error)
         return results
