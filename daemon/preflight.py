@@ -112,9 +112,11 @@ def _hub_answer(repo_id: str) -> str | None:
         HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure means "not loadable from the hub now"; we report it
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 404):
+        if status in (401, 403, 404):
             return f"the hub has no repo {repo_id!r} you can read (HTTP {status})"
-        return f"the hub did not answer within {HUB_TIMEOUT_S:.0f} s ({type(exc).__name__})"
+        if status is not None:
+            return f"the hub answered HTTP {status}"
+        return f"the hub could not be reached within {HUB_TIMEOUT_S:.0f} s ({type(exc).__name__})"
     return None
 
 
@@ -153,7 +155,13 @@ def check_checkpoint(where: str, key: str, value: str, *, network: bool) -> Prob
 
 def checkpoint_problems(step: Step, *, network: bool) -> list[Problem]:
     found = []
-    for key in CHECKPOINT_KEYS:
+    keys = CHECKPOINT_KEYS
+    if (
+        getattr(step.config, "backend", None) in ("transformers", "vllm", "auto")
+        and "model" in type(step.config).model_fields
+    ):
+        keys += ("model",)  # GPTTextGenerator's local backends: `model` names the checkpoint
+    for key in keys:
         value = getattr(step.config, key, None)
         if isinstance(value, str) and value:
             problem = check_checkpoint(_where(step), key, value, network=network)
