@@ -156,3 +156,19 @@ def test_hub_that_answers_503_is_one_line_with_the_fixes(tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert "Qwen/Qwen2-VL-2B-Instruct" in line and "the hub answered HTTP 503" in line
     assert "HF_HUB_OFFLINE=1" in line and "local checkpoint folder" in line
+
+
+def test_hub_id_in_the_local_cache_and_local_folder_pass_offline(tmp_path):
+    from tests.tiny.diffusers_pipelines import place_in_hub_cache
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    place_in_hub_cache(model, tmp_path / "hf-home", "Qwen/Qwen2-VL-2B-Instruct")
+    steps = [
+        {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "Qwen/Qwen2-VL-2B-Instruct"}},
+        {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "./model"}},
+    ]
+    done = _reelflow(["check", "--config", str(_write(tmp_path, steps))], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ": ok (2 step(s)" in done.stdout
