@@ -4,7 +4,8 @@ Runs after the config validated and before any port is bound, file claimed or we
 (and in `reelflow check`). Two things per step, each failure one line naming the step and the fix:
 
 - its optional dependencies are importable (checked with `find_spec`, nothing is imported);
-- every checkpoint setting (`model_path`, `base_model_path`, `motion_adapter_path`) resolves: a
+- every checkpoint setting of a built-in stage (`model_path`; `base_model_path` and
+  `motion_adapter_path` when set; GPTTextGenerator's `model` with a local backend) resolves: a
   local folder holding the files a loader reads, or a hub id that is in the local hub cache or,
   unless offline, answers the hub within a short timeout.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from daemon.config import Config, Step
 
 CHECKPOINT_KEYS = ("model_path", "base_model_path", "motion_adapter_path")
+SECONDARY_KEYS = frozenset(CHECKPOINT_KEYS[1:])  # checked when set: the stage uses their default for some model_paths
 # A loader reads one of these at the top of a checkpoint folder: transformers' config.json,
 # diffusers' model_index.json (pipelines) or config.json (a single model such as a motion adapter).
 CHECKPOINT_FILES = ("config.json", "model_index.json")
@@ -164,6 +166,8 @@ def checkpoint_problems(step: Step, *, network: bool) -> list[Problem]:
     ):
         keys += ("model",)  # GPTTextGenerator's local backends: `model` names the checkpoint
     for key in keys:
+        if key in SECONDARY_KEYS and key not in step.config.model_fields_set:
+            continue  # AnimateDiff's other half: its default is used for one kind of model_path only
         value = getattr(step.config, key, None)
         if isinstance(value, str) and value:
             problem = check_checkpoint(_where(step), key, value, network=network)
