@@ -268,7 +268,11 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
-        nested = [a for a in _flat_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)] if field else []
+        nested = (
+            [a for a in _flat_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if field
+            else []
+        )
         if not nested:
             return []
         model = nested[0]
