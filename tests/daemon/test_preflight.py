@@ -172,3 +172,29 @@ def test_hub_id_in_the_local_cache_and_local_folder_pass_offline(tmp_path):
     done = _reelflow(["check", "--config", str(_write(tmp_path, steps))], tmp_path)
     assert done.returncode == 0, done.stderr
     assert ": ok (2 step(s)" in done.stdout
+
+
+def _serve_config(folder: Path, steps: list[dict]) -> Path:
+    config = {
+        "steps": steps,
+        "daemon": {"inbox": str(folder / "inbox"), "outbox": str(folder / "outbox"), "metrics": {"port": 0}},
+    }
+    path = folder / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_serve_stops_before_creating_anything_on_a_preflight_problem(tmp_path):
+    done = _reelflow(["serve", "--config", str(_serve_config(tmp_path, CAPTION_STEPS[:1]))], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "./no/such/folder" in done.stderr
+    assert not (tmp_path / "inbox").exists() and not (tmp_path / "outbox").exists()
+
+
+def test_serve_load_failure_is_one_line(tmp_path):
+    steps = [{"type": "Test", "name": "FailingLoad", "config": {}}]
+    done = _reelflow(["serve", "--config", str(_serve_config(tmp_path, steps))], tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (failed,) = [line for line in done.stderr.splitlines() if line.startswith("reelflow: failed")]
+    assert "Test/FailingLoad" in failed and "weights are corrupt" in failed
