@@ -85,12 +85,12 @@ async def run_once(config: Config, progress: bool = True) -> Summary:
                 str(config.source or "<config>"),
                 [f"{key}: the results would be written to {path}, which is meta_path itself; choose another {key}"],
             )
-    engine = Engine(config, layout, Metrics())
+    engine = Engine(config, layout, Metrics(), tag_results=True)  # _config_hash, as the daemon writes it
     await engine.start()
     job = JobInput(meta_path.stem, meta_path.resolve(), fmt, meta_path.name, meta_path.parent)
     try:
         run_task = asyncio.create_task(engine.run_job(job))
-        await _show_progress(engine, job.name, run_task, progress)
+        await _show_progress(engine, job.name, run_task, progress, row_total(meta_path, fmt) if progress else None)
         run = await run_task
     finally:
         await engine.stop()
@@ -99,10 +99,33 @@ async def run_once(config: Config, progress: bool = True) -> Summary:
     return Summary(run.ok, run.errors, run.skipped, final, paths.errors, run.filtered, paths.filtered)
 
 
-async def _show_progress(engine: Engine, job: str, task: asyncio.Task, enabled: bool) -> None:
+def row_total(path: Path, fmt: str) -> int | None:
+    """How many rows the input holds, where that is cheap: a newline count, or parquet's metadata.
+
+    An upper bound for jsonl/csv (blank lines, quoted newlines); None for json, which would need
+    a parse. Only the progress bar uses it.
+    """
+    if fmt == "video":
+        return 1
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt not in ("jsonl", "csv", "tsv"):
+        return None
+    lines, last = 0, b"\n"
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    lines += last != b"\n"  # a last line without its newline
+    return max(lines - (fmt != "jsonl"), 0)  # csv/tsv: the header
+
+
+async def _show_progress(engine: Engine, job: str, task: asyncio.Task, enabled: bool, total: int | None = None) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(desc=job, unit="rec", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(desc=job, unit="rec", total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
     run = None
     try:
         while not task.done():
@@ -207,9 +230,9 @@ def main(config: Config, progress: bool = True) -> int:
         f"done: {summary.ok} ok, {summary.errors} errors, {summary.filtered} filtered, "
         f"{summary.skipped} skipped (already written by an earlier run)"
     )
-    print(f"results: {summary.results}")
+    print(f"results: {summary.results.resolve()}")
     if summary.errors or summary.errors_file.exists():
-        print(f"errors:  {summary.errors_file}")
+        print(f"errors:  {summary.errors_file.resolve()}")
     if summary.filtered_file is not None and (summary.filtered or summary.filtered_file.exists()):
-        print(f"filtered: {summary.filtered_file}")
+        print(f"filtered: {summary.filtered_file.resolve()}")
     return 0

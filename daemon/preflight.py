@@ -4,7 +4,8 @@ Runs after the config validated and before any port is bound, file claimed or we
 (and in `reelflow check`). Two things per step, each failure one line naming the step and the fix:
 
 - its optional dependencies are importable (checked with `find_spec`, nothing is imported);
-- every checkpoint setting (`model_path`, `base_model_path`, `motion_adapter_path`) resolves: a
+- every checkpoint setting of a built-in stage (`model_path`; `base_model_path` and
+  `motion_adapter_path` when set; GPTTextGenerator's `model` with a local backend) resolves: a
   local folder holding the files a loader reads, or a hub id that is in the local hub cache or,
   unless offline, answers the hub within a short timeout.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from daemon.config import Config, Step
 
 CHECKPOINT_KEYS = ("model_path", "base_model_path", "motion_adapter_path")
+SECONDARY_KEYS = frozenset(CHECKPOINT_KEYS[1:])  # checked when set: the stage uses their default for some model_paths
 # A loader reads one of these at the top of a checkpoint folder: transformers' config.json,
 # diffusers' model_index.json (pipelines) or config.json (a single model such as a motion adapter).
 CHECKPOINT_FILES = ("config.json", "model_index.json")
@@ -112,9 +114,11 @@ def _hub_answer(repo_id: str) -> str | None:
         HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure means "not loadable from the hub now"; we report it
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 404):
+        if status in (401, 403, 404):
             return f"the hub has no repo {repo_id!r} you can read (HTTP {status})"
-        return f"the hub did not answer within {HUB_TIMEOUT_S:.0f} s ({type(exc).__name__})"
+        if status is not None:
+            return f"the hub answered HTTP {status}"
+        return f"the hub could not be reached within {HUB_TIMEOUT_S:.0f} s ({type(exc).__name__})"
     return None
 
 
@@ -152,8 +156,18 @@ def check_checkpoint(where: str, key: str, value: str, *, network: bool) -> Prob
 
 
 def checkpoint_problems(step: Step, *, network: bool) -> list[Problem]:
+    if not step.stage_cls.__module__.startswith("stages."):
+        return []  # a third-party stage's `model_path` may mean anything: its own load checks it
     found = []
-    for key in CHECKPOINT_KEYS:
+    keys = CHECKPOINT_KEYS
+    if (
+        getattr(step.config, "backend", None) in ("transformers", "vllm", "auto")
+        and "model" in type(step.config).model_fields
+    ):
+        keys += ("model",)  # GPTTextGenerator's local backends: `model` names the checkpoint
+    for key in keys:
+        if key in SECONDARY_KEYS and key not in step.config.model_fields_set:
+            continue  # AnimateDiff's other half: its default is used for one kind of model_path only
         value = getattr(step.config, key, None)
         if isinstance(value, str) and value:
             problem = check_checkpoint(_where(step), key, value, network=network)

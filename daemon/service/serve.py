@@ -45,6 +45,7 @@ log = logging.getLogger("reelflow")
 MAX_ACTIVE_JOBS = 64
 STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this often when enabled)
 ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
+DRAIN_LOG_S = 5.0  # while draining: how often the progress is logged
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -72,6 +73,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._signals = 0
         self._job_tasks: set[asyncio.Task] = set()
+        self._interrupted: set[str] = set()  # jobs a stop left unfinished: they resume at the next start
         self._active_jobs = asyncio.Semaphore(MAX_ACTIVE_JOBS)
         self.notifier = Notifier.from_environment()
         self.reloader = Reloader(self)
@@ -132,6 +134,27 @@ class Daemon:
             raise failure
         return 0
 
+    async def _drain_jobs(self, timeout: float) -> set[asyncio.Task]:
+        """Wait for the jobs to finish their records in flight, logging the progress; returns those still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        written = self._records_written()
+        pending = set(self._job_tasks)
+        while pending and (left := deadline - loop.time()) > 0:
+            _, pending = await asyncio.wait(pending, timeout=min(DRAIN_LOG_S, left))
+            if pending:
+                log.info(
+                    "draining: %d job(s), %d record(s) still in flight, %d written since the signal, %.0f s left",
+                    len(pending),
+                    sum(run.outstanding for run in self.engine.pipeline.jobs.values()),
+                    self._records_written() - written,
+                    max(deadline - loop.time(), 0),
+                )
+        return pending
+
+    def _records_written(self) -> int:
+        return sum(run.ok + run.errors for run in self.engine.pipeline.jobs.values())
+
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals > 1:
@@ -156,8 +179,9 @@ class Daemon:
         self.engine.stop_intake()
         abandoned = False
         if self._job_tasks:
-            _, pending = await asyncio.wait(self._job_tasks, timeout=self.config.daemon.drain_timeout_s)
+            pending = await self._drain_jobs(self.config.daemon.drain_timeout_s)
             if pending:
+                self._interrupted.update(task.get_name().removeprefix("job-") for task in pending)
                 abandoned = True
                 log.warning(
                     "drain timeout: %d job(s) still had records in flight; they stay claimed and resume next start",
@@ -176,7 +200,14 @@ class Daemon:
         await asyncio.gather(*self._job_tasks, return_exceptions=True)
         await self.server.stop()
         (self.state_dir / "daemon.json").unlink(missing_ok=True)
-        log.info("stopped")
+        if self._interrupted:
+            log.info(
+                "stopped; job(s) %s stay claimed in %s and resume at the next start, skipping the records already written",
+                ", ".join(sorted(self._interrupted)),
+                self.inbox_dir / ".work",
+            )
+        else:
+            log.info("stopped (no job left unfinished)")
         if abandoned:
             # Python would join those busy threads at exit, outliving drain_timeout_s. Every line
             # written is already flushed and fsynced, so leaving now loses nothing.
@@ -334,6 +365,7 @@ class Daemon:
                     await self._fail_job(entry, path, exc)
                     return
                 if run.interrupted:
+                    self._interrupted.add(entry.name)
                     return
                 os.replace(path, unique_destination(self.inbox_dir / DONE, path.name))
                 entry.state, entry.finished_at = "done", time.time()

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from stages.base import FieldKind, Stage, StageConfig, StageError
-from stages.video.frames import clip_window, probe
+from stages.video.frames import ClipWindow, clip_window, probe
 
 
 class VideoProbeConfig(StageConfig):
@@ -17,8 +17,20 @@ class VideoProbeConfig(StageConfig):
         return {self.video_key: "video"}
 
 
+def probe_fields(video: Any, window: ClipWindow | None = None) -> dict[str, Any]:
+    """The probe result: `width`/`height` as coded (stored), `display_width`/`display_height` as the
+    frames come out of the samplers (upright: a 90 or 270 degree `rotation` swaps them)."""
+    info = probe(video, window).as_dict()
+    quarter = info["rotation"] % 180 == 90
+    info["display_width"], info["display_height"] = (
+        (info["height"], info["width"]) if quarter else (info["width"], info["height"])
+    )
+    return info
+
+
 class VideoProbe(Stage):
-    """Adds `{duration_s, fps, num_frames, width, height, codec, pix_fmt, rotation, has_audio, bit_rate}`.
+    """Adds `{duration_s, fps, num_frames, width, height, display_width, display_height, codec, pix_fmt,
+    rotation, has_audio, bit_rate}`; width/height are the coded size, display_* the upright one.
 
     For a clip record (a `clip` window on the source, see stages/video/frames.py) the duration and
     frame count are the clip's.
@@ -31,7 +43,7 @@ class VideoProbe(Stage):
         for record in batch:
             try:
                 window = clip_window(record)
-                results.append({self.config.output_key: probe(record[self.config.video_key], window).as_dict()})
+                results.append({self.config.output_key: probe_fields(record[self.config.video_key], window)})
             except StageError as error:
                 results.append(error)
         return results

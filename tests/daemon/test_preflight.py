@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -129,3 +131,70 @@ def test_load_failure_is_one_line_naming_the_step(tmp_path):
     failed = [line for line in done.stderr.splitlines() if line.startswith("reelflow: failed")]
     assert len(failed) == 1, done.stderr
     assert "Test/FailingLoad" in failed[0] and "RuntimeError: weights are corrupt" in failed[0]
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the http.server API
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_that_answers_503_is_one_line_with_the_fixes(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        config = _write(tmp_path, CAPTION_STEPS[1:])
+        done = _reelflow(["check", "--config", str(config)], tmp_path, HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint)
+    finally:
+        server.shutdown()
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "Qwen/Qwen2-VL-2B-Instruct" in line and "the hub answered HTTP 503" in line
+    assert "HF_HUB_OFFLINE=1" in line and "local checkpoint folder" in line
+
+
+def test_hub_id_in_the_local_cache_and_local_folder_pass_offline(tmp_path):
+    from tests.tiny.diffusers_pipelines import place_in_hub_cache
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    place_in_hub_cache(model, tmp_path / "hf-home", "Qwen/Qwen2-VL-2B-Instruct")
+    steps = [
+        {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "Qwen/Qwen2-VL-2B-Instruct"}},
+        {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": {"model_path": "./model"}},
+    ]
+    done = _reelflow(["check", "--config", str(_write(tmp_path, steps))], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ": ok (2 step(s)" in done.stdout
+
+
+def _serve_config(folder: Path, steps: list[dict]) -> Path:
+    config = {
+        "steps": steps,
+        "daemon": {"inbox": str(folder / "inbox"), "outbox": str(folder / "outbox"), "metrics": {"port": 0}},
+    }
+    path = folder / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_serve_stops_before_creating_anything_on_a_preflight_problem(tmp_path):
+    done = _reelflow(["serve", "--config", str(_serve_config(tmp_path, CAPTION_STEPS[:1]))], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "./no/such/folder" in done.stderr
+    assert not (tmp_path / "inbox").exists() and not (tmp_path / "outbox").exists()
+
+
+def test_serve_load_failure_is_one_line(tmp_path):
+    steps = [{"type": "Test", "name": "FailingLoad", "config": {}}]
+    done = _reelflow(["serve", "--config", str(_serve_config(tmp_path, steps))], tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (failed,) = [line for line in done.stderr.splitlines() if line.startswith("reelflow: failed")]
+    assert "Test/FailingLoad" in failed and "weights are corrupt" in failed

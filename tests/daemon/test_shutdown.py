@@ -119,3 +119,18 @@ def test_sigterm_while_reading_a_file_of_bad_rows(tmp_path):
     assert sorted(e["row"] for e in errors) == list(range(1, rows + 1))
     assert all(e["error"] == "BadJson" and e["message"].startswith("bad.jsonl: line ") for e in errors[:10])
     assert written > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_long_drain_logs_its_progress_and_stopped_says_the_job_resumes(tmp_path):
+    config = slow_config(tmp_path, drain_timeout_s=60)
+    with DaemonProcess(config, env={**ENV, "RF_SLEEP": "2.5"}) as daemon:
+        daemon.drop_text("rows.jsonl", ROWS)
+        wait_until(lambda: len(daemon.results("rows")) >= 2, 30, "first results", daemon.log)
+        assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+        log = daemon.log()
+    progress = [line for line in log.splitlines() if "draining: 1 job(s)" in line]
+    assert progress and "still in flight" in progress[0] and "s left" in progress[0], log[-2000:]
+    (stopped,) = [line for line in log.splitlines() if "stopped" in line and "INFO" in line]
+    assert "rows stay claimed" in stopped and "resume at the next start" in stopped
+    finish_and_check(config)

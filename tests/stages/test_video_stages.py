@@ -16,7 +16,7 @@ import pytest
 from stages.base import StageError
 from stages.video import frames as sampler
 from stages.video.frames import fps_indices, probe, sample_frames, uniform_indices
-from stages.video.probe import VideoProbe
+from stages.video.probe import VideoProbe, probe_fields
 from stages.video.sampler import FrameSampler, FrameSamplerConfig
 from tests.media import encode
 
@@ -69,6 +69,11 @@ def test_probe_rotated(videos):
         pytest.skip("needs the ffmpeg CLI")
     info = probe(videos["rotated"])
     assert info.rotation == 90 and (info.width, info.height) == (96, 64)
+    fields = probe_fields(videos["rotated"])  # what VideoProbe writes: both sizes, named
+    assert (fields["width"], fields["height"]) == (96, 64)
+    assert (fields["display_width"], fields["display_height"]) == (64, 96)
+    frames = sample_frames(videos["rotated"], num_frames=1)
+    assert frames.frames.shape[1:3] == (fields["display_height"], fields["display_width"])
 
 
 @pytest.mark.parametrize(
@@ -215,6 +220,8 @@ def test_video_probe_stage(videos):
         "num_frames",
         "width",
         "height",
+        "display_width",
+        "display_height",
         "codec",
         "pix_fmt",
         "rotation",
