@@ -152,7 +152,10 @@ def many_jobs(args: argparse.Namespace) -> int:
             time.sleep(1.0)
             baseline = status_kb(pid, "VmRSS")
             started = time.monotonic()
-            finish(warm + args.jobs)
+            series = []  # RSS every fifth of the run: flat, or still climbing?
+            for fifth in range(1, 6):
+                finish(warm + args.jobs * fifth // 5)
+                series.append(status_kb(pid, "VmRSS") / 1024)
             elapsed = time.monotonic() - started
             time.sleep(1.0)
             after = status_kb(pid, "VmRSS")
@@ -162,6 +165,7 @@ def many_jobs(args: argparse.Namespace) -> int:
         projected = per_job * 100_000 / 2**20
         print(f"jobs={args.jobs} (after {warm} warm-up jobs) in {elapsed:.1f} s ({args.jobs / elapsed:,.0f} jobs/s)")
         print(f"RSS: after warm-up {baseline / 1024:.1f} MiB, after {args.jobs} more {after / 1024:.1f} MiB")
+        print("RSS each fifth of the run (MiB): " + ", ".join(f"{v:.1f}" for v in series))
         print(
             f"growth = {growth_mb:.1f} MiB ({per_job:.0f} B/job; {projected:.1f} MiB per 100,000 jobs); "
             f"goal < {JOBS_GOAL_MB} MB per 100,000: {'met' if projected * 1.048576 < JOBS_GOAL_MB else 'MISSED'}"
