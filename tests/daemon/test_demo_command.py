@@ -26,7 +26,7 @@ def test_demo_captions_and_generates_offline(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "RANDOM WEIGHTS" in done.stdout
     rows = [json.loads(line) for line in (tmp_path / "demo" / "results" / "meta.jsonl").read_text().splitlines()]
-    assert [row["id"] for row in rows] == ["clip0", "clip1"]
+    assert sorted(row["id"] for row in rows) == ["clip0", "clip1"]  # records may finish in any order
     for row in rows:
         assert isinstance(row["caption"], str) and row["caption"]
         video = tmp_path / "demo" / "results" / row["generated_video"]

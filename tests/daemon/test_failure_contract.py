@@ -105,7 +105,13 @@ def test_classify_real_errors(tmp_path, tmpfs):
 
 def test_a_failed_append_is_cut_back_and_the_retry_writes_each_line_once(tmp_path, tmpfs):
     outbox = tmpfs(tmp_path / "outbox", 128)
-    paths = JobPaths(outbox / "job.jsonl", outbox / "job.errors.jsonl", outbox / "media", outbox / "steps")
+    paths = JobPaths(
+        outbox / "job.jsonl",
+        outbox / "job.errors.jsonl",
+        outbox / "job.filtered.jsonl",
+        outbox / "media",
+        outbox / "steps",
+    )
     writer = JobWriter("job", paths, outbox)
     writer.open()
     writer.write_results([record(0)])
@@ -124,7 +130,13 @@ def test_a_failed_append_is_cut_back_and_the_retry_writes_each_line_once(tmp_pat
 
 
 def test_a_torn_line_in_a_step_file_is_cut_on_open(tmp_path):
-    paths = JobPaths(tmp_path / "job.jsonl", tmp_path / "job.errors.jsonl", tmp_path / "media", tmp_path / "steps")
+    paths = JobPaths(
+        tmp_path / "job.jsonl",
+        tmp_path / "job.errors.jsonl",
+        tmp_path / "job.filtered.jsonl",
+        tmp_path / "media",
+        tmp_path / "steps",
+    )
     step = paths.intermediate / "step_0_Test_Echo.jsonl"
     step.parent.mkdir()
     step.write_bytes(b'{"id": "r0"}\n{"id": "r1", "te')  # a crash mid-append

@@ -59,8 +59,11 @@ def test_run_writes_results_in_the_input_format_and_resumes(tmp_path, fmt):
     )
     result = run_oneshot(config, env=ENV)
     assert result.returncode == 0, result.stderr
-    assert "done: 5 ok, 1 errors, 0 skipped" in result.stdout
-    assert f"results: out/meta.{fmt}" in result.stdout and "meta.errors.jsonl" in result.stdout
+    assert "done: 5 ok, 1 errors, 0 filtered, 0 skipped" in result.stdout
+    assert (
+        f"results: {(tmp_path / 'out' / f'meta.{fmt}').resolve()}" in result.stdout
+        and "meta.errors.jsonl" in result.stdout
+    )
 
     final = tmp_path / "out" / f"meta.{fmt}"
     rows = read_back(final, fmt)
@@ -78,7 +81,7 @@ def test_run_writes_results_in_the_input_format_and_resumes(tmp_path, fmt):
 
     again = run_oneshot(config, env=ENV)
     assert again.returncode == 0, again.stderr
-    assert "done: 0 ok, 0 errors, 6 skipped" in again.stdout
+    assert "done: 0 ok, 0 errors, 0 filtered, 6 skipped" in again.stdout
     assert read_back(final, fmt) == rows
     assert len(read_jsonl(tmp_path / "out" / "meta.errors.jsonl")) == 1
 

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from stages.base import media_path
 from stages.video.clip_transcoder import ClipTranscoder
 from stages.video.frames import probe, sample_frames
 from tests.harness import PYTHON, REPO, read_jsonl, run_oneshot, write_config
@@ -50,7 +51,9 @@ def frame_numbers(path) -> list[int]:
 def test_a_clip_off_keyframes_is_encoded_with_exactly_its_frames(source, tmp_path):
     out, used = transcode(child(source, tmp_path, clip(1, start_frame=17, num_frames=20, fps=FPS)))
     assert out["transcode"]["method"] == "encode" and used["clips_encode"] == 1
-    assert out["video"] == tmp_path / "v_0000.mp4" and out["video"].is_file()
+    # media_path's name for id v:0000: a readable stem plus a hash of the exact id (':' is not kept)
+    assert out["video"] == media_path({"id": "v:0000", "_job": "j", "_media_dir": tmp_path}, "mp4")
+    assert out["video"].name.startswith("v_0000") and out["video"].is_file()
     assert out["source_video"] == source and out["clip_file"] is True
     assert frame_numbers(out["video"]) == list(range(17, 37))
     info = probe(out["video"])
@@ -117,7 +120,8 @@ def test_kill_9_mid_write_leaves_no_file_under_the_final_name(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     worker = subprocess.Popen([PYTHON, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    partial, final = media / "p_0000.mp4.part", media / "p_0000.mp4"
+    final = media_path({"id": "p:0000", "_job": "j", "_media_dir": media}, "mp4")
+    partial = final.with_name(final.name + ".part")
     try:
         # Wait (no deadline but the test timeout) until encoded data is being written, then kill.
         while worker.poll() is None and not (partial.exists() and partial.stat().st_size > 4096):
