@@ -166,6 +166,8 @@ def many_jobs(args: argparse.Namespace) -> int:
         print(f"jobs={args.jobs} (after {warm} warm-up jobs) in {elapsed:.1f} s ({args.jobs / elapsed:,.0f} jobs/s)")
         print(f"RSS: after warm-up {baseline / 1024:.1f} MiB, after {args.jobs} more {after / 1024:.1f} MiB")
         print("RSS each fifth of the run (MiB): " + ", ".join(f"{v:.1f}" for v in series))
+        slope = (series[-1] - series[0]) * 2**20 / (args.jobs * 4 / 5)  # past the allocator's first step
+        print(f"slope over the last four fifths: {slope:.0f} B/job ({slope * 100_000 / 2**20:.1f} MiB per 100,000)")
         print(
             f"growth = {growth_mb:.1f} MiB ({per_job:.0f} B/job; {projected:.1f} MiB per 100,000 jobs); "
             f"goal < {JOBS_GOAL_MB} MB per 100,000: {'met' if projected * 1.048576 < JOBS_GOAL_MB else 'MISSED'}"
