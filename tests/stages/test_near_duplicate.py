@@ -195,5 +195,5 @@ def _run(tmp_path: Path, name: str, stop_after: int) -> dict[str, str | None]:
 def test_kill_9_then_rerun_decides_as_an_uninterrupted_run(tmp_path):
     straight = _run(tmp_path, "straight", -1)
     assert sum(v is not None for v in straight.values()) > 0
-    for stop in (0, 3, 5):
+    for stop in (0, 4):  # the first batch, and one mid-stream
         assert _run(tmp_path, f"killed{stop}", stop) == straight, f"killed after batch {stop}"
