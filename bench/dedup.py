@@ -63,7 +63,13 @@ def brute(n, args) -> tuple[float, dict[int, int | None]]:
     kept_ids = np.empty(n, dtype=np.int64)
     count, decisions = 0, {}
     t0 = time.perf_counter()
-    for ids, vectors, _ in stream(n, args.dim, args.batch, args.dup_every, args.noise, args.seed):
+    done = 0
+    # the same stream as the stage saw (a shorter one would draw a different last batch), cut at n
+    for ids, vectors, _ in stream(args.n, args.dim, args.batch, args.dup_every, args.noise, args.seed):
+        if done >= n:
+            break
+        ids, vectors = ids[: n - done], vectors[: n - done]
+        done += len(ids)
         q = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         prior = q @ kept[:count].T if count else np.zeros((len(q), 0), np.float32)
         within = q @ q.T
