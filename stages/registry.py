@@ -27,6 +27,7 @@ BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoProcessor", "ClipTranscoder"): "stages.video.clip_transcoder:ClipTranscoder",
     ("VideoFilter", "MotionFilter"): "stages.filters.motion:MotionFilter",
     ("VideoFilter", "PropertyFilter"): "stages.filters.properties:PropertyFilter",
+    ("VideoFilter", "NearDuplicateFilter"): "stages.filters.near_duplicate:NearDuplicateFilter",
     ("ImageGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
     ("VideoGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
     ("ImageGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",

@@ -1,0 +1,303 @@
+"""NearDuplicateFilter: drop a clip whose embedding is within `threshold` cosine of one kept.
+
+The embedding comes from the record (`embedding_key`): a list of floats, or the path of a
+`.npy` file (relative paths are read against the outbox, where results keep them). Vectors
+are L2-normalised, so inner product is cosine. The kept vectors live in a faiss index: exact
+(`IndexFlatIP`) up to `exact_up_to` vectors, then an `IndexIVFFlat` trained on the first
+vectors (approximate: `nprobe` of `nlist` lists are searched).
+
+`scope: job` compares a clip with what was kept in its own job; `scope: outbox` with
+everything this stage kept, across jobs.
+
+Exactly-once across a crash: every decision (kept with its vector, or filtered with its
+reason) is appended to a state file and fsynced BEFORE `process` returns. At first use the
+file is read back and the index rebuilt; a record whose id already has a decision gets the
+same decision again (it was decided before the crash and is being re-run), so a restart
+after kill -9 keeps and drops exactly what an uninterrupted run would. A torn last frame (a
+crash mid-write) is detected by its CRC and cut off. One state file belongs to one worker:
+run this step with one worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from stages.base import JOB, MEDIA_DIR, RECORD_ID, Filtered, Stage, StageConfig, StageError, safe_file_stem
+
+KEPT, DROPPED = 1, 2
+# kind, id length, payload length; then id, payload, CRC32 of all before it
+_HEAD = struct.Struct("<BII")
+_CRC = struct.Struct("<I")
+
+
+class NearDuplicateFilterConfig(StageConfig):
+    embedding_key: str = Field(
+        "embedding", description="Record field holding the embedding: a list of floats or a path to a .npy file."
+    )
+    threshold: float = Field(
+        0.95, gt=0, le=1, description="Drop a clip whose cosine similarity to a kept clip is at least this."
+    )
+    scope: Literal["job", "outbox"] = Field(
+        "job", description="`job`: compare within the record's job; `outbox`: across everything this step kept."
+    )
+    exact_up_to: int = Field(
+        200_000, ge=1, description="Exact search (IndexFlatIP) up to this many kept vectors; IVF beyond."
+    )
+    nlist: int = Field(1024, ge=1, description="IVF lists once past exact_up_to (trained on the first vectors).")
+    nprobe: int = Field(32, ge=1, description="IVF lists searched per query (more: slower, fewer missed duplicates).")
+    state_dir: Path | None = Field(
+        None,
+        description="Folder of the kept-state files; default: the record's media folder's parent / .near_duplicate.",
+    )
+
+    @model_validator(mode="after")
+    def _ivf(self):
+        if self.nprobe > self.nlist:
+            raise ValueError(f"nprobe {self.nprobe} is above nlist {self.nlist}; set nprobe <= nlist")
+        if self.nlist > self.exact_up_to:
+            raise ValueError(
+                f"nlist {self.nlist} is above exact_up_to {self.exact_up_to}: IVF trains on the first "
+                f"exact_up_to vectors and needs at least one per list; raise exact_up_to or lower nlist"
+            )
+        return self
+
+
+class _Scope:
+    """One index and its state file: the decisions so far, in order."""
+
+    def __init__(self, path: Path, config: NearDuplicateFilterConfig):
+        self.path = path
+        self.config = config
+        self.ids: list[str] = []  # kept ids, by index row
+        self.decisions: dict[str, dict[str, Any] | Filtered] = {}
+        self.index = None
+        self.dim: int | None = None
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good, vectors, offset = 0, [], 0
+        while offset + _HEAD.size <= len(data):
+            kind, id_len, payload_len = _HEAD.unpack_from(data, offset)
+            end = offset + _HEAD.size + id_len + payload_len
+            if kind not in (KEPT, DROPPED) or end + _CRC.size > len(data):
+                break
+            if _CRC.unpack_from(data, end)[0] != zlib.crc32(data[offset:end]):
+                break
+            start = offset + _HEAD.size
+            rid = data[start : start + id_len].decode()
+            payload = data[start + id_len : end]
+            if kind == KEPT:
+                vectors.append(np.frombuffer(payload, dtype=np.float32))
+                self.ids.append(rid)
+                self.decisions[rid] = {}
+            else:
+                entry = json.loads(payload)
+                self.decisions[rid] = Filtered(entry["reason"], entry["scores"])
+            offset = good = end + _CRC.size
+        if good < len(data):  # a torn tail from a crash mid-append: cut it so appends stay framed
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        if vectors:
+            self._add(np.stack(vectors))
+
+    def _add(self, vectors: np.ndarray) -> None:
+        import faiss
+
+        if self.index is None:
+            self.dim = vectors.shape[1]
+            self.index = faiss.IndexFlatIP(self.dim)
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        c = self.config
+        if isinstance(self.index, faiss.IndexFlat) and self.index.ntotal > c.exact_up_to:
+            everything = self.index.reconstruct_n(0, self.index.ntotal)
+            quantizer = faiss.IndexFlatIP(self.dim)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, c.nlist, faiss.METRIC_INNER_PRODUCT)
+            # trained on the first vectors (at most 64 per list: enough for k-means, bounded cost)
+            ivf.train(everything[: min(c.exact_up_to, 64 * c.nlist)])
+            ivf.add(everything)
+            ivf.nprobe = c.nprobe
+            self.index = ivf
+
+    def decide(self, ids: list[str], vectors: np.ndarray) -> list[dict[str, Any] | Filtered]:
+        """Decide a group in order (a later one may duplicate an earlier one), persist, then index."""
+        threshold = self.config.threshold
+        if self.index is not None and self.index.ntotal:
+            sims, rows = self.index.search(vectors, 1)
+        else:
+            sims = np.full((len(ids), 1), -np.inf, dtype=np.float32)
+            rows = np.full((len(ids), 1), -1)
+        within = vectors @ vectors.T
+        kept_here: list[int] = []
+        out: list[dict[str, Any] | Filtered] = []
+        for i in range(len(ids)):
+            best, of = float(sims[i, 0]), (self.ids[rows[i, 0]] if rows[i, 0] >= 0 else None)
+            if kept_here:
+                j = kept_here[int(np.argmax(within[i, kept_here]))]
+                if within[i, j] > best:
+                    best, of = float(within[i, j]), ids[j]
+            if of is not None and best >= threshold:
+                s = round(best, 6)
+                out.append(
+                    Filtered(
+                        f"near duplicate of {of!r}: cosine {s} >= threshold {threshold}",
+                        {"similarity": s, "duplicate_of": of},
+                    )
+                )
+            else:
+                kept_here.append(i)
+                out.append({})
+        self._persist(ids, vectors, out)
+        for rid, decision in zip(ids, out, strict=True):
+            self.decisions[rid] = decision
+        if kept_here:
+            self.ids.extend(ids[i] for i in kept_here)
+            self._add(vectors[kept_here])
+        return out
+
+    def _persist(self, ids: list[str], vectors: np.ndarray, out: list[dict[str, Any] | Filtered]) -> None:
+        frames = []
+        for rid, vector, decision in zip(ids, vectors, out, strict=True):
+            key = rid.encode()
+            if isinstance(decision, Filtered):
+                kind, payload = DROPPED, json.dumps({"reason": decision.reason, "scores": decision.scores}).encode()
+            else:
+                kind, payload = KEPT, vector.astype(np.float32).tobytes()
+            body = _HEAD.pack(kind, len(key), len(payload)) + key + payload
+            frames.append(body + _CRC.pack(zlib.crc32(body)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            before = f.tell()
+            try:
+                f.write(b"".join(frames))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                # leave no half frame behind: the batch fails whole and is retried from `before`
+                f.truncate(before)
+                raise
+
+
+class NearDuplicateFilter(Stage):
+    """Passes a record on unchanged (`{}`) or drops it as a near duplicate of a kept one."""
+
+    Config = NearDuplicateFilterConfig
+    config: NearDuplicateFilterConfig
+
+    def load(self) -> None:
+        import faiss  # noqa: F401  (fail at load, not at the first batch, when faiss-cpu is missing)
+
+        self._scopes: dict[Path, _Scope] = {}
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError | Filtered]:
+        if not hasattr(self, "_scopes"):
+            self.load()
+        results: list[dict[str, Any] | StageError | Filtered | None] = [None] * len(batch)
+        groups: dict[Path, list[tuple[int, str, np.ndarray]]] = {}
+        for i, record in enumerate(batch):
+            try:
+                scope = self._scope(record)
+                rid = str(record[RECORD_ID])
+                if rid in scope.decisions:  # decided before a restart: the same decision again
+                    results[i] = scope.decisions[rid]
+                    continue
+                vector = self._vector(record, scope)
+            except StageError as error:
+                results[i] = error
+                continue
+            group = groups.setdefault(scope.path, [])
+            if group and group[0][2].shape != vector.shape:
+                results[i] = StageError(
+                    f"record {rid!r}: embedding has {vector.shape[0]} dimensions, {group[0][1]!r} in the same "
+                    f"batch has {group[0][2].shape[0]}; use one embedder per scope or a separate state_dir",
+                    error_type="BadEmbedding",
+                )
+                continue
+            group.append((i, rid, vector))
+        for path, members in groups.items():
+            scope = self._scopes[path]
+            first: dict[str, int] = {}
+            unique = []
+            for i, rid, vector in members:
+                if rid in first:  # the same id twice in a batch: one decision for both
+                    continue
+                first[rid] = i
+                unique.append((i, rid, vector))
+            decided = scope.decide([m[1] for m in unique], np.stack([m[2] for m in unique]))
+            for (i, _, _), decision in zip(unique, decided, strict=True):
+                results[i] = decision
+            for i, rid, _ in members:
+                if results[i] is None:
+                    results[i] = results[first[rid]]
+        self.usage["dedup_compared"] += sum(len(m) for m in groups.values())
+        self.usage["dedup_dropped"] += sum(isinstance(r, Filtered) for r in results)
+        return results  # type: ignore[return-value]
+
+    def _scope(self, record: dict[str, Any]) -> _Scope:
+        c = self.config
+        folder = c.state_dir
+        if folder is None:
+            media = record.get(MEDIA_DIR)
+            if media is None:
+                raise StageError(
+                    f"record {record.get(RECORD_ID)!r} has no {MEDIA_DIR!r} and no state_dir is set; "
+                    "set `state_dir:` in this step's config to the folder for the kept-state file",
+                    error_type="ConfigError",
+                )
+            folder = Path(media).parent / ".near_duplicate"
+        name = "outbox.kept" if c.scope == "outbox" else f"job-{safe_file_stem(str(record.get(JOB, '')))}.kept"
+        path = Path(folder) / name
+        scope = self._scopes.get(path)
+        if scope is None:
+            scope = self._scopes[path] = _Scope(path, c)
+        return scope
+
+    def _vector(self, record: dict[str, Any], scope: _Scope) -> np.ndarray:
+        c, rid = self.config, record.get(RECORD_ID)
+        value = record.get(c.embedding_key)
+        if value is None:
+            raise StageError(
+                f"record {rid!r} has no {c.embedding_key!r}; expected an embedding (list of floats or a .npy "
+                "path) there: put an embedder step before this filter or set embedding_key",
+                error_type="MissingEmbedding",
+            )
+        try:
+            if isinstance(value, (str, Path)):
+                path = Path(value)
+                if not path.is_absolute() and record.get(MEDIA_DIR) is not None:
+                    path = Path(record[MEDIA_DIR]).parent / path
+                vector = np.load(path, allow_pickle=False)
+            else:
+                vector = np.asarray(value, dtype=np.float32)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StageError(
+                f"record {rid!r}: cannot read {c.embedding_key!r} ({str(value)[:80]!r}) as a vector: {exc}; "
+                "expected a list of floats or the path of a .npy file",
+                error_type="BadEmbedding",
+            ) from exc
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(norm) or norm == 0:
+            raise StageError(
+                f"record {rid!r}: embedding in {c.embedding_key!r} has norm {norm}; expected a finite non-zero "
+                "vector (check the embedder's output)",
+                error_type="BadEmbedding",
+            )
+        if scope.dim is not None and vector.shape[0] != scope.dim:
+            raise StageError(
+                f"record {rid!r}: embedding has {vector.shape[0]} dimensions, the kept ones in {scope.path} have "
+                f"{scope.dim}; use one embedder per scope or a separate state_dir",
+                error_type="BadEmbedding",
+            )
+        return vector / norm
