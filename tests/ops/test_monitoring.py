@@ -261,7 +261,7 @@ def test_real_prometheus_scrapes_the_daemon(daemon, tmp_path: Path):
             return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else []
 
         rules = wait_for(rules_evaluated, 30, "the alert rules to be evaluated")
-        assert len(rules) == 6 and all(rule["health"] == "ok" for rule in rules), rules
+        assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
         firing = {r["name"] for r in rules if r["state"] == "firing"}
         assert "ReelflowDown" not in firing
     finally:
