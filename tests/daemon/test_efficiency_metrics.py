@@ -71,7 +71,7 @@ def test_a_daemon_exports_tokens_rate_efficiency_and_prepare_wait(tmp_path):
         "steps": [{"type": "Test", "name": "Echo", "config": step}],
         "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 50, "metrics": {"port": 0}},
     }
-    with DaemonProcess(write_config(tmp_path, config), env=ENV).start() as process:
+    with DaemonProcess(write_config(tmp_path, config), env=ENV) as process:
         process.drop_text("job.jsonl", jsonl([{"id": i} for i in range(8)]))
         assert process.wait_for_job("job")["state"] == "done"
         text = process.metrics()
