@@ -143,6 +143,12 @@ class StepRuntime(BaseModel):
         2, ge=1, description="Threads running the stage's per-record `prepare` ahead of the model."
     )
     queue_size: int = Field(64, ge=1, description="Capacity of the step's input queue (backpressure bound).")
+    speed_of_light_tokens_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Output tokens/s of `vllm bench throughput` for this model and GPU; "
+        "reelflow_efficiency_ratio{step} is the step's tokens/s over it.",
+    )
     workers: WorkerSettings | None = Field(
         None, description="Overrides of the top-level `workers:` section for this step (backend, Ray actor settings)."
     )

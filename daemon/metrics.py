@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from daemon.efficiency import GpuCollector, TokenRate
+
 log = logging.getLogger(__name__)
 
 # Stage usage counters (Stage.usage) that become metrics, with their help text.
@@ -102,6 +104,15 @@ class Metrics:
             key: Counter(name.removesuffix("_total"), help_text, ["step"], registry=r)
             for key, (name, help_text) in USAGE_METRICS.items()
         }
+        self.prepare_wait = Counter(
+            "reelflow_prepare_wait_seconds",
+            "Seconds a step's model waited for prepared (decoded, sampled) records: the starvation signal.",
+            ["step"],
+            registry=r,
+        )
+        self.efficiency = TokenRate()
+        r.register(self.efficiency)
+        r.register(GpuCollector())
         for state in ("claimed", "done", "failed"):
             self.jobs.labels(state).set(0)
         for reason in ("disk_full", "io_error", "out_of_memory", "endpoint", "worker_lost"):
@@ -118,6 +129,8 @@ class Metrics:
             counter = self.usage.get(key)
             if counter is not None and amount:
                 counter.labels(step).inc(amount)
+        if usage.get("tokens_out"):
+            self.efficiency.count(step, usage["tokens_out"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,14 +68,24 @@ class IdSet:
     A Python set of a million id strings costs ~100 MB; this costs 8 bytes a slot and, the
     table being at most half full, at most 16 bytes an id (8 MB per half-million ids). A false "seen" needs a 64-bit collision:
     about 1 in 10^7 for a million ids.
+
+    Past `memory_ids` ids the hashes move to a SQLite table in a temporary file (deleted on
+    close, read through its bounded page cache, never mapped), so memory stops growing with
+    the file: a 10M-row job holds the table's 8 MiB plus SQLite's cache. Same hashes, same
+    answers: only where they live changes.
     """
 
     _EMPTY = np.uint64(0)
+    MEMORY_IDS = 1 << 19  # 1 M slots = 8 MiB at most half full; then spill to disk
+    _CACHE_KIB = 8192  # SQLite page cache per spilled set
 
-    def __init__(self, capacity: int = 1024):
-        size = 1 << max(10, (capacity * 2 - 1).bit_length())
+    def __init__(self, capacity: int = 1024, memory_ids: int | None = None, spill_dir: str | None = None):
+        self.memory_ids = memory_ids or self.MEMORY_IDS
+        self.spill_dir = spill_dir
+        size = 1 << max(10, (min(capacity, self.memory_ids) * 2 - 1).bit_length())
         self._slots = np.zeros(size, dtype=np.uint64)
         self._count = 0
+        self._disk: sqlite3.Connection | None = None
 
     @staticmethod
     def _hash(text: str) -> int:
@@ -95,19 +107,48 @@ class IdSet:
             index = (index + 1) & mask
 
     def __contains__(self, text: str) -> bool:
-        return self._find(self._hash(text))[1]
+        value = self._hash(text)
+        if self._disk is not None:
+            return self._disk.execute("SELECT 1 FROM ids WHERE h = ?", (_signed(value),)).fetchone() is not None
+        return self._find(value)[1]
 
     def add(self, text: str) -> bool:
         """Add; return False if it was already there."""
         value = self._hash(text)
+        if self._disk is not None:
+            added = self._disk.execute("INSERT OR IGNORE INTO ids VALUES (?)", (_signed(value),)).rowcount == 1
+            self._count += added
+            return added
         index, found = self._find(value)
         if found:
             return False
         self._slots[index] = value
         self._count += 1
-        if self._count * 2 > len(self._slots):
+        if self._count > self.memory_ids:
+            self._spill()
+        elif self._count * 2 > len(self._slots):
             self._grow()
         return True
+
+    def _spill(self) -> None:
+        """Move every hash to an on-disk table; the in-memory one is freed."""
+        # noqa below: the file must outlive this call (it lives as long as the set), so no `with`.
+        handle = tempfile.NamedTemporaryFile(prefix="reelflow-ids-", suffix=".sqlite", dir=self.spill_dir)  # noqa: SIM115
+        # isolation_level=None + one open transaction: no journal fsync per id (the set is rebuilt
+        # from the results file on resume, so it need not survive a crash).
+        disk = sqlite3.connect(handle.name, isolation_level=None, check_same_thread=False)
+        disk.execute("PRAGMA journal_mode=OFF")
+        disk.execute("PRAGMA synchronous=OFF")
+        disk.execute(f"PRAGMA cache_size=-{self._CACHE_KIB}")
+        disk.execute("CREATE TABLE ids (h INTEGER PRIMARY KEY) WITHOUT ROWID")
+        disk.execute("BEGIN")
+        used = self._slots[self._slots != 0]
+        for start in range(0, len(used), 1 << 16):  # in slices, as in _grow
+            disk.executemany(
+                "INSERT INTO ids VALUES (?)", ((_signed(v),) for v in used[start : start + (1 << 16)].tolist())
+            )
+        self._handle, self._disk = handle, disk  # the file lives as long as the handle
+        self._slots = np.zeros(1, dtype=np.uint64)
 
     def _grow(self) -> None:
         old = self._slots[self._slots != 0]
@@ -116,3 +157,8 @@ class IdSet:
             for value in old[start : start + (1 << 16)].tolist():
                 index, _ = self._find(value)
                 self._slots[index] = value
+
+
+def _signed(value: int) -> int:
+    """A 64-bit hash as SQLite's signed INTEGER."""
+    return value - (1 << 64) if value >= 1 << 63 else value

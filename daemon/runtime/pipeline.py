@@ -207,6 +207,7 @@ class Pipeline:
     def build_workers(self) -> None:
         for step in self.steps:
             limits = batch_limits(step)
+            self.metrics.efficiency.set_speed_of_light(step.label, step.config.speed_of_light_tokens_per_s)
             devices = self.worker_devices(step)
             for n, device in enumerate(devices):
                 self.workers[step.index].append(self.make_worker(step, device, n, self.config.digest))

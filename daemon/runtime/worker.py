@@ -194,12 +194,14 @@ class Worker:
         failed: list[Failure] = []
         ok: list[Record] = []
         try:
+            waited = time.perf_counter()  # the model's slot is held: time here is the model starving
             for record, task in batch:
                 try:
                     ready.append((record, await self._prepared(record, task)))
                 except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
                     error = StageError.from_exception(exc)
                     failed.append((record, error.error_type, error.message))
+            self.metrics.prepare_wait.labels(self.step_label).inc(time.perf_counter() - waited)
             if ready:
                 await self._call_model(ready, ok, failed)
         finally:
