@@ -178,6 +178,12 @@ def has_prepare(stage: Stage) -> bool:
 
 
 def is_async(stage: Stage) -> bool:
+    """A stage instance is awaited when its config's resources say so (a stage whose backend is
+    chosen by the config, e.g. GPTTextGenerator's transformers backend, is sync even though the
+    class has `aprocess`); a class, when it has `aprocess` at all."""
+    config = getattr(stage, "config", None) if isinstance(stage, Stage) else None
+    if config is not None:
+        return type(stage).resources(config).asynchronous
     return callable(getattr(stage, "aprocess", None))
 
 

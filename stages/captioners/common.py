@@ -28,7 +28,6 @@ backends, for callers without an event loop (benchmarks, plain loops).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, ClassVar
 
 from stages.base import Stage, StageError, format_prompt
 from stages.captioners.config import CaptionerConfig, VideoCost
+from stages.engines import choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class VideoCaptioner(Stage):
         self.lm: Any = None
 
     def load(self) -> None:
-        from stages.captioners.hf_backend import TransformersVideoLM
+        from stages.engines.hf_vision import TransformersVideoLM
 
-        self.backend_name = choose_backend(self.config.backend, self.device)
+        self.backend_name = choose_backend(self.config.backend, self.device, type(self).__name__)
         log.info(
             "%s: backend %s on %s (backend: %s)",
             type(self).__name__,
@@ -206,10 +206,10 @@ class VideoCaptioner(Stage):
         return out
 
     def _sampling(self):
-        from stages.captioners.hf_backend import Sampling
+        from stages.engines.hf_vision import CaptionSampling
 
         c = self.config
-        return Sampling(c.max_new_tokens, c.temperature, c.top_p, c.top_k, c.repetition_penalty, c.seed)
+        return CaptionSampling(c.max_new_tokens, c.temperature, c.top_p, c.top_k, c.repetition_penalty, c.seed)
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         prepared = self._prepared(batch)
@@ -243,19 +243,10 @@ class VideoCaptioner(Stage):
             if isinstance(outcome, StageError):
                 results.append(outcome)
                 continue
-            text, tokens_out, tokens_in = outcome
-            self.usage["tokens_out"] += tokens_out
-            self.usage["tokens_in"] += tokens_in
-            results.append({key: text})
+            self.usage["tokens_out"] += outcome.tokens_out
+            self.usage["tokens_in"] += outcome.tokens_in
+            results.append({key: outcome.text})
         return results
-
-
-def choose_backend(wanted: str, device: str) -> str:
-    if wanted != "auto":
-        return wanted
-    if device.startswith("cuda") and importlib.util.find_spec("vllm") is not None:
-        return "vllm"
-    return "transformers"
 
 
 def _whole_groups(frames, group: int):

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.base import StageError
-from stages.captioners.hf_backend import Sampling
+from stages.engines import Generation
+from stages.engines.hf_vision import CaptionSampling
 from stages.engines.vllm import EngineThread
 
 
@@ -46,21 +47,17 @@ class VLLMVideoLM(EngineThread):
         self.decode = decode
 
     # -- generation -------------------------------------------------------------------
-    def generate(self, requests: list[VideoRequest], sampling: Sampling) -> list[tuple[str, int, int] | StageError]:
+    def generate(self, requests: list[VideoRequest], sampling: CaptionSampling) -> list[Generation | StageError]:
         return self._call(self._run_all(requests, sampling))
 
-    async def agenerate(
-        self, requests: list[VideoRequest], sampling: Sampling
-    ) -> list[tuple[str, int, int] | StageError]:
+    async def agenerate(self, requests: list[VideoRequest], sampling: CaptionSampling) -> list[Generation | StageError]:
         return await self._on_loop(self._run_all(requests, sampling))
 
-    async def _run_all(
-        self, requests: list[VideoRequest], sampling: Sampling
-    ) -> list[tuple[str, int, int] | StageError]:
+    async def _run_all(self, requests: list[VideoRequest], sampling: CaptionSampling) -> list[Generation | StageError]:
         params = _sampling_params(sampling)
-        return await self._gather(lambda engine, request: self._run_one(engine, request, params), requests, tuple)
+        return await self._gather(lambda engine, request: self._run_one(engine, request, params), requests, Generation)
 
-    async def _run_one(self, engine, request: VideoRequest, params) -> tuple[str, int, int]:
+    async def _run_one(self, engine, request: VideoRequest, params) -> Generation:
         prompt: dict[str, Any] = {
             "prompt": request.prompt,
             "multi_modal_data": {"video": (request.frames, request.metadata)},
@@ -72,10 +69,10 @@ class VLLMVideoLM(EngineThread):
             final = output
         completion = final.outputs[0]
         tokens = list(completion.token_ids)
-        return self.decode(tokens).strip(), len(tokens), len(final.prompt_token_ids or ())
+        return Generation([self.decode(tokens).strip()], len(final.prompt_token_ids or ()), len(tokens))
 
 
-def _sampling_params(sampling: Sampling):
+def _sampling_params(sampling: CaptionSampling):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 

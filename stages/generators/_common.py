@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from stages.base import RECORD_ID, StageConfig, StageError, format_prompt
+from stages.engines import torch_dtype as torch_dtype  # re-exported: the generators call common.torch_dtype
 from stages.generators._checkpoints import checkpoint_json
 from stages.generators._media import output_paths, write_png, write_video
 
@@ -119,14 +120,6 @@ def diffusers_class(name: str, *checkpoints: str):
 
 def is_cuda(device: str) -> bool:
     return str(device).startswith("cuda")
-
-
-def torch_dtype(name: str, device: str, recommended: str):
-    import torch
-
-    if name == "auto":
-        name = recommended if is_cuda(device) else "float32"
-    return getattr(torch, name)
 
 
 def pretrained_kwargs(config: GeneratorConfig, dtype) -> dict[str, Any]:
@@ -258,7 +251,8 @@ def prompt_of(record: dict[str, Any], config: GeneratorConfig, where: str) -> st
     return value
 
 
-def template_fields(template: str | None) -> list[str]:
+def prompt_record_fields(template: str | None) -> list[str]:
+    """The record fields a `str.format` prompt template reads (`id` and `job` are the runtime's, not inputs)."""
     import string
 
     if not template:
@@ -269,7 +263,7 @@ def template_fields(template: str | None) -> list[str]:
 
 def text_inputs(config: GeneratorConfig) -> dict[str, str]:
     if config.prompt:
-        return dict.fromkeys(template_fields(config.prompt), "text")
+        return dict.fromkeys(prompt_record_fields(config.prompt), "text")
     return {config.text_key: "text"}
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stages.base import StageError
+from stages.engines import Generation
 from stages.text.common import check_json_object, redact
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,18 @@ class RetrySettings(Protocol):
     max_retries: int
     backoff_s: float
     max_backoff_s: float
+
+
+@dataclass
+class APIRequest:
+    """What a batch's requests share besides their messages (the settings snapshot of one batch)."""
+
+    settings: RetrySettings
+    body: dict[str, Any]  # model, temperature, ... (everything but `messages`)
+    base_url: str | None
+    api_key: str
+    json_mode: bool
+    record_ids: list[str]
 
 
 @dataclass
@@ -131,12 +144,15 @@ def classify(exc: BaseException, timeout_s: float) -> Failure:
 
 
 class ChatAPI:
-    """One stage instance's connection to a chat-completions endpoint (composed, not inherited).
+    """One stage instance's connection to a chat-completions endpoint (composed, not inherited):
+    the asynchronous text backend of the API steps.
 
     The AsyncOpenAI client and the concurrency semaphore belong to the event loop that
     created them; both are rebuilt when the loop, the endpoint, the key, the timeout or
     `max_num_seqs` change, so hot-reloaded settings apply on the next call.
     """
+
+    asynchronous = True
 
     def __init__(self, usage: Callable[[], Counter[str]], label: str):
         self._usage = usage  # the owner's counter, looked up each time (take_usage swaps it)
@@ -221,6 +237,39 @@ class ChatAPI:
                 delay,
             )
             await asyncio.sleep(delay)
+
+    async def agenerate(self, chats: list[list[dict[str, str]]], request: APIRequest) -> list[Generation | StageError]:
+        """One request per chat, all in flight at once (the semaphore bounds them); an error per failed one.
+
+        Tokens are counted into the usage by `_answer` on every attempt (a retried answer was paid
+        for too), so the Generations carry none.
+        """
+
+        async def one(messages: list[dict[str, str]], record_id: str) -> Generation | StageError:
+            try:
+                text = await self.complete(
+                    request.settings,
+                    {**request.body, "messages": messages},
+                    base_url=request.base_url,
+                    api_key=request.api_key,
+                    json_mode=request.json_mode,
+                    record_id=record_id,
+                )
+            except StageError as error:
+                return error
+            return Generation([text], tokens_in=0, tokens_out=0)
+
+        return list(await asyncio.gather(*(one(m, r) for m, r in zip(chats, request.record_ids, strict=True))))
+
+    def generate(self, chats: list[list[dict[str, str]]], request: APIRequest) -> list[Generation | StageError]:
+        """The same from a plain thread (the client and slots follow the loop, see the class docstring)."""
+        return asyncio.run(self.agenerate(chats, request))
+
+    def load(self) -> None:
+        """Nothing to load: the client is built on the first call, on the loop that makes it."""
+
+    def close(self) -> None:
+        self.forget()
 
     def _answer(self, response: Any, json_mode: bool) -> str:
         usage = getattr(response, "usage", None)

@@ -20,9 +20,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
-from stages.text.api_client import ChatAPI
-from stages.text.common import chat_messages, check_template, template_fields, user_message
+from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
+from stages.engines import Generation
+from stages.text.api_client import APIRequest, ChatAPI
+from stages.text.common import ChatBatch, check_json_object, check_template, prompt_inputs
 
 PROVIDERS: dict[str, str] = {
     "openai": "https://api.openai.com/v1",
@@ -130,8 +131,7 @@ class APIGeneratorConfig(StageConfig):
         return (self.base_url or PROVIDERS[self.provider]).rstrip("/")
 
     def input_fields(self) -> dict[str, FieldKind]:
-        fields = template_fields(self.user_prompt)
-        return dict.fromkeys(fields, "text") if fields else {self.text_key: "text"}
+        return prompt_inputs(self.user_prompt, self.text_key)
 
 
 class APIGenerator(Stage):
@@ -139,33 +139,30 @@ class APIGenerator(Stage):
 
     Config = APIGeneratorConfig
     config: APIGeneratorConfig
+    name = "APIGenerator"
+
+    @classmethod
+    def resources(cls, config: APIGeneratorConfig) -> Resources:
+        return Resources(accelerators=0, concurrency_slots=config.max_num_seqs, asynchronous=True)
 
     def __init__(self, config: APIGeneratorConfig, device: str = "cpu"):
         super().__init__(config, device)
-        self.api = ChatAPI(lambda: self.usage, "APIGenerator")
+        self.lm = ChatAPI(lambda: self.usage, self.name)
 
     def load(self) -> None:
         from stages.base import require
 
-        require("openai", stage="APIGenerator", extra="text")
+        require("openai", stage=self.name, extra="text")
         self._key()
 
     def _key(self) -> str:
         key = os.environ.get(self.config.key_env)
         if not key:
-            raise RuntimeError(f"APIGenerator: the environment variable {self.config.key_env} is not set")
+            raise RuntimeError(f"{self.name}: the environment variable {self.config.key_env} is not set")
         return key
 
-    def _request(self, record: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.config
-        user = user_message(
-            cfg.user_prompt, record, cfg.text_key, where=f"APIGenerator (record {record.get(RECORD_ID)})"
-        )
-        request: dict[str, Any] = {
-            "model": cfg.model,
-            "messages": chat_messages(cfg.prompt, user),
-            "temperature": cfg.temperature,
-        }
+    def _request(self, cfg: APIGeneratorConfig, chats: ChatBatch) -> APIRequest:
+        body: dict[str, Any] = {"model": cfg.model, "temperature": cfg.temperature}
         optional = {
             "top_p": cfg.top_p,
             "seed": cfg.seed,
@@ -174,32 +171,28 @@ class APIGenerator(Stage):
             "presence_penalty": cfg.presence_penalty,
             "frequency_penalty": cfg.frequency_penalty,
         }
-        request.update({k: v for k, v in optional.items() if v is not None})
-        if cfg.response_format == "json_object":
-            request["response_format"] = {"type": "json_object"}
-        return request
+        body.update({k: v for k, v in optional.items() if v is not None})
+        json_mode = cfg.response_format == "json_object"
+        if json_mode:
+            body["response_format"] = {"type": "json_object"}
+        return APIRequest(cfg, body, cfg.endpoint, self._key(), json_mode, chats.record_ids)
 
     async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        import asyncio
-
         cfg = self.config
-        key = self._key()
+        chats = ChatBatch.of(batch, system=cfg.prompt, prompt=cfg.user_prompt, text_key=cfg.text_key, stage=self.name)
+        if not chats.chats:
+            return chats.results
+        outcomes = await self.lm.agenerate(chats.chats, self._request(cfg, chats))
+        output_key = cfg.output_key or cfg.text_key
 
-        async def one(record: dict[str, Any]) -> dict[str, Any] | StageError:
-            try:
-                text = await self.api.complete(
-                    cfg,
-                    self._request(record),
-                    base_url=cfg.endpoint,
-                    api_key=key,
-                    json_mode=cfg.response_format == "json_object",
-                    record_id=str(record.get(RECORD_ID)),
-                )
-            except StageError as error:
-                return error
-            return {cfg.output_key or cfg.text_key: text}
+        def answer(generation: Generation) -> dict[str, Any]:
+            return {
+                output_key: check_json_object(generation.text)
+                if cfg.response_format == "json_object"
+                else generation.text
+            }
 
-        return list(await asyncio.gather(*(one(record) for record in batch)))
+        return chats.finish(outcomes, self.usage, answer)
 
     def close(self) -> None:
-        self.api.forget()
+        self.lm.close()

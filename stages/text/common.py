@@ -1,5 +1,6 @@
-"""What the text steps share: building the chat messages for a record, checking JSON answers,
-and keeping secrets out of messages.
+"""What the text steps share: building the chat messages for a record, the request loop
+(records -> chats -> answers back in their slots), checking JSON answers, and keeping secrets
+out of messages.
 
 The user message of a record is either a template (the prompt has `{field}` placeholders,
 filled from the record; write literal braces as `{{` and `}}`), or the prompt followed by
@@ -12,23 +13,27 @@ from __future__ import annotations
 import json
 import re
 import string
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from stages.base import StageError, format_prompt
+from stages.base import RECORD_ID, StageError, format_prompt
+from stages.engines import Generation
 
 # A placeholder is `{name}`, `{name.attr}` or `{name[key]}`; a JSON example such as
 # `{"a": 1}` is not one, so such prompts are used verbatim.
 _PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)(?:[.\[][^{}]*)?\}(?!\})")
 
 
-def template_fields(prompt: str | None) -> list[str]:
+def placeholder_fields(prompt: str | None) -> list[str]:
     """The record fields a prompt template uses; empty when the prompt is not a template."""
     return list(dict.fromkeys(_PLACEHOLDER.findall(prompt or "")))
 
 
 def check_template(prompt: str | None) -> str | None:
     """Config-time check: a template must parse as a `str.format` template."""
-    if not template_fields(prompt):
+    if not placeholder_fields(prompt):
         return prompt
     try:
         list(string.Formatter().parse(prompt))
@@ -42,7 +47,7 @@ def check_template(prompt: str | None) -> str | None:
 
 def user_message(prompt: str | None, record: dict[str, Any], text_key: str, *, where: str) -> str:
     """The user turn for one record (see the module docstring)."""
-    if template_fields(prompt):
+    if placeholder_fields(prompt):
         return format_prompt(prompt, record, where=where)
     text = record.get(text_key)
     if text is None:
@@ -90,3 +95,56 @@ def redact(text: str, *secrets: str | None) -> str:
         if len(secret) >= 16:  # servers often echo a key shortened: "sk-abc...wxyz"
             text = text.replace(secret[:8], "***").replace(secret[-8:], "***")
     return text
+
+
+def prompt_inputs(prompt: str | None, text_key: str) -> dict[str, str]:
+    """A text step's input fields: the template's placeholders, else the record's `text_key`."""
+    fields = placeholder_fields(prompt)
+    return dict.fromkeys(fields, "text") if fields else {text_key: "text"}
+
+
+@dataclass
+class ChatBatch:
+    """One batch as chats: a record that cannot become a chat holds its error in its slot at once;
+    the others get their answers back in place with `finish`. The request loop of every text step."""
+
+    results: list[dict[str, Any] | StageError] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    chats: list[list[dict[str, str]]] = field(default_factory=list)
+    record_ids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls, batch: list[dict[str, Any]], *, system: str | None, prompt: str | None, text_key: str, stage: str
+    ) -> ChatBatch:
+        chats = cls()
+        for record in batch:
+            try:
+                user = user_message(prompt, record, text_key, where=f"{stage} (record {record.get(RECORD_ID)})")
+            except StageError as error:
+                chats.results.append(error)
+                continue
+            chats.slots.append(len(chats.results))
+            chats.results.append({})
+            chats.chats.append(chat_messages(system, user))
+            chats.record_ids.append(str(record.get(RECORD_ID)))
+        return chats
+
+    def finish(
+        self,
+        outcomes: list[Generation | StageError],
+        usage: Counter[str],
+        answer: Callable[[Generation], dict[str, Any]],
+    ) -> list[dict[str, Any] | StageError]:
+        """Put each answer (`answer(generation)`, which may raise a StageError) in its record's slot."""
+        for slot, outcome in zip(self.slots, outcomes, strict=True):
+            if isinstance(outcome, StageError):
+                self.results[slot] = outcome
+                continue
+            usage["tokens_in"] += outcome.tokens_in
+            usage["tokens_out"] += outcome.tokens_out
+            try:
+                self.results[slot] = answer(outcome)
+            except StageError as error:
+                self.results[slot] = error
+        return self.results

@@ -15,21 +15,27 @@ OpenAI-compatible API (OpenAI, vLLM's server, llama.cpp's server, `transformers 
 
 The answer goes to `output_key` (default: `text_key`). `response_format: json_object` asks
 for JSON and accepts only answers that parse as a JSON object (others are retried).
-`backend: transformers` runs the same config on a local causal LM instead (see
-`gpt_transformers.py`); `backend: vllm` on a local vLLM engine (`gpt_vllm.py`); `backend:
-auto` picks vLLM when it is installed and the worker's device is a GPU, else transformers.
-The API keys are then unused.
+`backend: transformers` runs the same config on a local causal LM instead
+(stages/engines/hf_causal.py: `model` is a local folder or a cached hub id, one left-padded
+`generate` per batch, `max_tokens` defaults to 256, a non-JSON answer in JSON mode is an error,
+since there is no server to retry against); `backend: vllm` on a local vLLM engine
+(stages/text/vllm_backend.py, prompts tokenized as transformers does, so greedy answers match);
+`backend: auto` picks vLLM when it is installed and the worker's device is a GPU, else
+transformers. The API keys are then unused. One class holds whichever backend the config
+chooses (`self.lm`), as the captioners do; the request loop is `ChatBatch`'s.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
-from stages.text.api_client import ChatAPI
-from stages.text.common import chat_messages, check_template, template_fields, user_message
+from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
+from stages.engines import Generation, choose_backend
+from stages.text.api_client import APIRequest, ChatAPI
+from stages.text.common import ChatBatch, check_json_object, check_template, prompt_inputs
 
 
 class GPTTextGeneratorConfig(StageConfig):
@@ -132,41 +138,66 @@ class GPTTextGeneratorConfig(StageConfig):
         return self
 
     def input_fields(self) -> dict[str, FieldKind]:
-        fields = template_fields(self.prompt)
-        return dict.fromkeys(fields, "text") if fields else {self.text_key: "text"}
+        return prompt_inputs(self.prompt, self.text_key)
 
 
 class GPTTextGenerator(Stage):
-    """Chat completions over an OpenAI-compatible API; `backend: transformers` builds the local variant."""
+    """Chat completions over an OpenAI-compatible API, or the same config on a local LM (`backend`)."""
 
     Config = GPTTextGeneratorConfig
+    config: GPTTextGeneratorConfig
+    name = "GPTTextGenerator"
 
     @classmethod
     def uses_accelerator(cls, config: GPTTextGeneratorConfig) -> bool:
         return config.backend != "openai"  # an API step runs on the CPU, its slots are max_num_seqs
 
-    def __new__(cls, config: GPTTextGeneratorConfig, device: str = "cpu"):
-        if cls is GPTTextGenerator and config.backend != "openai":
-            from stages.text.vllm_backend import choose_backend
-
-            if choose_backend(config.backend, device, "GPTTextGenerator") == "vllm":
-                from stages.text.gpt_vllm import VLLMTextGenerator
-
-                return VLLMTextGenerator(config, device)
-            from stages.text.gpt_transformers import TransformersTextGenerator
-
-            return TransformersTextGenerator(config, device)
-        return super().__new__(cls)
+    @classmethod
+    def resources(cls, config: GPTTextGeneratorConfig) -> Resources:
+        # `auto` resolves on the worker's device at load; a GPU worker with vLLM installed gets vLLM.
+        vllm = config.backend == "vllm" or (config.backend == "auto" and importlib.util.find_spec("vllm") is not None)
+        if config.backend == "openai":
+            return Resources(accelerators=0, concurrency_slots=config.max_num_seqs, asynchronous=True)
+        if vllm:
+            return Resources(
+                accelerators=config.tensor_parallel_size, concurrency_slots=config.max_num_seqs, asynchronous=True
+            )
+        return Resources(accelerators=1, concurrency_slots=1, asynchronous=False)  # one generate at a time
 
     def __init__(self, config: GPTTextGeneratorConfig, device: str = "cpu"):
         super().__init__(config, device)
-        self.api = ChatAPI(lambda: self.usage, "GPTTextGenerator")
+        self.backend_name = "openai" if config.backend == "openai" else None  # local: chosen at load
+        self.lm: Any = ChatAPI(lambda: self.usage, self.name) if config.backend == "openai" else None
 
     def load(self) -> None:
         from stages.base import require
 
-        require("openai", stage="GPTTextGenerator", extra="text")
-        self._api_key()  # fail at start-up, not per record, when no key can be found
+        cfg = self.config
+        if cfg.backend == "openai":
+            require("openai", stage=self.name, extra="text")
+            self._api_key()  # fail at start-up, not per record, when no key can be found
+            return
+        self.backend_name = choose_backend(cfg.backend, self.device, self.name)
+        if self.backend_name == "vllm":
+            from stages.text.vllm_backend import VLLMTextLM, load_tokenizer
+
+            engine_args = {
+                "model": cfg.model,
+                "dtype": cfg.dtype,
+                "max_num_seqs": cfg.max_num_seqs,
+                "max_model_len": cfg.max_model_len,
+                "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                "tensor_parallel_size": cfg.tensor_parallel_size,
+                "disable_log_stats": True,
+                **cfg.engine_args,
+            }
+            tokenizer = load_tokenizer(cfg.model, stage=self.name)
+            self.lm = VLLMTextLM(engine_args, self.device, cfg.max_num_seqs, self.name, tokenizer)
+        else:
+            from stages.engines.hf_causal import CausalLM
+
+            self.lm = CausalLM(cfg.model, self.device, stage=self.name, dtype=cfg.dtype)
+        self.lm.load()
 
     def _api_key(self) -> str:
         import os
@@ -183,44 +214,52 @@ class GPTTextGenerator(Stage):
             return key
         return "EMPTY"  # local servers take any key; never send the environment's key to a third party
 
-    def _request(self, record: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.config
-        where = f"GPTTextGenerator (record {record.get(RECORD_ID)})"
-        request: dict[str, Any] = {
-            "model": cfg.model,
-            "messages": chat_messages(cfg.sys_prompt, user_message(cfg.prompt, record, cfg.text_key, where=where)),
-            "temperature": cfg.temperature,
-        }
+    def _settings(self, cfg: GPTTextGeneratorConfig, chats: ChatBatch):
+        """The backend's per-batch settings: an APIRequest for the API, else the local Sampling."""
+        if self.backend_name != "openai":
+            from stages.engines.hf_causal import Sampling
+
+            return Sampling(max_tokens=cfg.max_tokens or 256, temperature=cfg.temperature)
+        body: dict[str, Any] = {"model": cfg.model, "temperature": cfg.temperature}
         if cfg.max_tokens is not None:
-            request["max_tokens"] = cfg.max_tokens
+            body["max_tokens"] = cfg.max_tokens
         if cfg.response_format == "json_object":
-            request["response_format"] = {"type": "json_object"}
+            body["response_format"] = {"type": "json_object"}
         if cfg.extra_body:
-            request["extra_body"] = dict(cfg.extra_body)
-        return request
+            body["extra_body"] = dict(cfg.extra_body)
+        json_mode = cfg.response_format == "json_object"
+        return APIRequest(cfg, body, cfg.base_url, self._api_key(), json_mode, chats.record_ids)
+
+    def _chats(self, cfg: GPTTextGeneratorConfig, batch: list[dict[str, Any]]) -> ChatBatch:
+        return ChatBatch.of(batch, system=cfg.sys_prompt, prompt=cfg.prompt, text_key=cfg.text_key, stage=self.name)
+
+    def _finish(self, cfg: GPTTextGeneratorConfig, chats: ChatBatch, outcomes: list) -> list:
+        output_key = cfg.output_key or cfg.text_key
+        json_mode = cfg.response_format == "json_object"
+
+        def answer(generation: Generation) -> dict[str, Any]:
+            return {output_key: check_json_object(generation.text) if json_mode else generation.text}
+
+        return chats.finish(outcomes, self.usage, answer)
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        cfg = self.config  # one snapshot per batch: a hot reload applies from the next batch
+        chats = self._chats(cfg, batch)
+        if not chats.chats:
+            return chats.results
+        return self._finish(cfg, chats, self.lm.generate(chats.chats, self._settings(cfg, chats)))
 
     async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        import asyncio
-
-        cfg = self.config  # one snapshot per batch: a hot reload applies from the next batch
-        key = self._api_key()
-        output_key = cfg.output_key or cfg.text_key
-
-        async def one(record: dict[str, Any]) -> dict[str, Any] | StageError:
-            try:
-                text = await self.api.complete(
-                    cfg,
-                    self._request(record),
-                    base_url=cfg.base_url,
-                    api_key=key,
-                    json_mode=cfg.response_format == "json_object",
-                    record_id=str(record.get(RECORD_ID)),
-                )
-            except StageError as error:
-                return error
-            return {output_key: text}
-
-        return list(await asyncio.gather(*(one(record) for record in batch)))
+        # Awaited on the runtime's loop for the API and vLLM (resources() says so), which keep
+        # max_num_seqs requests in flight; the transformers backend's agenerate runs in a thread.
+        cfg = self.config
+        chats = self._chats(cfg, batch)
+        if not chats.chats:
+            return chats.results
+        return self._finish(cfg, chats, await self.lm.agenerate(chats.chats, self._settings(cfg, chats)))
 
     def close(self) -> None:
-        self.api.forget()
+        if self.lm is not None:
+            self.lm.close()
+        if self.backend_name != "openai":
+            self.lm = None

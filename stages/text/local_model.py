@@ -14,7 +14,8 @@ allowed_token_ids, download_dir (the weights cache).
 Refused unless no-op: best_of, presence_penalty, frequency_penalty, logprobs,
 prompt_logprobs, detokenize: false, spaces_between_special_tokens: false, logits_processors.
 
-`backend: vllm` runs the step on a vLLM engine (stages/text/vllm_backend.py), which honours
+`backend: vllm` runs the step on a vLLM engine (stages/text/vllm_backend.py), awaited on the
+runtime's loop like GPTTextGenerator's so max_num_seqs requests stay in flight, which honours
 presence_penalty, frequency_penalty, logprobs, prompt_logprobs and
 spaces_between_special_tokens too (best_of, detokenize: false and logits_processors stay
 refused: vLLM's v1 engine has none of them). `backend: auto` picks vLLM when it is installed
@@ -24,14 +25,15 @@ refuses the vLLM-only keys like transformers does. The default is `transformers`
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import RECORD_ID, FieldKind, Stage, StageConfig, StageError
-from stages.text.common import chat_messages, check_template, template_fields, user_message
-from stages.text.local_lm import Sampling, generate, load_causal_lm, resolve_device
-from stages.text.vllm_backend import choose_backend
+from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
+from stages.engines import Generation, choose_backend
+from stages.engines.hf_causal import Sampling, resolve_device
+from stages.text.common import ChatBatch, check_template, prompt_inputs
 
 _CANNOT = "the {backend} backend cannot honour {key}={value!r} ({why}); remove it or set it to {ok}"
 _VLLM_TOO = " (or set backend: vllm, which honours it)"
@@ -175,8 +177,7 @@ class LocalModelGeneratorConfig(StageConfig):
         return self
 
     def input_fields(self) -> dict[str, FieldKind]:
-        fields = template_fields(self.user_prompt)
-        return dict.fromkeys(fields, "text") if fields else {self.text_key: "text"}
+        return prompt_inputs(self.user_prompt, self.text_key)
 
     def sampling(self) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -221,79 +222,85 @@ class LocalModelGeneratorConfig(StageConfig):
 
 
 class LocalModelGenerator(Stage):
-    """A local causal LM with vLLM-style sampling keys; one batched generate per batch."""
+    """A local causal LM with vLLM-style sampling keys; the backend object in `self.lm`."""
 
     Config = LocalModelGeneratorConfig
     config: LocalModelGeneratorConfig
     accelerated = True
+    name = "LocalModelGenerator"
 
-    lm: Any = None  # the vLLM engine under backend: vllm
+    lm: Any = None  # hf_causal.CausalLM or vllm_backend.VLLMTextLM
     backend_name: str | None = None
 
     @classmethod
     def uses_accelerator(cls, config: LocalModelGeneratorConfig) -> bool:
         return config.device != "cpu"
 
+    @classmethod
+    def resources(cls, config: LocalModelGeneratorConfig) -> Resources:
+        gpu = config.device != "cpu"
+        has_vllm = importlib.util.find_spec("vllm") is not None
+        if config.backend == "vllm" or (config.backend == "auto" and gpu and has_vllm):
+            return Resources(
+                accelerators=config.tensor_parallel_size, concurrency_slots=config.max_num_seqs, asynchronous=True
+            )
+        return Resources(accelerators=1 if gpu else 0, concurrency_slots=1, asynchronous=False)
+
     def load(self) -> None:
         cfg = self.config
         device = resolve_device(cfg.device, self.device)
-        self.backend_name = choose_backend(cfg.backend, device, "LocalModelGenerator")
+        self.backend_name = choose_backend(cfg.backend, device, self.name)
         if self.backend_name == "vllm":
             from stages.text.vllm_backend import VLLMTextLM, load_tokenizer
 
-            self.tokenizer = load_tokenizer(
+            tokenizer = load_tokenizer(
+                cfg.model_path, cache_dir=cfg.download_dir, trust_remote_code=cfg.trust_remote_code, stage=self.name
+            )
+            self.lm = VLLMTextLM(cfg.vllm_engine_args(cfg.model_path), device, cfg.max_num_seqs, self.name, tokenizer)
+        else:
+            from stages.engines.hf_causal import CausalLM
+
+            self.lm = CausalLM(
                 cfg.model_path,
+                device,
+                stage=self.name,
+                dtype=cfg.dtype,
                 cache_dir=cfg.download_dir,
                 trust_remote_code=cfg.trust_remote_code,
-                stage="LocalModelGenerator",
             )
-            self.model = None
-            self.lm = VLLMTextLM(
-                cfg.vllm_engine_args(cfg.model_path), device, cfg.max_num_seqs, "LocalModelGenerator", self.tokenizer
-            )
-            self.lm.load()
-            return
-        self.model, self.tokenizer = load_causal_lm(
-            cfg.model_path,
-            device,
-            dtype=cfg.dtype,
-            cache_dir=cfg.download_dir,
-            trust_remote_code=cfg.trust_remote_code,
-            stage="LocalModelGenerator",
-        )
+        self.lm.load()
+
+    @property
+    def tokenizer(self):
+        return getattr(self.lm, "tokenizer", None)
+
+    def _chats(self, cfg: LocalModelGeneratorConfig, batch: list[dict[str, Any]]) -> ChatBatch:
+        return ChatBatch.of(batch, system=cfg.prompt, prompt=cfg.user_prompt, text_key=cfg.text_key, stage=self.name)
+
+    def _finish(self, cfg: LocalModelGeneratorConfig, chats: ChatBatch, outcomes: list) -> list:
+        output_key = cfg.output_key or cfg.text_key
+
+        def answer(generation: Generation) -> dict[str, Any]:
+            return {output_key: generation.texts if cfg.n > 1 else generation.text}
+
+        return chats.finish(outcomes, self.usage, answer)
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         cfg = self.config
-        results: list[dict[str, Any] | StageError] = []
-        chats, slots = [], []
-        for record in batch:
-            try:
-                user = user_message(
-                    cfg.user_prompt, record, cfg.text_key, where=f"LocalModelGenerator (record {record.get(RECORD_ID)})"
-                )
-            except StageError as error:
-                results.append(error)
-                continue
-            slots.append(len(results))
-            results.append({})
-            chats.append(chat_messages(cfg.prompt, user))
-        if not chats:
-            return results
-        output_key = cfg.output_key or cfg.text_key
-        if self.lm is not None:
-            outcomes = self.lm.generate(chats, cfg.sampling())
-        else:
-            outcomes = generate(self.model, self.tokenizer, chats, cfg.sampling())
-        for slot, generated in zip(slots, outcomes, strict=True):
-            if isinstance(generated, StageError):
-                results[slot] = generated
-                continue
-            self.usage["tokens_in"] += generated.tokens_in
-            self.usage["tokens_out"] += generated.tokens_out
-            results[slot] = {output_key: generated.texts if cfg.n > 1 else generated.texts[0]}
-        return results
+        chats = self._chats(cfg, batch)
+        if not chats.chats:
+            return chats.results
+        return self._finish(cfg, chats, self.lm.generate(chats.chats, cfg.sampling()))
+
+    async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        # vLLM: awaited on the runtime's loop, batches overlap in the engine; transformers: a thread.
+        cfg = self.config
+        chats = self._chats(cfg, batch)
+        if not chats.chats:
+            return chats.results
+        return self._finish(cfg, chats, await self.lm.agenerate(chats.chats, cfg.sampling()))
 
     def close(self) -> None:
         if self.lm is not None:
             self.lm.close()
-        self.model = self.tokenizer = self.lm = None
+        self.lm = None

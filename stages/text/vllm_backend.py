@@ -6,7 +6,7 @@ every record becomes one request (a semaphore keeps at most `max_num_seqs` in fl
 vLLM's scheduler batches them continuously; engines on one host start one at a time.
 
 Prompts go in as token ids: the chat is rendered with the tokenizer's chat template and
-tokenized exactly as the transformers backend does (local_lm.py), so both backends see the
+tokenized exactly as the transformers backend does (stages/engines/hf_causal.py), so both backends see the
 same tokens. Answers are decoded with that tokenizer too, except when stop strings are set
 (vLLM then needs to detokenize to find them, and its text is used).
 
@@ -16,31 +16,15 @@ down and a new one is built; later batches go to the new engine.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
 from stages.base import StageError, require
+from stages.engines import Generation
+from stages.engines.hf_causal import Sampling, render_chat
 from stages.engines.vllm import EngineThread
-from stages.text.local_lm import Generated, Sampling
 
 log = logging.getLogger(__name__)
-
-
-def choose_backend(wanted: str, device: str, stage: str) -> str:
-    """`auto`: vLLM when it is importable and the device is a GPU, else transformers (logged)."""
-    if wanted != "auto":
-        return wanted
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    chosen = "vllm" if device.startswith("cuda") and has_vllm else "transformers"
-    log.info(
-        "%s: backend auto -> %s (device %s, vllm %s)",
-        stage,
-        chosen,
-        device,
-        "installed" if has_vllm else "not installed",
-    )
-    return chosen
 
 
 def sampling_params(sampling: Sampling, *, detokenize: bool):
@@ -77,7 +61,9 @@ def sampling_params(sampling: Sampling, *, detokenize: bool):
 
 
 class VLLMTextLM(EngineThread):
-    """An AsyncLLM engine on its own loop thread, rebuilt when it dies."""
+    """An AsyncLLM engine on its own loop thread, rebuilt when it dies; an asynchronous text backend."""
+
+    asynchronous = True
 
     def __init__(self, engine_args: dict, device: str, max_num_seqs: int, stage: str, tokenizer):
         super().__init__(engine_args, device, max_num_seqs, stage)
@@ -85,18 +71,16 @@ class VLLMTextLM(EngineThread):
         self.last_params: Any = None  # the SamplingParams of the latest batch (tests, debugging)
 
     # -- generation -------------------------------------------------------------------
-    def generate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated | StageError]:
+    def generate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation | StageError]:
         """n answers per chat, or an error in the chat's slot (from a plain thread)."""
         return self._call(self._run_all(self._prompts(chats, sampling), sampling))
 
-    async def agenerate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated | StageError]:
+    async def agenerate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation | StageError]:
         """The same, awaited from another event loop (the runtime's)."""
         return await self._on_loop(self._run_all(self._prompts(chats, sampling), sampling))
 
     def _prompts(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[list[int]]:
         """Token ids of each chat, made as the transformers backend makes them."""
-        from stages.text.local_lm import render_chat
-
         tokenizer = self.tokenizer
         plain = not getattr(tokenizer, "chat_template", None)
         limit = sampling.truncate_prompt_tokens
@@ -107,13 +91,13 @@ class VLLMTextLM(EngineThread):
             for chat in chats
         ]
 
-    async def _run_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generated | StageError]:
+    async def _run_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | StageError]:
         params = self.last_params = sampling_params(sampling, detokenize=bool(sampling.stop))
         return await self._gather(
-            lambda engine, prompt: self._run_one(engine, prompt, params, sampling), prompts, Generated
+            lambda engine, prompt: self._run_one(engine, prompt, params, sampling), prompts, Generation
         )
 
-    async def _run_one(self, engine, prompt: list[int], params, sampling: Sampling) -> Generated:
+    async def _run_one(self, engine, prompt: list[int], params, sampling: Sampling) -> Generation:
         final = None
         async for output in engine.generate({"prompt_token_ids": prompt}, params, self._request_id()):
             final = output
@@ -125,7 +109,7 @@ class VLLMTextLM(EngineThread):
                 texts.append(completion.text)
             else:
                 texts.append(self.tokenizer.decode(tokens, skip_special_tokens=sampling.skip_special_tokens))
-        return Generated(texts, len(prompt), tokens_out)
+        return Generation(texts, len(prompt), tokens_out)
 
 
 def load_tokenizer(model_path: str, *, cache_dir: str | None = None, trust_remote_code: bool = False, stage: str):

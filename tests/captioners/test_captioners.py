@@ -146,9 +146,9 @@ async def test_aprocess_runs_the_transformers_path_off_the_event_loop(make_capti
 
 
 def test_backend_choice():
-    assert choose_backend("auto", "cpu") == "transformers"
-    assert choose_backend("transformers", "cuda:0") == "transformers"
-    assert choose_backend("vllm", "cpu") == "vllm"
+    assert choose_backend("auto", "cpu", "test") == "transformers"
+    assert choose_backend("transformers", "cuda:0", "test") == "transformers"
+    assert choose_backend("vllm", "cpu", "test") == "vllm"
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(make_captioner):
@@ -174,7 +174,7 @@ def test_rotated_video_is_captioned_upright(make_captioner, videos):
 
 
 def test_transformers_backend_on_a_tensor_parallel_group_uses_its_first_gpu():
-    from stages.captioners.hf_backend import single_device
+    from stages.engines.hf_vision import single_device
     from stages.engines.vllm import gpu_indices
 
     assert single_device("cuda:1", "S") == "cuda:1"

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from stages.base import StageError
+from stages.engines.hf_causal import CausalLM
 from stages.registry import stage_class
-from stages.text.gpt_transformers import TransformersTextGenerator
 
 GPT = stage_class("TextGenerator", "GPTTextGenerator")
 LOCAL = stage_class("TextGenerator", "LocalModelGenerator")
@@ -75,8 +75,9 @@ async def test_transformers_backend_matches_the_served_model(text_lm_dir, lm_ser
     what `transformers serve` answers one request at a time."""
     common = {"model": str(text_lm_dir), "sys_prompt": "You write prompts.", "prompt": "Rewrite:", "max_tokens": 8}
     local = GPT(GPT.Config(backend="transformers", temperature=0, **common), "cpu")
-    assert isinstance(local, TransformersTextGenerator)
+    assert not GPT.resources(local.config).asynchronous  # one generate at a time (issue 12 item 9)
     local.load()
+    assert isinstance(local.lm, CausalLM)
     served = GPT(GPT.Config(base_url=lm_server.base_url, temperature=0, **common), "cpu")
     served.load()
     mine = local.process(rows())
@@ -181,7 +182,7 @@ def test_device_key(text_lm_dir):
         LOCAL(LOCAL.Config(model_path=str(text_lm_dir), device="cuda"), "cpu").load()
     stage = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), device="cpu"), "cpu")
     stage.load()
-    assert stage.model.device.type == "cpu"
+    assert stage.lm.model.device.type == "cpu"
 
 
 @pytest.mark.gpu
@@ -199,12 +200,12 @@ def test_resident_on_the_workers_gpu(text_lm_dir):
         return stage, [o["text"] for o in stage.process(rows())]
 
     gpu, out = answers(LOCAL, "cuda:0", model_path=str(text_lm_dir), device="cuda")
-    assert gpu.model.device == torch.device("cuda:0")
+    assert gpu.lm.model.device == torch.device("cuda:0")
     assert all(isinstance(text, str) and text for text in out)
     assert gpu.take_usage()["tokens_out"] == 8 * len(TEXTS)
     assert out == answers(LOCAL, "cpu", model_path=str(text_lm_dir))[1]
     backend, backend_out = answers(GPT, "cuda:0", model=str(text_lm_dir), backend="transformers")
-    assert backend.model.device.type == "cuda"
+    assert backend.lm.model.device.type == "cuda"
     assert backend_out == answers(GPT, "cpu", model=str(text_lm_dir), backend="transformers")[1]
 
 
@@ -237,12 +238,13 @@ def test_backend_decides_what_is_refused_and_auto_stays_transformers_on_cpu(text
     with pytest.raises(ValidationError, match="backend: vllm runs the model locally and cannot use base_url"):
         GPT.Config(model="m", backend="vllm", base_url="http://x/v1")
 
-    with caplog.at_level("INFO", logger="stages.text.vllm_backend"):
+    with caplog.at_level("INFO", logger="stages.engines"):
         stage = GPT(GPT.Config(model=str(text_lm_dir), backend="auto"), "cpu")
-        assert isinstance(stage, TransformersTextGenerator)
+        stage.load()
+        assert isinstance(stage.lm, CausalLM) and not GPT.resources(stage.config).asynchronous
         local = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), backend="auto", temperature=0, max_tokens=4), "cpu")
         local.load()
-    assert local.backend_name == "transformers" and local.lm is None
+    assert local.backend_name == "transformers" and isinstance(local.lm, CausalLM)
     assert sum("backend auto -> transformers" in r.getMessage() for r in caplog.records) == 2
     assert GPT.uses_accelerator(GPT.Config(model="m", backend="auto"))
     assert not GPT.uses_accelerator(GPT.Config(model="m"))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from stages.base import StageError
+from stages.engines.hf_causal import CausalLM
 from stages.registry import stage_class
-from stages.text.gpt_transformers import TransformersTextGenerator
 from tests.tiny.text_lm import build_text_lm
 
 vllm = pytest.importorskip("vllm")
@@ -73,7 +73,7 @@ def test_local_greedy_matches_transformers(wide_lm, local_vllm):
     expected = answers(reference)
     reference.close()
 
-    assert local_vllm.backend_name == "vllm" and local_vllm.model is None
+    assert local_vllm.backend_name == "vllm" and not isinstance(local_vllm.lm, CausalLM)
     local_vllm.take_usage()
     got = answers(local_vllm)
     assert got == expected and all(isinstance(t, str) and t for t in got)
@@ -84,14 +84,15 @@ def test_local_greedy_matches_transformers(wide_lm, local_vllm):
 def test_gpt_vllm_backend_matches_transformers(wide_lm):
     common = {"model": str(wide_lm), "temperature": 0, "max_tokens": 8, "sys_prompt": "Rewrite."}
     reference = GPT(GPT.Config(backend="transformers", dtype="float32", **common), "cpu")
-    assert isinstance(reference, TransformersTextGenerator)
     reference.load()
+    assert isinstance(reference.lm, CausalLM)
     expected = answers(reference)
     reference.close()
 
     stage = GPT(GPT.Config(backend="vllm", max_num_seqs=2, **ENGINE, **common), device())
-    assert type(stage).__name__ == "VLLMTextGenerator"
+    assert GPT.resources(stage.config).asynchronous
     stage.load()
+    assert stage.backend_name == "vllm"
     try:
         assert answers(stage) == expected
         assert stage.take_usage()["tokens_out"] == 8 * len(TEXTS)

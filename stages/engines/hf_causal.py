@@ -1,6 +1,6 @@
-"""A local causal LM for the text steps that run without an API: load once per device,
-generate for a batch of chats in one `generate` call (left padding), with vLLM-style
-sampling settings mapped onto transformers' generation.
+"""The transformers backend of the text steps (stages/text/): a local causal LM loaded once per
+device, one `generate` call for a batch of chats (left padding), with vLLM-style sampling
+settings mapped onto transformers' generation.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.base import require
+from stages.base import StageError, require
+from stages.engines import Generation
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -41,13 +42,6 @@ class Sampling:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     spaces_between_special_tokens: bool = True
-
-
-@dataclass
-class Generated:
-    texts: list[str]  # n answers
-    tokens_in: int
-    tokens_out: int
 
 
 def resolve_device(configured: str | None, worker_device: str) -> str:
@@ -165,7 +159,7 @@ def _cut_at_stop(text: str, stop: list[str], keep: bool) -> str:
     return text[: at + len(which)] if keep else text[:at]
 
 
-def generate(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generated]:
+def generate(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
     """One batched `generate` over the chats (left-padded); n answers per chat."""
     import torch
 
@@ -195,5 +189,38 @@ def generate(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Samp
             tokens_out += len(row)
             text = tokenizer.decode(row, skip_special_tokens=sampling.skip_special_tokens)
             texts.append(_cut_at_stop(text, sampling.stop, sampling.include_stop_str_in_output))
-        results.append(Generated(texts, int(tokens_in), tokens_out))
+        results.append(Generation(texts, int(tokens_in), tokens_out))
     return results
+
+
+class CausalLM:
+    """A resident causal LM as a text backend: `generate` blocks, so it runs in the worker's thread.
+
+    `agenerate` exists so that a caller on an event loop can use any backend alike; it runs the
+    blocking call in a thread, one at a time (a lock), since one model generates one batch at once.
+    """
+
+    asynchronous = False
+
+    def __init__(self, model_path: str, device: str, *, stage: str, **load_options: Any):
+        import threading
+
+        self.model_path, self.device, self.stage, self.load_options = model_path, device, stage, load_options
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        self.model, self.tokenizer = load_causal_lm(self.model_path, self.device, stage=self.stage, **self.load_options)
+
+    def generate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation | StageError]:
+        with self._lock:
+            return list(generate(self.model, self.tokenizer, chats, sampling))
+
+    async def agenerate(self, chats: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation | StageError]:
+        import asyncio
+
+        return await asyncio.to_thread(self.generate, chats, sampling)
+
+    def close(self) -> None:
+        self.model = self.tokenizer = None

@@ -1,4 +1,4 @@
-"""The transformers backend of the video captioners: one resident model per device.
+"""The transformers backend of the video captioners (stages/captioners/): one resident model per device.
 
 `encode` runs the model's own processor on frames that are already decoded and sampled
 (the processor never decodes or samples a video itself) and is meant for the runtime's
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.base import require
+from stages.engines import Generation, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +42,13 @@ _TOKEN_ROWS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "
 
 
 @dataclass(frozen=True)
-class Sampling:
+class CaptionSampling:
     max_new_tokens: int
     temperature: float
     top_p: float
     top_k: int
     repetition_penalty: float
     seed: int | None = None
-
-
-def torch_dtype(name: str, device: str):
-    torch = require("torch", stage="VideoCaptioner", extra="captioners")
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
 
 
 class TransformersVideoLM:
@@ -121,13 +113,13 @@ class TransformersVideoLM:
         )
         return dict(encoded)
 
-    def generate(self, encoded: list[dict], sampling: Sampling) -> list[tuple[str, int, int]]:
-        """Caption each encoded record; returns (text, tokens generated, prompt tokens) in order.
+    def generate(self, encoded: list[dict], sampling: CaptionSampling) -> list[Generation]:
+        """Caption each encoded record; one Generation per record, in order.
 
         Records whose vision tensors cannot be stacked (e.g. LLaVA videos with different
         frame counts) are generated in separate sub-batches.
         """
-        results: list[tuple[str, int, int] | None] = [None] * len(encoded)
+        results: list[Generation | None] = [None] * len(encoded)
         with self._generate_lock:
             for group in _shape_groups(encoded):
                 outputs = self._generate_group([encoded[i] for i in group], sampling)
@@ -135,7 +127,7 @@ class TransformersVideoLM:
                     results[index] = result
         return results  # type: ignore[return-value]
 
-    def _generate_group(self, encoded: list[dict], sampling: Sampling) -> list[tuple[str, int, int]]:
+    def _generate_group(self, encoded: list[dict], sampling: CaptionSampling) -> list[Generation]:
         import torch
 
         inputs = _collate(encoded, self.pad_id)
@@ -163,7 +155,9 @@ class TransformersVideoLM:
             [row[:count] for row, count in zip(new_tokens, counts, strict=True)], skip_special_tokens=True
         )
         prompt_lengths = [int(record["input_ids"].shape[1]) for record in encoded]
-        return [(text.strip(), count, n) for text, count, n in zip(texts, counts, prompt_lengths, strict=True)]
+        return [
+            Generation([text.strip()], n, count) for text, count, n in zip(texts, counts, prompt_lengths, strict=True)
+        ]
 
     def _sample(self, inputs: dict, options: dict, seed: int | None):
         import torch
