@@ -68,7 +68,11 @@ def test_dataflow_sampling_keys_reach_the_request_or_are_refused_by_name(monkeyp
     config = API.Config(
         model_id="openai:gpt-4o", stop=["\n\n"], presence_penalty=0.5, frequency_penalty=-0.25, n=1, stream=False
     )
-    request = API(config, "cpu")._request(rows(1)[0])
+    from stages.text.common import ChatBatch
+
+    stage = API(config, "cpu")
+    chats = ChatBatch.of(rows(1), system=config.prompt, prompt=config.user_prompt, text_key=config.text_key, stage="t")
+    request = stage._request(config, chats).body
     assert request["stop"] == ["\n\n"]
     assert (request["presence_penalty"], request["frequency_penalty"]) == (0.5, -0.25)
     assert "n" not in request and "stream" not in request
