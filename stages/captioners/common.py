@@ -124,16 +124,10 @@ class VideoCaptioner(Stage):
 
     # -- per record ------------------------------------------------------------------------
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
-        from stages.video.frames import clip_window, sample_frames
+        from stages.video.frames import clip_window, record_video, sample_frames
 
         c, name = self.config, type(self).__name__
-        path = record.get(c.video_key)
-        if path is None:
-            raise StageError(
-                f"{name}: the record has no {c.video_key!r} field (video_key); fields: "
-                f"{sorted(k for k in record if not k.startswith('_'))}",
-                error_type="MissingField",
-            )
+        path = record_video(record, c.video_key, name)
         instruction = format_prompt(c.prompt, record, where=name)
         text = self.chat_text(instruction)
         text_tokens = len(self.hf.thread_processor().tokenizer(text)["input_ids"])

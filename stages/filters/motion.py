@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from stages.base import FieldKind, Filtered, Stage, StageConfig, StageError, require
-from stages.video.frames import clip_window, sample_frames, uniform_indices
+from stages.video.frames import clip_window, record_video, sample_frames, uniform_indices
 
 
 class MotionFilterConfig(StageConfig):
@@ -65,13 +65,7 @@ class MotionFilter(Stage):
 
     def score(self, record: dict[str, Any]) -> float:
         c = self.config
-        path = record.get(c.video_key)
-        if path is None:
-            raise StageError(
-                f"MotionFilter: the record has no {c.video_key!r} field (video_key); fields: "
-                f"{sorted(k for k in record if not k.startswith('_'))}",
-                error_type="MissingField",
-            )
+        path = record_video(record, c.video_key, "MotionFilter")
         window = clip_window(record)
         span = window.num_frames if window and window.num_frames else None
         if span is None:

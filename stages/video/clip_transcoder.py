@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import Field
 
 from stages.base import FieldKind, Stage, StageConfig, StageError, media_path
-from stages.video.frames import CLIP_FILE_KEY, _index_packets, _open, _rotation_of, _upright, clip_window
+from stages.video.frames import CLIP_FILE_KEY, _index_packets, _open, _rotation_of, _upright, clip_window, record_video
 
 # Audio codecs the mp4 muxer takes as they are (anything else is dropped with keep_audio).
 MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "flac", "opus"}
@@ -97,14 +97,7 @@ class ClipTranscoder(Stage):
         import av
 
         c = self.config
-        source = record.get(c.video_key)
-        if source is None:
-            raise StageError(
-                f"ClipTranscoder: the record has no {c.video_key!r} field (video_key); fields: "
-                f"{sorted(k for k in record if not k.startswith('_'))}",
-                error_type="MissingField",
-            )
-        source = Path(source)
+        source = Path(record_video(record, c.video_key, "ClipTranscoder"))
         final = media_path(record, "mp4", c.name_template)
         if final.resolve() == source.resolve():
             raise StageError(

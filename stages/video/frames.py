@@ -58,6 +58,18 @@ CLIP_KEY = "clip"
 CLIP_FILE_KEY = "clip_file"  # set by ClipTranscoder: video_key names the clip's own file
 
 
+def record_video(record: dict, video_key: str, stage: str):
+    """The record's video path (its `video_key` field), or a MissingField error naming the fields it has."""
+    path = record.get(video_key)
+    if path is None:
+        raise StageError(
+            f"{stage}: the record has no {video_key!r} field (video_key); fields: "
+            f"{sorted(k for k in record if not k.startswith('_'))}",
+            error_type="MissingField",
+        )
+    return path
+
+
 def clip_window(record: dict) -> ClipWindow | None:
     """The window to sample for this record, or None (the whole file)."""
     clip = record.get(CLIP_KEY)
