@@ -6,9 +6,34 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+# transformers' sampling draws from torch's global generator (generate takes no Generator), which
+# every model on a device shares: one lock per device makes a sampled batch the generator's only
+# user, and a seeded one runs on a forked, seeded state, so seeded answers are reproducible when
+# workers share a process. Process-wide on purpose: the generator it guards is process-wide too.
+_SAMPLING_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def sampling_rng(device: str, seed: int | None) -> Iterator[None]:
+    """Run one `generate` as the only user of torch's generator on `device`, seeded when `seed` is set,
+    leaving the global generator as it was (so one seeded step never fixes another's samples)."""
+    import torch
+
+    with _LOCKS_GUARD:
+        lock = _SAMPLING_LOCKS.setdefault(device, threading.Lock())
+    cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with lock, torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.base import StageError, require
-from stages.engines import Generation
+from stages.engines import Generation, sampling_rng
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -170,10 +170,8 @@ def generate(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Samp
         prompts, return_tensors="pt", padding=True, add_special_tokens=plain, truncation=bool(limit), max_length=limit
     )
     inputs = inputs.to(model.device)
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)  # reproducible for the same batch on the same device
     kwargs = _generation_kwargs(model, tokenizer, sampling)
-    with torch.inference_mode():
+    with sampling_rng(str(model.device), sampling.seed), torch.inference_mode():
         output = model.generate(**inputs, **kwargs)
     prompt_len = inputs["input_ids"].shape[1]
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()

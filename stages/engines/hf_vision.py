@@ -20,22 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.base import require
-from stages.engines import Generation, torch_dtype
+from stages.engines import Generation, sampling_rng, torch_dtype
 
 log = logging.getLogger(__name__)
-
-# transformers' sampling draws from torch's global generator (generate takes no Generator), which
-# every model on a device shares: one lock per device makes a sampled batch the generator's only
-# user, and a seeded one runs on a forked, seeded state, so seeded captions are reproducible when
-# workers share a process.
-_SAMPLING_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _sampling_lock(device: str) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _SAMPLING_LOCKS.setdefault(device, threading.Lock())
-
 
 # Processor outputs that are per-token rows, padded on the left with these values.
 _TOKEN_ROWS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -162,12 +149,8 @@ class TransformersVideoLM:
     def _sample(self, inputs: dict, options: dict, seed: int | None):
         import torch
 
-        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
-        with _sampling_lock(self.device), torch.random.fork_rng(devices=cuda, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.inference_mode():
-                return self.model.generate(**inputs, **options)
+        with sampling_rng(self.device, seed), torch.inference_mode():
+            return self.model.generate(**inputs, **options)
 
     def close(self) -> None:
         self.model = None

@@ -248,3 +248,23 @@ def test_backend_decides_what_is_refused_and_auto_stays_transformers_on_cpu(text
     assert sum("backend auto -> transformers" in r.getMessage() for r in caplog.records) == 2
     assert GPT.uses_accelerator(GPT.Config(model="m", backend="auto"))
     assert not GPT.uses_accelerator(GPT.Config(model="m"))
+
+
+def test_seeded_answers_do_not_depend_on_other_workers(text_lm_dir):
+    """Two LocalModelGenerator workers in one process (same device): an unseeded one sampling between
+    the seeded one's batches must not move the seeded answers, and is not fixed by them (issue 12 item 9)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def make(seed):
+        stage = LOCAL(LOCAL.Config(model_path=str(text_lm_dir), temperature=1.0, max_tokens=8, seed=seed), "cpu")
+        stage.load()
+        return stage
+
+    seeded, unseeded = make(5), make(None)
+    alone = [o["text"] for o in seeded.process(rows())]
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda s: [o["text"] for o in s.process(rows())], [seeded, unseeded] * 4))
+    assert all(run == alone for run in runs[0::2])
+    assert len({tuple(run) for run in runs[1::2]}) > 1  # the unseeded worker still samples
+    for stage in (seeded, unseeded):
+        stage.close()
