@@ -15,7 +15,10 @@ the header, json counts array elements, parquet counts rows; all 1-based.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +46,30 @@ class RowProblem:
 
 class UnreadableFile(Exception):
     pass
+
+
+def open_regular(path: Path, name: str) -> io.BufferedReader:
+    """Open a claimed meta file for reading, refusing anything but a regular file.
+
+    The inbox takes only regular files, but between its last look and the claim (a rename) the
+    entry can be swapped for a link to, say, /etc/passwd: O_NOFOLLOW refuses a link at the open
+    itself, and O_NONBLOCK keeps a FIFO swapped in from blocking the open forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        if os.path.islink(path):
+            raise UnreadableFile(
+                f"{name}: is a symbolic link (to {os.readlink(path)}); meta files must be regular files, never "
+                "links: copy or move the file itself into the inbox"
+            ) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnreadableFile(f"{name}: is not a regular file (a folder, FIFO, socket or device); drop a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what the results writer (orjson) can write back
@@ -117,7 +144,7 @@ def read_rows(path: Path, fmt: str, video_key: str, display_name: str | None = N
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    with path.open("rb") as handle:
+    with open_regular(path, name) as handle:
         for line_number, raw in enumerate(handle, start=1):
             if line_number == 1 and raw.startswith(_BOM):
                 raw = raw[3:]
@@ -160,7 +187,7 @@ def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
 def _read_json_array(path: Path, name: str, chunk_chars: int = 1 << 16) -> Iterator[tuple[int, Any]]:
     """Stream the elements of a top-level JSON array without loading the file."""
     decoder = json.JSONDecoder(parse_int=_parse_int)
-    with path.open("r", encoding="utf-8-sig") as handle:
+    with io.TextIOWrapper(open_regular(path, name), encoding="utf-8-sig") as handle:
         buffer, position, eof = "", 0, False
 
         def fill() -> bool:
@@ -267,7 +294,7 @@ class _DecodedLines:
 def _read_delimited(path: Path, name: str, delimiter: str) -> Iterator[tuple[int, Any]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     kind = "TSV" if delimiter == "\t" else "CSV"
-    with path.open("rb") as handle:
+    with open_regular(path, name) as handle:
         lines = _DecodedLines(handle)
         reader = csv.reader(lines, delimiter=delimiter)
         try:
@@ -327,13 +354,14 @@ def _read_parquet(path: Path, name: str, batch_rows: int = 1024) -> Iterator[tup
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UnreadableFile(f"{name}: not a readable Parquet file ({exc})") from None
-    row_number = 0
-    for group in range(parquet.num_row_groups):
-        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
-            for row in batch.to_pylist():
-                row_number += 1
-                yield row_number, row
+    with open_regular(path, name) as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UnreadableFile(f"{name}: not a readable Parquet file ({exc})") from None
+        row_number = 0
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                for row in batch.to_pylist():
+                    row_number += 1
+                    yield row_number, row
