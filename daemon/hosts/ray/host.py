@@ -29,20 +29,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
+from daemon.config import Step
 from daemon.hosts.base import Slot, WorkerGone, WorkerLost
 from stages.base import StageConfig
-
-if TYPE_CHECKING:  # the cluster makes hosts; a host only calls back into the cluster that made it
-    from daemon.config import Step
-    from daemon.hosts.ray.cluster import RayCluster
 
 log = logging.getLogger(__name__)
 
 STATES = ("starting", "alive", "restarting", "replacing", "dead")
 RETRY_UNAVAILABLE_S = 0.5  # while a restarting actor is unreachable, ask again this often
 CLOSE_TIMEOUT_S = 10.0
+
+
+class Placement(Protocol):
+    """What a host needs from the cluster that made it (`cluster.RayCluster`)."""
+
+    metrics: Any
+
+    def create_actor(self, step: Step, config: StageConfig, version: int, name: str, replacing: bool = False): ...
+    def loading(self, step: Step) -> AbstractAsyncContextManager[None]: ...
+    def asks_for(self, step: Step) -> str: ...
 
 
 class _NotBack(Exception):
@@ -64,7 +72,7 @@ class RayHost:
     """One worker's actor, behind the StageHost calls. `prepare` is the identity here:
     `process` runs prepare + process inside the actor."""
 
-    def __init__(self, cluster: RayCluster, step: Step, name: str, label: str):
+    def __init__(self, cluster: Placement, step: Step, name: str, label: str):
         self.cluster = cluster
         self.step = step
         self.settings = step.workers
