@@ -22,9 +22,11 @@ make.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -118,6 +120,37 @@ class Resources:
     concurrency_slots: int = 1  # records in flight at once per worker (an API's max_num_seqs)
     asynchronous: bool = False  # the worker awaits `aprocess` (else `process` runs in a thread)
     prepares: bool = False  # the stage has a per-record `prepare` run ahead of the model
+
+
+class Device(str):
+    """A worker's device ("cpu", "cuda:1", a group "cuda:0,cuda:1") as the host that started
+    the worker named it, with that host's rule for the processes a stage starts on it.
+
+    A stage that starts a child process using its device (a vLLM engine core) does so inside
+    `spawning(device)`; what the child is shown is the host's business: the daemon's own
+    process shows it only this device's GPUs (daemon/hosts/devices.py), a Ray actor's process
+    is already confined by Ray, so a plain string there changes nothing.
+    """
+
+    confine: Callable[[str], contextlib.AbstractContextManager[None]] | None
+
+    def __new__(cls, name: str, confine: Callable[[str], contextlib.AbstractContextManager[None]] | None = None):
+        device = super().__new__(cls, name)
+        device.confine = confine
+        return device
+
+    def __reduce__(self):  # the rule belongs to this process's host: elsewhere it is a plain name
+        return (str, (str(self),))
+
+    def on(self, name: str) -> Device:
+        """Another device under the same host's rule (a step that pins `device: cuda:N`)."""
+        return Device(name, self.confine)
+
+
+def spawning(device: str) -> contextlib.AbstractContextManager[None]:
+    """Enter while starting a child process that uses `device`: see `Device`."""
+    confine = getattr(device, "confine", None)
+    return confine(str(device)) if confine is not None else contextlib.nullcontext()
 
 
 class Stage:

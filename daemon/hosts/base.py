@@ -1,13 +1,19 @@
-"""What a worker needs from the place its stage runs (this process, a Ray actor), and the two
+"""What a worker needs from the place its stage runs (this process, a Ray actor), the two
 ways a remote place can fail: the batch lost (`WorkerLost`, retried) or no worker to be had
-(`WorkerGone`, the pipeline stops)."""
+(`WorkerGone`, the pipeline stops), and the batch rules every place applies the same way:
+a record whose `prepare` raises fails alone (`PreparedBatch`), and a stage answers one slot
+per record, in order (`check_outputs`)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stages.base import StageConfig, StageError
+
+Slot = Any  # what a stage answers for one record: new fields, a StageError, a Filtered, children
 
 
 class WorkerLost(Exception):
@@ -36,3 +42,46 @@ class StageHost(Protocol):
     async def close(self) -> None: ...
     def take_usage(self) -> Counter[str]: ...
     def reconfigure(self, config: StageConfig) -> None: ...
+
+
+def check_outputs(outputs: object, expected: int, when: str = "") -> list[Slot]:
+    """The stage's answer to a batch of `expected` records, if it is one slot per record.
+
+    `when` says which call it was (" on a retry"), for the message."""
+    if not isinstance(outputs, list) or len(outputs) != expected:
+        got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+        raise RuntimeError(
+            f"stage returned {got} results for {expected} records{when}; expected one per record, in order"
+        )
+    return outputs
+
+
+@dataclass
+class PreparedBatch:
+    """A batch after each record's `prepare`: a record whose prepare raised holds its
+    StageError in its slot and stays out of the model call; the others go on (`prepared`).
+
+    Built from one outcome per record, in order: the prepared fields, or the exception its
+    prepare raised (a transient one already outlasted by the caller)."""
+
+    slots: list[Slot | None]
+    ready: list[int] = field(default_factory=list)  # slot index of each prepared record
+    prepared: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, outcomes: Iterable[dict[str, Any] | Exception]) -> PreparedBatch:
+        outcomes = list(outcomes)
+        batch = cls(slots=[None] * len(outcomes))
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, Exception):
+                batch.slots[index] = StageError.from_exception(outcome)
+            else:
+                batch.ready.append(index)
+                batch.prepared.append(outcome)
+        return batch
+
+    def fill(self, outputs: object) -> list[Slot]:
+        """Put the model's answer for `prepared` into the slots (checked: one per record)."""
+        for index, output in zip(self.ready, check_outputs(outputs, len(self.prepared)), strict=True):
+            self.slots[index] = output
+        return self.slots

@@ -8,6 +8,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from daemon.hosts.devices import local_device
 from stages.base import Stage, StageConfig, StageError, has_prepare, is_async
 
 
@@ -19,7 +20,7 @@ class LocalHost:
     _loading = threading.Lock()
 
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
-        self.stage = stage_cls(config, device)
+        self.stage = stage_cls(config, local_device(device))  # its child processes see only its GPUs
         self._label = label
         self._prep_size = prep_workers
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")

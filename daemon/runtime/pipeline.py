@@ -146,7 +146,7 @@ class Pipeline:
         self.queues: list[asyncio.Queue[Record]] = [asyncio.Queue(maxsize=s.config.queue_size) for s in config.steps]
         self.workers: list[list[Worker]] = [[] for _ in config.steps]
         self.jobs: dict[str, JobRun] = {}
-        self.remote = None  # the Ray cluster (daemon.hosts.ray.host.RayCluster) when a step's workers run there
+        self.remote = None  # the Ray cluster (daemon.hosts.ray.cluster.RayCluster) when a step's workers run there
         for step, queue in zip(config.steps, self.queues, strict=True):
             metrics.queue_depth.labels(step.label).set_function(queue.qsize)
         self._group: asyncio.TaskGroup | None = None
@@ -163,7 +163,7 @@ class Pipeline:
     async def connect(self) -> None:
         """Join the Ray cluster if a step's workers run there (`workers: {backend: ray}`); before build_workers."""
         if self.remote is None and any(step.workers.backend == "ray" for step in self.steps):
-            from daemon.hosts.ray.host import RayCluster
+            from daemon.hosts.ray.cluster import RayCluster
 
             self.remote = RayCluster(self.config.file.workers, lambda: self.steps, self.metrics)
             await self.remote.connect()

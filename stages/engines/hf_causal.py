@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.base import StageError, require
+from stages.base import Device, StageError, require
 from stages.engines import Generation, sampling_rng
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,7 +59,7 @@ def resolve_device(configured: str | None, worker_device: str) -> str:
             f"the step sets device: cuda but its worker runs on {worker_device!r} (no GPU visible, or "
             "`devices` lists none); set devices: [cuda:0] or device: cpu"
         )
-    return configured
+    return worker_device.on(configured) if isinstance(worker_device, Device) else configured
 
 
 def load_causal_lm(

@@ -8,66 +8,25 @@ runtime's). A semaphore keeps at most `max_num_seqs` requests in flight per engi
 
 When the engine dies (`EngineDeadError`, or the engine reports itself errored), every
 request that was in flight gets an `EngineDead` error, the engine is shut down and a new one
-is built; later batches go to the new engine. Engines on one host start one at a time (a
-thread lock plus a file lock), since two vLLM engines profiling memory at once on one GPU
-each see the other's allocations.
+is built; later batches go to the new engine. The engine core is started inside
+`stages.base.spawning(device)`: the host that started the worker decides which GPUs that
+process sees and keeps engines that share a GPU from starting (and profiling its memory) at
+the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-from stages.base import StageError, require
+from stages.base import StageError, require, spawning
 
 log = logging.getLogger(__name__)
-
-_START_LOCK = threading.Lock()
-_START_LOCK_FILE = Path(tempfile.gettempdir()) / "reelflow-vllm-start.lock"
-
-
-@contextlib.contextmanager
-def one_engine_starting_per_host():
-    with _START_LOCK, open(_START_LOCK_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def gpu_indices(device: str) -> str | None:
-    """ "cuda:1" -> "1"; a tensor-parallel group "cuda:0,cuda:1" (or "cuda:0,1") -> "0,1"; else None."""
-    if not device.startswith("cuda:"):
-        return None
-    return ",".join(part.strip().removeprefix("cuda:") for part in device.split(","))
-
-
-@contextlib.contextmanager
-def visible_devices_only(device: str):
-    """Show the engine only its own GPUs while it starts its workers (they inherit the variable)."""
-    indices = gpu_indices(device)
-    if indices is None:
-        yield
-        return
-    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = indices
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = previous
 
 
 def request_error(exc: BaseException) -> StageError:
@@ -115,7 +74,7 @@ class EngineThread:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**self.engine_args)
-        with one_engine_starting_per_host(), visible_devices_only(self.device):
+        with spawning(self.device):
             log.info("%s: starting vLLM engine for %s on %s", self.stage, self.engine_args["model"], self.device)
             return AsyncLLM.from_engine_args(args)
 

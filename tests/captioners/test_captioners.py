@@ -174,12 +174,12 @@ def test_rotated_video_is_captioned_upright(make_captioner, videos):
 
 
 def test_transformers_backend_on_a_tensor_parallel_group_uses_its_first_gpu():
+    from daemon.hosts.devices import visible_devices
     from stages.engines.hf_vision import single_device
-    from stages.engines.vllm import gpu_indices
 
     assert single_device("cuda:1", "S") == "cuda:1"
     assert single_device("cuda:2,cuda:3", "S") == "cuda:2"
-    assert gpu_indices("cuda:2,cuda:3") == "2,3" and gpu_indices("cuda:1") == "1" and gpu_indices("cpu") is None
+    assert visible_devices("cuda:2,cuda:3", None) == "2,3" and visible_devices("cpu", None) is None
 
 
 def test_light_settings_apply_on_the_next_record_after_a_reload(make_captioner, clips):

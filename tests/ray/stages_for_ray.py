@@ -5,18 +5,22 @@
 sleep or `spin` iterations of pure-Python work; a record whose `action` field is `exit`
 kills the worker process (`os._exit`), one whose `action` is `hang` never returns, and one
 whose `action` is `fail` raises (a stage error, not a crash). `load` fails while the file
-`fail_load_if` exists (to make actor replacements fail).
+`fail_load_if` exists (to make actor replacements fail). With `spawn_child`, each record
+also starts a child process on the stage's device, as a vLLM engine core is started, and
+reports the `CUDA_VISIBLE_DEVICES` the child saw beside the actor's own.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
 from pydantic import Field
 
-from stages.base import Stage, StageConfig, StageError
+from stages.base import Stage, StageConfig, StageError, spawning
 
 EXTRA_STAGES = "Test.Crashy=tests.ray.stages_for_ray:Crashy"
 
@@ -26,6 +30,7 @@ class CrashyConfig(StageConfig):
     spin: int = Field(0, ge=0, description="Iterations of pure-Python work per record.")
     fail_load_if: str | None = Field(None, description="load raises while this file exists.")
     tag: str = Field("", description="Copied into every output (to see which config a call ran with).")
+    spawn_child: bool = Field(False, description="Start a child process per record and report its GPU mask.")
 
 
 class Crashy(Stage):
@@ -51,8 +56,10 @@ class Crashy(Stage):
             for i in range(self.config.spin):
                 acc = (acc * 31 + i) & 0xFFFFFFFF
             self.usage["requests"] += 1
+            seen = self._child_mask() if self.config.spawn_child else {}
             out.append(
                 {
+                    **seen,
                     "pid": os.getpid(),
                     "device": self.device,
                     "acc": acc,
@@ -61,3 +68,9 @@ class Crashy(Stage):
                 }
             )
         return out
+
+    def _child_mask(self) -> dict[str, Any]:
+        show = "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))"
+        with spawning(self.device):
+            child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True)
+        return {"child_mask": child.stdout.strip(), "own_mask": os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")}

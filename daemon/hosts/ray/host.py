@@ -1,12 +1,12 @@
-"""Stage workers as Ray actors (`workers: {backend: ray}`): the daemon stays the one driver.
+"""`RayHost`: one worker's Ray actor, behind the same calls as `LocalHost`, so the Worker,
+the metrics and the outbox cannot tell the difference; and how it comes back when it breaks.
 
 Queues, batching, retries and the outbox stay in the daemon; only the stages move. Each
-worker is one named actor, `reelflow:<step label>:<n>`, hosting one resident Stage, and a
-`RayHost` stands for it behind the same calls as `LocalHost`, so the Worker, the metrics
-and the outbox cannot tell the difference. Records travel as their fields (paths and
-metadata); `prepare` runs inside the actor, so frames decode on the GPU's node.
+worker is one named actor, `reelflow:<step label>:<n>` (daemon/hosts/ray/actor.py runs in
+it; daemon/hosts/ray/cluster.py places and creates it). Records travel as their fields
+(paths and metadata); `prepare` runs inside the actor, so frames decode on the GPU's node.
 
-What happens when things break (the Worker does the retrying, see `workers.WorkerLost`):
+What happens when things break (the Worker does the retrying, see `hosts.base.WorkerLost`):
 
 - the actor dies under a call (killed, its node or raylet gone, a record that crashes the
   process): the call raises `WorkerLost`; Ray restarts the actor (`max_restarts`; Ray's own
@@ -21,27 +21,20 @@ What happens when things break (the Worker does the retrying, see `workers.Worke
 - an exception raised by the stage arrives as `RayTaskError` and is re-raised as the
   stage's own exception: the Worker isolates it record by record, as on the local path.
 
-Every Ray call is awaited (never `ray.get` on the loop); blocking Ray calls (init, actor
-creation, kill) run in threads.
+Every Ray call is awaited (never `ray.get` on the loop); blocking ones run in threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
-import os
-import threading
-import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
-from daemon.config import Step, WorkerSettings, WorkersSection
-from daemon.hosts.base import WorkerGone, WorkerLost
-from stages.base import Stage, StageConfig, StageError, has_prepare, is_async
+from daemon.config import Step
+from daemon.hosts.base import Slot, WorkerGone, WorkerLost
+from stages.base import StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,124 +43,14 @@ RETRY_UNAVAILABLE_S = 0.5  # while a restarting actor is unreachable, ask again 
 CLOSE_TIMEOUT_S = 10.0
 
 
-def actor_name(step: Step, index: int) -> str:
-    return f"reelflow:{step.label}:{index}"
+class Placement(Protocol):
+    """What a host needs from the cluster that made it (`cluster.RayCluster`)."""
 
+    metrics: Any
 
-# --- inside the actor ---------------------------------------------------------------------
-
-_CONFIG_MODELS: dict[type, type] = {}
-
-
-def _step_config(stage_cls: type[Stage], data: dict[str, Any]) -> StageConfig:
-    """Rebuild the step's config (stage keys + runtime keys) from its plain dump."""
-    from daemon.config import step_config_model
-
-    model = _CONFIG_MODELS.get(stage_cls)
-    if model is None:
-        model = _CONFIG_MODELS[stage_cls] = step_config_model(stage_cls)
-    return model.model_validate(data)
-
-
-class StageActor:
-    """The Ray actor: one resident stage; `prepare` in a thread pool, one model call at a time.
-
-    Two `run` calls may be in the actor at once (`max_concurrency`): the second prepares
-    its records while the first holds the model.
-    """
-
-    def __init__(self, stage_cls: type[Stage], config: dict[str, Any], version: int, prep_workers: int, label: str):
-        import ray
-
-        gpus = ray.get_gpu_ids()
-        # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so they count from 0 in here.
-        self.device = ",".join(f"cuda:{i}" for i in range(len(gpus))) if gpus else "cpu"
-        self.label = label
-        self.stage_cls = stage_cls
-        self.stage = stage_cls(_step_config(stage_cls, config), self.device)
-        self.version = version  # of the config the stage has
-        self.loaded = False
-        self._load_lock = threading.Lock()
-        self._model_lock = threading.Lock()
-        self._prep_pool = ThreadPoolExecutor(prep_workers, "prep") if has_prepare(self.stage) else None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._info = {
-            "node": ray.get_runtime_context().get_node_id(),
-            "ip": ray.util.get_node_ip_address(),
-            "gpus": ",".join(str(g) for g in gpus),
-            "pid": os.getpid(),
-            "device": self.device,
-        }
-
-    def load(self) -> dict[str, Any]:
-        """Load the model once (a restarted actor loads again); say where this actor runs."""
-        with self._load_lock:
-            if not self.loaded:
-                self.stage.load()
-                self.loaded = True
-        return self.info()
-
-    def info(self) -> dict[str, Any]:
-        return self._info
-
-    def run(
-        self, batch: list[dict[str, Any]], version: int, config: dict[str, Any]
-    ) -> tuple[list[dict[str, Any] | StageError], dict[str, int], dict[str, Any]]:
-        """prepare + process one batch; a record whose prepare fails gets a StageError in its slot.
-
-        The step's current config comes with every call (a restarted actor must not run an
-        old one); it is applied when its version differs from the stage's. The answer says
-        which process ran the call, so a restart between calls is seen too."""
-        if version != self.version:
-            self.stage.config = _step_config(self.stage_cls, config)
-            self.version = version
-        slots: list[dict[str, Any] | StageError | None] = [None] * len(batch)
-        ready: list[int] = []
-        prepared: list[dict[str, Any]] = []
-        if self._prep_pool is None:
-            ready, prepared = list(range(len(batch))), batch
-        else:
-            futures = [self._prep_pool.submit(self.stage.prepare, fields) for fields in batch]
-            for index, future in enumerate(futures):
-                try:
-                    prepared.append(future.result())
-                    ready.append(index)
-                except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
-                    slots[index] = StageError.from_exception(exc)
-        usage: dict[str, int] = {}
-        if prepared:
-            outputs, usage = self._process(prepared)
-            if not isinstance(outputs, list) or len(outputs) != len(prepared):
-                raise RuntimeError(
-                    f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(prepared)} records; expected one per record, in order"
-                )
-            for index, output in zip(ready, outputs, strict=True):
-                slots[index] = output
-        return slots, usage, self._info
-
-    def _process(self, batch: list[dict[str, Any]]) -> tuple[list, dict[str, int]]:
-        if is_async(self.stage):  # an async stage keeps its own loop; calls may overlap
-            if self._loop is None:
-                with self._load_lock:
-                    if self._loop is None:
-                        loop = asyncio.new_event_loop()
-                        threading.Thread(target=loop.run_forever, name="aprocess", daemon=True).start()
-                        self._loop = loop
-            outputs = asyncio.run_coroutine_threadsafe(self.stage.aprocess(batch), self._loop).result()
-            return outputs, dict(self.stage.take_usage())
-        with self._model_lock:
-            outputs = self.stage.process(batch)
-            return outputs, dict(self.stage.take_usage())
-
-    def close(self) -> None:
-        try:
-            self.stage.close()
-        finally:
-            if self._prep_pool:
-                self._prep_pool.shutdown(wait=False, cancel_futures=True)
-
-
-# --- in the daemon ------------------------------------------------------------------------
+    def create_actor(self, step: Step, config: StageConfig, version: int, name: str, replacing: bool = False): ...
+    def loading(self, step: Step) -> AbstractAsyncContextManager[None]: ...
+    def asks_for(self, step: Step) -> str: ...
 
 
 class _NotBack(Exception):
@@ -185,147 +68,16 @@ def _stage_exception(exc: Exception) -> Exception:
     return cause if isinstance(cause, Exception) else exc
 
 
-class RayCluster:
-    """The daemon's side of the cluster: joins it, places each step's actors, makes hosts."""
-
-    def __init__(self, section: WorkersSection, steps: Callable[[], tuple[Step, ...]], metrics):
-        self.section = section
-        self.steps = steps  # the pipeline's steps now (a reload may change them)
-        self.metrics = metrics
-        self.resources: dict[str, float] = {}
-        self._owned = False
-        self._actor_class = None
-
-    async def connect(self) -> None:
-        await asyncio.to_thread(self._connect)
-
-    def _connect(self) -> None:
-        import ray
-
-        if not ray.is_initialized():  # in a thread, so Ray leaves the daemon's signal handlers alone
-            started = time.perf_counter()
-            ray.init(
-                address=self.section.address,
-                namespace=self.section.namespace,
-                runtime_env=self.section.runtime_env,
-                logging_level=logging.WARNING,
-                configure_logging=False,
-            )
-            self._owned = True
-            log.info("joined the Ray cluster at %s in %.1f s", self.section.address, time.perf_counter() - started)
-        self.resources = dict(ray.cluster_resources())
-        self._actor_class = ray.remote(StageActor)
-        log.info(
-            "Ray cluster: %d node(s), %s CPU, %s GPU",
-            len([n for n in ray.nodes() if n.get("Alive")]),
-            self.resources.get("CPU", 0),
-            self.resources.get("GPU", 0),
-        )
-
-    def _default_gpus(self, step: Step) -> float:
-        """GPUs an actor asks for when `num_gpus` is not set: none for a stage that wants no
-        accelerator (CPU tools, API stages) or on a cluster without GPUs,
-        `tensor_parallel_size` whole GPUs for a group, else a share of one GPU."""
-        config = step.config
-        if not self.resources.get("GPU") or not step.stage_cls.uses_accelerator(config):
-            return 0.0
-        return float(max(1, int(getattr(config, "tensor_parallel_size", 1) or 1)))
-
-    def gpus_per_actor(self, step: Step) -> float:
-        """As the local backend puts a worker of every accelerated step on every GPU, such
-        steps without `num_gpus` share each GPU: with k of them, an actor asks for 1/k."""
-        if step.workers.num_gpus is not None:
-            return step.workers.num_gpus
-        default = self._default_gpus(step)
-        if default != 1.0:
-            return default
-        sharing = [
-            s
-            for s in self.steps()
-            if s.workers.backend == "ray" and s.workers.num_gpus is None and self._default_gpus(s) == 1.0
-        ]
-        return round(1.0 / max(1, len(sharing)), 4)
-
-    def actor_count(self, step: Step) -> int:
-        if step.workers.count is not None:
-            return step.workers.count
-        per_actor = self.gpus_per_actor(step)
-        gpus = self.resources.get("GPU", 0)
-        slots = max(1, int(gpus // math.ceil(per_actor))) if per_actor > 0 else 1
-        return slots * step.config.workers_per_device
-
-    def slots(self, step: Step) -> list[str]:
-        """One entry per actor of the step, `ray:<n>`, in the place a local worker has its device."""
-        return [f"ray:{n}" for n in range(self.actor_count(step))]
-
-    def host(self, step: Step, device: str, name: str) -> RayHost:
-        return RayHost(self, step, int(device.removeprefix("ray:")), name)
-
-    def actor_options(self, step: Step, name: str) -> dict[str, Any]:
-        settings: WorkerSettings = step.workers
-        options: dict[str, Any] = {
-            "name": name,
-            "namespace": self.section.namespace,
-            "num_cpus": settings.num_cpus,
-            "num_gpus": self.gpus_per_actor(step),
-            "max_restarts": settings.max_restarts,
-            "max_task_retries": 0,
-            "max_concurrency": settings.calls_in_flight,
-        }
-        if settings.resources:
-            options["resources"] = dict(settings.resources)
-        if settings.spread:
-            options["scheduling_strategy"] = "SPREAD"
-        return options
-
-    def create_actor(self, step: Step, config: StageConfig, version: int, name: str, replacing: bool = False):
-        """A new actor (blocking: call it in a thread). A replacement waits for its dead
-        namesake to free the name; at start-up a taken name is an error."""
-        import ray
-        from ray.exceptions import ActorAlreadyExistsError
-
-        options = self.actor_options(step, name)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return self._actor_class.options(**options).remote(
-                    step.stage_cls, config.model_dump(), version, step.config.prep_workers, name
-                )
-            except ActorAlreadyExistsError:
-                if not replacing:
-                    raise RuntimeError(
-                        f"an actor named {name} already runs in Ray namespace {self.section.namespace!r}: "
-                        "is another reelflow daemon using this cluster? Give each daemon its own workers.namespace"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise
-                with contextlib.suppress(ValueError):  # the one we killed is not reaped yet
-                    ray.kill(ray.get_actor(name, namespace=self.section.namespace), no_restart=True)
-                time.sleep(0.2)
-
-    def asks_for(self, step: Step) -> str:
-        wants = {"CPU": step.workers.num_cpus, "GPU": self.gpus_per_actor(step), **step.workers.resources}
-        has = {key: self.resources.get(key, 0) for key in wants}
-        return f"each actor asks for {wants}; the cluster has {has} in all"
-
-    async def close(self) -> None:
-        if self._owned:
-            import ray
-
-            await asyncio.to_thread(ray.shutdown)
-            self._owned = False
-
-
 class RayHost:
     """One worker's actor, behind the StageHost calls. `prepare` is the identity here:
     `process` runs prepare + process inside the actor."""
 
-    def __init__(self, cluster: RayCluster, step: Step, index: int, label: str):
+    def __init__(self, cluster: Placement, step: Step, name: str, label: str):
         self.cluster = cluster
         self.step = step
         self.settings = step.workers
         self.label = label
-        self.name = actor_name(step, index)
+        self.name = name  # the actor's, in the cluster's namespace
         self.config = step.config
         self.metrics = cluster.metrics
         self._config_version = 0
@@ -378,7 +130,12 @@ class RayHost:
         self._set_state("alive")
 
     async def _wait_loaded(self, actor, start_up: bool = False) -> dict[str, Any]:
-        """The actor's first call: `load`, answered within start_timeout_s (pending actors included)."""
+        """The actor's first call: `load`, answered within start_timeout_s (pending actors
+        included), counted from when the cluster lets this actor load (see `RayCluster.loading`)."""
+        async with self.cluster.loading(self.step):
+            return await self._load_within_timeout(actor, start_up)
+
+    async def _load_within_timeout(self, actor, start_up: bool) -> dict[str, Any]:
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         timeout = self.settings.start_timeout_s
@@ -441,7 +198,7 @@ class RayHost:
     async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]:
         return fields  # prepared inside the actor, on the GPU's node
 
-    async def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+    async def process(self, batch: list[dict[str, Any]]) -> list[Slot]:
         from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
         await self._ensure_healthy()
