@@ -4,8 +4,9 @@
 - `longest`: the most characters (a structured caption: its values joined).
 - `clip_score`: the highest cosine between the clip's frames (mean of their CLIP image
   embeddings, L2-normalised) and the candidate's CLIP text embedding, under
-  `select_model_path` (stages/engines/clip.py). The frame embedding a preceding CLIPEmbedder
-  left on the record (`FRAME_EMBEDDING`) is used when it came from the same model.
+  `select_model_path` (stages/engines/clip.py). The per-frame embeddings a preceding
+  CLIPEmbedder left on the record (`FRAME_EMBEDDINGS`) are used when they came from the same
+  model, so CLIP does not run on the frames twice.
 - `judge`: a GPTTextGenerator (the `judge:` config, any of its backends) is shown the numbered
   candidates and answers with a number; an answer without a number in range is the record's
   error (`JudgeUnparsable`), never a silent fallback.
@@ -26,9 +27,9 @@ from stages.base import RECORD_ID, StageError
 from stages.captioners.structured import caption_text
 
 SELECT_FRAMES = "_select_frames"  # frames prepare() keeps for clip_score (uint8, T x H x W x 3)
-# What a preceding CLIPEmbedder may leave on a record: the clip's unit frame embedding and its model.
-FRAME_EMBEDDING = "_clip_frame_embedding"
-FRAME_EMBEDDING_MODEL = "_clip_frame_embedding_model"
+# What a preceding CLIPEmbedder (stages/embedders/clip.py) leaves on a record for later steps:
+# InFlight({"model_path": ..., "vectors": T x D per-frame unit embeddings}).
+FRAME_EMBEDDINGS = "_clip_frame_embeddings"
 SELECT_FRAME_COUNT = 8  # frames per clip for clip_score: CLIP scores vary little beyond a few
 
 DEFAULT_JUDGE_PROMPT = (
@@ -135,11 +136,12 @@ class CandidateSelector:
 
         from stages.engines.clip import l2_normalise
 
-        given = record.get(FRAME_EMBEDDING)
-        if given is not None and record.get(FRAME_EMBEDDING_MODEL) == self.config.select_model_path:
-            return l2_normalise(np.asarray(given, dtype=np.float32)), "frame embedding from CLIPEmbedder"
-        frames = self.clip.image_embeddings(record[SELECT_FRAMES])
-        return l2_normalise(frames.mean(axis=0)), f"{len(frames)} frames"
+        held = getattr(record.get(FRAME_EMBEDDINGS), "value", None)
+        if isinstance(held, dict) and held.get("model_path") == self.config.select_model_path:
+            vectors = np.asarray(held["vectors"], dtype=np.float32)
+            return l2_normalise(vectors.mean(axis=0)), f"{len(vectors)} frames embedded by CLIPEmbedder"
+        vectors = self.clip.image_embeddings(record[SELECT_FRAMES])
+        return l2_normalise(vectors.mean(axis=0)), f"{len(vectors)} frames"
 
     # -- judge --------------------------------------------------------------------------
     def _judge(self, records: list[dict[str, Any]], candidates: list[list[Any]]) -> list[Selection | StageError]:

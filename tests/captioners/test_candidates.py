@@ -135,3 +135,57 @@ def test_bad_combinations_fail_at_config_time(settings, message, tiny_models):
     cls = stage_class("VideoCaptioner", FAMILIES["qwen2_vl"])
     with pytest.raises(ValidationError, match=re.escape(message)):
         cls.Config(model_path=str(tiny_models["qwen2_vl"]), **settings)
+
+
+def test_clip_score_picks_the_best_cosine_with_the_frames(make_captioner, clips, tiny_clip):
+    import numpy as np
+
+    from stages.captioners.select import SELECT_FRAMES
+    from stages.engines.clip import ClipEncoder, l2_normalise
+
+    stage = make_captioner(
+        "qwen2_vl", **SAMPLED, num_candidates=3, select="clip_score", select_model_path=str(tiny_clip)
+    )
+    prepared = [stage.prepare(r) for r in _records(clips)]
+    assert all(0 < len(p[SELECT_FRAMES]) <= 8 for p in prepared)
+    results = stage.process(prepared)
+
+    clip = ClipEncoder(str(tiny_clip)).load()  # the same model, scored here independently
+    for rec, result in zip(prepared, results, strict=True):
+        selection = result[SELECTION]
+        frame = l2_normalise(clip.image_embeddings(rec[SELECT_FRAMES]).mean(axis=0))
+        expected = clip.text_embeddings(result[CANDIDATES]) @ frame
+        assert selection["method"] == "clip_score"
+        assert selection["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert selection["index"] == int(np.argmax(expected))
+        assert result["text"] == result[CANDIDATES][selection["index"]]
+        assert f"{len(rec[SELECT_FRAMES])} frames" in selection["reason"]
+    assert len({tuple(r[SELECTION]["scores"]) for r in results}) == len(results)  # scores depend on the clip
+
+
+def test_clip_score_reuses_a_clip_embedders_frame_embeddings(make_captioner, clips, tiny_clip):
+    """A record that carries CLIPEmbedder's per-frame embeddings of the same model is scored with
+    them; the frames are not embedded again (one from another model is ignored)."""
+    import numpy as np
+
+    from stages.captioners.select import FRAME_EMBEDDINGS
+    from stages.engines.clip import ClipEncoder, l2_normalise
+
+    base = pytest.importorskip("stages.base")
+    in_flight = getattr(base, "InFlight", None)
+    if in_flight is None:
+        pytest.skip("stages.base.InFlight comes with the CLIPEmbedder branch (d-embed)")
+    stage = make_captioner(
+        "qwen2_vl", **SAMPLED, num_candidates=2, select="clip_score", select_model_path=str(tiny_clip)
+    )
+    vectors = l2_normalise(np.random.default_rng(0).normal(size=(4, 16)))
+    same = record(clips["bikes"], rid="same")
+    same[FRAME_EMBEDDINGS] = in_flight({"model_path": str(tiny_clip), "vectors": vectors})
+    other = record(clips["bikes"], rid="other")
+    other[FRAME_EMBEDDINGS] = in_flight({"model_path": "some/other-clip", "vectors": vectors})
+    reused, ignored = stage.process([same, other])
+    assert "4 frames embedded by CLIPEmbedder" in reused[SELECTION]["reason"]
+    assert "CLIPEmbedder" not in ignored[SELECTION]["reason"]
+    clip = ClipEncoder(str(tiny_clip)).load()
+    expected = clip.text_embeddings(reused[CANDIDATES]) @ l2_normalise(vectors.mean(axis=0))
+    assert reused[SELECTION]["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
