@@ -63,6 +63,24 @@ def test_broken_video_is_its_own_error_among_candidates(make_captioner, clips, b
         assert len(good[CANDIDATES]) == 2 and good["text"] == good[CANDIDATES][good[SELECTION]["index"]]
 
 
+@pytest.fixture(scope="module")
+def digit_judge(tmp_path_factory):
+    """A real tiny LM (tests/tiny/text_lm.py) whose generation config lets it write only the
+    tokens 1, 2 and 3 (transformers' `suppress_tokens`): a judge that always answers a number,
+    which one decided by its random weights and the prompt."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tests.tiny.text_lm import build_text_lm
+
+    folder = build_text_lm(tmp_path_factory.mktemp("digit_judge") / "model", seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    allowed = {tokenizer.convert_tokens_to_ids(digit) for digit in "123"}
+    generation = GenerationConfig.from_pretrained(folder)
+    generation.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
+    generation.save_pretrained(folder)
+    return folder
+
+
 def _judge_stage(make_captioner, judge: dict):
     return make_captioner("qwen2_vl", **SAMPLED, num_candidates=3, select="judge", judge=judge)
 
@@ -109,16 +127,29 @@ def test_judge_failure_is_the_records_error(make_captioner, clips, lm_server, pr
     _check_judged(results[1:])
 
 
-def test_judge_on_a_local_model_with_a_template(make_captioner, clips, text_lm_dir):  # noqa: F811
+def test_judge_on_a_local_model_picks_the_number_it_answers(make_captioner, clips, digit_judge):
     judge = dict(
         backend="transformers",
-        model=str(text_lm_dir),
+        model=str(digit_judge),
         temperature=0,
-        max_tokens=6,
+        max_tokens=1,
         prompt="Video {id}. Best of {num_candidates}?\n{candidates}",
     )
     stage = _judge_stage(make_captioner, judge)
-    _check_judged(stage.process(_records(clips)))
+    results = stage.process(_records(clips))
+    assert not any(isinstance(r, StageError) for r in results), results
+    _check_judged(results)
+    for result in results:
+        assert result[SELECTION]["judge_answer"] in {"1", "2", "3"}
+        assert result[SELECTION]["judge_model"] == str(digit_judge)
+
+
+def test_unparsable_judge_answer_is_an_error(make_captioner, clips, text_lm_dir):  # noqa: F811
+    judge = dict(backend="transformers", model=str(text_lm_dir), temperature=0, max_tokens=6)
+    stage = _judge_stage(make_captioner, judge)
+    results = stage.process(_records(clips))
+    _check_judged(results)
+    assert any(isinstance(r, StageError) for r in results)  # this random judge writes no digit
 
 
 @pytest.mark.parametrize(
