@@ -28,13 +28,17 @@ backends, for callers without an event loop (benchmarks, plain loops).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.base import Stage, StageError, format_prompt
+from stages.captioners.candidates import Captioned, sample_candidates
 from stages.captioners.config import CaptionerConfig, VideoCost
+from stages.captioners.select import SELECT_FRAME_COUNT, SELECT_FRAMES, CandidateSelector
+from stages.captioners.structured import StructuredCaptions, schema_instruction
 from stages.engines import choose_backend
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,9 @@ class VideoCaptioner(Stage):
         super().__init__(config, device)
         self.backend_name: str | None = None
         self.lm: Any = None
+        self.selector: CandidateSelector | None = None
+        self._validator: StructuredCaptions | None = None
+        self._schema_key: str | None = None
 
     def load(self) -> None:
         from stages.engines.hf_vision import TransformersVideoLM
@@ -98,6 +105,8 @@ class VideoCaptioner(Stage):
             self.lm.load()
         self.hf = hf
         self.processor = hf.processor
+        self.selector = CandidateSelector(self.config, self.device, type(self).__name__)
+        self.selector.load()
         log.info("%s: video cost %s", type(self).__name__, self.loaded_cost().describe())
 
     def _engine_args(self) -> dict[str, Any]:
@@ -120,7 +129,9 @@ class VideoCaptioner(Stage):
     def close(self) -> None:
         if self.lm is not None:
             self.lm.close()
-        self.lm = None
+        if self.selector is not None:
+            self.selector.close()
+        self.lm = self.selector = None
 
     # -- per record ------------------------------------------------------------------------
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +140,8 @@ class VideoCaptioner(Stage):
         c, name = self.config, type(self).__name__
         path = record_video(record, c.video_key, name)
         instruction = format_prompt(c.prompt, record, where=name)
+        if c.output_format == "json":  # after the placeholders: the schema's braces are not fields
+            instruction += schema_instruction(c.json_schema)
         text = self.chat_text(instruction)
         text_tokens = len(self.hf.thread_processor().tokenizer(text)["input_ids"])
         cost = self.loaded_cost()  # per call: max_pixels may change on a hot reload
@@ -179,55 +192,131 @@ class VideoCaptioner(Stage):
                 "fps or max_pixels, or raise max_model_len",
                 error_type="VideoTooLong",
             )
-        return {**record, PREPARED: prepared, FRAME_TIMES: sampled.timestamps_s}
+        out = {**record, PREPARED: prepared, FRAME_TIMES: sampled.timestamps_s}
+        if c.select == "clip_score":
+            step = max(1, len(sampled.frames) // SELECT_FRAME_COUNT)
+            out[SELECT_FRAMES] = sampled.frames[::step][:SELECT_FRAME_COUNT]
+        return out
 
     def chat_text(self, instruction: str) -> str:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
         return self.hf.thread_processor().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # -- per batch -------------------------------------------------------------------------
-    def _prepared(self, batch: list[dict[str, Any]]) -> list[Any]:
-        """Prepared inputs per record; records the runtime did not prepare are prepared here."""
-        out: list[Any] = []
+    def _prepared_records(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        """Each record prepared (the runtime usually did it; the others are prepared here)."""
+        out: list[dict[str, Any] | StageError] = []
         for record in batch:
             if PREPARED in record:
-                out.append(record[PREPARED])
+                out.append(record)
                 continue
             try:
-                out.append(self.prepare(record)[PREPARED])
+                out.append(self.prepare(record))
             except StageError as bad:
                 out.append(bad)
         return out
 
-    def _sampling(self):
+    def _sampling(self, seed_offset: int = 0):
         from stages.engines.hf_vision import CaptionSampling
 
         c = self.config
-        return CaptionSampling(c.max_new_tokens, c.temperature, c.top_p, c.top_k, c.repetition_penalty, c.seed)
+        seed = None if c.seed is None else c.seed + seed_offset
+        schema = c.json_schema if c.output_format == "json" else None
+        return CaptionSampling(c.max_new_tokens, c.temperature, c.top_p, c.top_k, c.repetition_penalty, seed, schema)
+
+    def _plain(self) -> bool:
+        """One text caption per record: the path that predates candidates and structured captions."""
+        return self.config.num_candidates == 1 and self.config.output_format == "text"
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        prepared = self._prepared(batch)
-        ready = [i for i, p in enumerate(prepared) if not isinstance(p, StageError)]
+        outcomes: list[Any] = self._prepared_records(batch)
+        ready = [i for i, p in enumerate(outcomes) if not isinstance(p, StageError)]
         if ready:
-            captions = self.lm.generate([prepared[i] for i in ready], self._sampling())
-            for i, caption in zip(ready, captions, strict=True):
-                prepared[i] = caption
-        return self._results(prepared, len(ready))
+            for i, outcome in zip(ready, self._caption([outcomes[i] for i in ready]), strict=True):
+                outcomes[i] = outcome
+        return self._results(outcomes, len(ready))
 
     async def aprocess(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        if self.backend_name != "vllm":
+        # Candidates, retries and selection are rounds of blocking calls (the vLLM backend's
+        # `generate` waits on its engine's own loop), so they run in a worker thread as well.
+        if self.backend_name != "vllm" or not self._plain():
             return await asyncio.to_thread(self.process, batch)
-        prepared = (
-            await asyncio.to_thread(self._prepared, batch)
-            if any(PREPARED not in r for r in batch)
-            else [r[PREPARED] for r in batch]
+        prepared: list[Any] = (
+            await asyncio.to_thread(self._prepared_records, batch) if any(PREPARED not in r for r in batch) else batch
         )
         ready = [i for i, p in enumerate(prepared) if not isinstance(p, StageError)]
         if ready:
-            captions = await self.lm.agenerate([prepared[i] for i in ready], self._sampling())
+            captions = await self.lm.agenerate([prepared[i][PREPARED] for i in ready], self._sampling())
             for i, caption in zip(ready, captions, strict=True):
                 prepared[i] = caption
         return self._results(prepared, len(ready))
+
+    def _caption(self, records: list[dict[str, Any]]) -> list[Any]:
+        """A Generation (plain), a Captioned or a StageError per prepared record."""
+        c, name = self.config, type(self).__name__
+        inputs = [r[PREPARED] for r in records]
+        if self._plain():
+            return self.lm.generate(inputs, self._sampling())
+        n, structured = c.num_candidates, self._structured(c)
+        sampled = c.temperature > 0
+        tries = 1 + (c.json_retries if structured is not None and sampled else 0)
+        found, invalid, failed = sample_candidates(
+            partial(self._generate_round, inputs), len(records), n, structured, tries, self.usage
+        )
+        outcomes: list[Any] = [None] * len(records)
+        choose: list[int] = []
+        for i in range(len(records)):
+            if failed[i] is not None:
+                outcomes[i] = failed[i]
+            elif not found[i]:
+                outcomes[i] = structured.error(name, invalid[i][min(invalid[i])], tries, sampled)
+            elif n == 1:
+                outcomes[i] = Captioned(found[i][0])
+            else:
+                choose.append(i)
+        if choose:
+            options = [[found[i][k] for k in sorted(found[i])] for i in choose]
+            picks = self.selector.pick(c, [records[i] for i in choose], options)
+            for i, candidates, pick in zip(choose, options, picks, strict=True):
+                if isinstance(pick, StageError):
+                    outcomes[i] = pick
+                    continue
+                selection = pick.as_dict()
+                if invalid[i]:  # candidates still invalid after the retries, left out of the choice
+                    selection["invalid_candidates"] = [
+                        {"candidate": k, "field": bad.field, "error": bad.message}
+                        for k, bad in sorted(invalid[i].items())
+                    ]
+                outcomes[i] = Captioned(candidates[pick.index], candidates, selection)
+        return outcomes
+
+    def _generate_round(self, inputs: list[Any], items: list[tuple[int, int]]) -> list[Any]:
+        """A Generation or StageError per (record, seed offset), in order."""
+        if self.backend_name == "vllm":  # every request at once, each with its own seed
+            return self.lm.generate([inputs[i] for i, _ in items], [self._sampling(o) for _, o in items])
+        out: list[Any] = [None] * len(items)
+        by_offset: dict[int, list[int]] = {}
+        for position, (_, offset) in enumerate(items):
+            by_offset.setdefault(offset, []).append(position)
+        for offset, positions in sorted(by_offset.items()):  # one batched generate per seed
+            generations = self.lm.generate([inputs[items[p][0]] for p in positions], self._sampling(offset))
+            for position, generation in zip(positions, generations, strict=True):
+                out[position] = generation
+        return out
+
+    def _structured(self, config: CaptionerConfig) -> StructuredCaptions | None:
+        if config.output_format != "json":
+            return None
+        key = json.dumps(config.json_schema, sort_keys=True)
+        if self._schema_key != key:  # built once per schema (a hot reload may change it)
+            self._validator, self._schema_key = StructuredCaptions(config.json_schema), key
+        return self._validator
+
+    def take_usage(self):
+        used = super().take_usage()
+        if self.selector is not None:
+            used.update(self.selector.take_usage())
+        return used
 
     def _results(self, outcomes: list[Any], requests: int) -> list[dict[str, Any] | StageError]:
         key = self.config.caption_key
@@ -236,10 +325,12 @@ class VideoCaptioner(Stage):
         for outcome in outcomes:
             if isinstance(outcome, StageError):
                 results.append(outcome)
-                continue
-            self.usage["tokens_out"] += outcome.tokens_out
-            self.usage["tokens_in"] += outcome.tokens_in
-            results.append({key: outcome.text})
+            elif isinstance(outcome, Captioned):
+                results.append(outcome.result(key))
+            else:
+                self.usage["tokens_out"] += outcome.tokens_out
+                self.usage["tokens_in"] += outcome.tokens_in
+                results.append({key: outcome.text})
         return results
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from stages.base import StageConfig
+from stages.text.gpt import GPTTextGeneratorConfig
 
 TEMPLATE_TOKENS = 40  # chat-template tokens (roles, system turn) assumed before the model is loaded
 MIN_PIXELS_FLOOR = 28 * 28
@@ -57,13 +58,89 @@ class CaptionerConfig(StageConfig):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs, e.g. {enforce_eager: true}."
     )
+    # -- candidates and selection (stages/captioners/select.py) ---------------------------
+    num_candidates: int = Field(
+        1, ge=1, le=16, description="Captions sampled per clip (candidate k uses seed + k); 1 = one caption."
+    )
+    select: Literal["first", "longest", "clip_score", "judge"] = Field(
+        "first",
+        description="Which candidate becomes the caption: the first, the longest, the best CLIP match "
+        "with the clip's frames, or the one a judge model picks (see `judge`).",
+    )
+    select_model_path: str = Field(
+        "openai/clip-vit-large-patch14", description="select: clip_score: the CLIP model (folder or hub id)."
+    )
+    judge: GPTTextGeneratorConfig | None = Field(
+        None,
+        description="select: judge: a GPTTextGenerator config (backend, model, base_url, prompt, ...); its "
+        "prompt may use {candidates} (numbered list), {num_candidates} and the record's fields.",
+    )
+    # -- structured captions (stages/captioners/structured.py) ----------------------------
+    output_format: Literal["text", "json"] = Field(
+        "text", description="json: the caption is a JSON object that must match `json_schema`."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="output_format: json: the JSON Schema of a caption (e.g. subject, action, camera)."
+    )
+    json_retries: int = Field(
+        2, ge=0, le=10, description="output_format: json: new samples for an invalid caption (needs temperature > 0)."
+    )
 
     heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
         "max_model_len",
         "max_num_seqs",
         "gpu_memory_utilization",
         "engine_args",
+        "select",
+        "select_model_path",
+        "judge",
     }
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from stages.captioners.structured import check_schema
+
+            check_schema(value)
+        return value
+
+    @model_validator(mode="after")
+    def _candidates_and_format(self):
+        n = self.num_candidates
+        if n > 1 and self.temperature == 0:
+            raise ValueError(
+                f"num_candidates={n} with temperature 0 (greedy decoding) gives {n} identical captions; "
+                "set temperature > 0 (e.g. 0.7) to sample distinct candidates, or num_candidates: 1"
+            )
+        if self.select != "first" and n == 1:
+            raise ValueError(
+                f"select: {self.select} chooses among candidates but num_candidates is 1; "
+                "set num_candidates > 1 or select: first"
+            )
+        if self.select == "judge" and self.judge is None:
+            raise ValueError(
+                "select: judge needs a `judge:` block, a GPTTextGenerator config, e.g. "
+                "{backend: openai, model: gpt-4o-mini, base_url: http://127.0.0.1:8000/v1}"
+            )
+        if self.judge is not None and self.select != "judge":
+            raise ValueError(f"`judge` is set but select is {self.select}; set select: judge or remove `judge`")
+        if self.output_format == "json" and self.json_schema is None:
+            raise ValueError(
+                "output_format: json needs `json_schema`, e.g. {type: object, properties: {subject: {type: string}}, "
+                "required: [subject]}"
+            )
+        if self.json_schema is not None and self.output_format != "json":
+            raise ValueError("`json_schema` is set but output_format is text; set output_format: json")
+        return self
+
+    def full_prompt(self) -> str:
+        """`prompt` plus, for structured captions, the schema the answer must follow."""
+        if self.output_format != "json" or self.json_schema is None:
+            return self.prompt
+        from stages.captioners.structured import schema_instruction
+
+        return self.prompt + schema_instruction(self.json_schema)
 
     def input_fields(self):
         return {self.video_key: "video"}
@@ -82,7 +159,7 @@ class CaptionerConfig(StageConfig):
         if self.num_frames is not None and self.fps is not None:
             raise ValueError(f"give num_frames or fps, not both (got num_frames={self.num_frames}, fps={self.fps})")
         cost = self.video_cost()
-        text = estimate_text_tokens(self.prompt)
+        text = estimate_text_tokens(self.full_prompt())
         room = self.max_model_len - self.max_new_tokens - text
         fits = cost.frames_within(room, self.max_frames)
         where = f"max_model_len={self.max_model_len} with max_new_tokens={self.max_new_tokens} and a prompt of ~{text} tokens"

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.base import StageError
+from stages.captioners.structured import vllm_structured_params
 from stages.engines import Generation
 from stages.engines.hf_vision import CaptionSampling
 from stages.engines.vllm import EngineThread
+
+Sampling = CaptionSampling | list[CaptionSampling]
 
 
 @dataclass
@@ -47,15 +50,19 @@ class VLLMVideoLM(EngineThread):
         self.decode = decode
 
     # -- generation -------------------------------------------------------------------
-    def generate(self, requests: list[VideoRequest], sampling: CaptionSampling) -> list[Generation | StageError]:
+    def generate(self, requests: list[VideoRequest], sampling: Sampling) -> list[Generation | StageError]:
+        """`sampling`: one for all requests, or one per request (candidates differ by seed)."""
         return self._call(self._run_all(requests, sampling))
 
-    async def agenerate(self, requests: list[VideoRequest], sampling: CaptionSampling) -> list[Generation | StageError]:
+    async def agenerate(self, requests: list[VideoRequest], sampling: Sampling) -> list[Generation | StageError]:
         return await self._on_loop(self._run_all(requests, sampling))
 
-    async def _run_all(self, requests: list[VideoRequest], sampling: CaptionSampling) -> list[Generation | StageError]:
-        params = _sampling_params(sampling)
-        return await self._gather(lambda engine, request: self._run_one(engine, request, params), requests, Generation)
+    async def _run_all(self, requests: list[VideoRequest], sampling: Sampling) -> list[Generation | StageError]:
+        each = sampling if isinstance(sampling, list) else [sampling] * len(requests)
+        built: dict[int, Any] = {}  # one SamplingParams per distinct settings object
+        params = [built[id(s)] if id(s) in built else built.setdefault(id(s), _sampling_params(s)) for s in each]
+        pairs = list(zip(requests, params, strict=True))
+        return await self._gather(lambda engine, pair: self._run_one(engine, *pair), pairs, Generation)
 
     async def _run_one(self, engine, request: VideoRequest, params) -> Generation:
         prompt: dict[str, Any] = {
@@ -76,6 +83,7 @@ def _sampling_params(sampling: CaptionSampling):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    structured = {} if sampling.json_schema is None else vllm_structured_params(sampling.json_schema)
     return SamplingParams(
         max_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature,
@@ -85,4 +93,5 @@ def _sampling_params(sampling: CaptionSampling):
         seed=sampling.seed if sampling.temperature > 0 else None,
         output_kind=RequestOutputKind.FINAL_ONLY,
         detokenize=False,  # decoded once at the end, see VLLMVideoLM.decode
+        **structured,
     )

@@ -36,6 +36,9 @@ class CaptionSampling:
     top_k: int
     repetition_penalty: float
     seed: int | None = None
+    # A JSON Schema the answer must match: vLLM constrains decoding to it; transformers cannot,
+    # so the captioner checks and re-samples (stages/captioners/structured.py).
+    json_schema: dict | None = None
 
 
 class TransformersVideoLM:
