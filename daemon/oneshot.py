@@ -122,19 +122,39 @@ def row_total(path: Path, fmt: str) -> int | None:
     return max(lines - (fmt != "jsonl"), 0)  # csv/tsv: the header
 
 
+def bar_total(run, rows: int | None) -> int | None:
+    """The records this run will end, as far as known: a row that fans out ends as its children,
+    so the input's row count alone would be overrun. Everything still on its way is
+    `outstanding` (children join it when their parent's expansion is recorded), so `ended +
+    outstanding` is a floor that grows with each expansion, and the exact count once the file
+    has been read; until then the row count (an upper bound of the rows) keeps the bar honest."""
+    known = run.ok + run.errors + run.filtered + run.outstanding
+    if run.reading_done or rows is None:
+        return known if run.reading_done else None
+    return max(rows, known)
+
+
 async def _show_progress(engine: Engine, job: str, task: asyncio.Task, enabled: bool, total: int | None = None) -> None:
     from tqdm import tqdm
 
     bar = tqdm(desc=job, unit="rec", total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
     run = None
+
+    def show() -> None:
+        bar.total = bar_total(run, total)
+        bar.n = run.ok + run.errors + run.filtered
+        bar.set_postfix(ok=run.ok, errors=run.errors, filtered=run.filtered, refresh=False)
+        bar.refresh()
+
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=0.25)
             run = engine.pipeline.jobs.get(job) or run
             if run is not None:
-                bar.n = run.ok + run.errors + run.filtered
-                bar.set_postfix(ok=run.ok, errors=run.errors, filtered=run.filtered, refresh=False)
-                bar.refresh()
+                show()
+        if not task.cancelled() and task.exception() is None:
+            run = task.result()  # the final counts: the loop's last look may predate them
+            show()
     finally:
         bar.close()
 
