@@ -1,9 +1,11 @@
-"""What the diffusers generators share: common config fields, seeding, loading knobs, the batch
-loop and the output fields (checkpoint checks live in _checkpoints.py, file writing in _media.py).
+"""What the diffusers generators share: the config fields and checks every one takes, seeding,
+loading knobs and record inputs (the load/call/write path is `_base.DiffusersGenerator`,
+checkpoint checks live in _checkpoints.py, file writing in _media.py).
 
-No stage inherits behaviour from here beyond plain config fields: each generator's own file
-holds its config, its loading and its pipeline call. Heavy imports (torch, diffusers, av, PIL)
-happen inside the functions, so importing a generator module for `reelflow check` stays cheap.
+A generator's config declares its own keys with its model's defaults, and sets the class
+attributes that drive the shared checks (its pipeline class, the multiple its sides must be, the
+inputs it reads). Heavy imports (torch, diffusers, av, PIL) happen inside the functions, so
+importing a generator module for `reelflow check` stays cheap.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 
 from stages.base import RECORD_ID, StageConfig, StageError, format_prompt
 from stages.engines import torch_dtype as torch_dtype  # re-exported: the generators call common.torch_dtype
-from stages.generators._checkpoints import checkpoint_json
+from stages.generators._checkpoints import check_model_path, check_pipeline_class, checkpoint_json, multiple_of
 from stages.generators._media import output_paths, write_png, write_video
 
 log = logging.getLogger("reelflow.generators")
@@ -32,7 +34,20 @@ PREPARED = "_gen"  # key under which `prepare` leaves its work in the record
 
 
 class GeneratorConfig(StageConfig):
-    """Fields every diffusers generator takes. Each stage adds its model's own, with its defaults."""
+    """Fields every diffusers generator takes. Each stage adds its model's own, with its defaults.
+
+    The class attributes say what the shared checks below need to know of the model.
+    """
+
+    # The stage's name, for messages; set from the stage's class name (`_base.DiffusersGenerator`).
+    stage: ClassVar[str] = "a diffusers generator"
+    # The diffusers pipeline class the checkpoint at `model_path` must hold (None: the stage
+    # checks its checkpoints itself).
+    pipeline: ClassVar[str | None] = None
+    # (factor, model named in the message): height and width must be multiples of the factor.
+    side_multiple: ClassVar[tuple[int, str] | None] = None
+    needs_prompt: ClassVar[bool] = True  # a text prompt per record (from `prompt` or `text_key`)
+    needs_image: ClassVar[bool] = False  # a conditioning image per record (from `image_key`)
 
     heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
         "variant",
@@ -91,6 +106,60 @@ class GeneratorConfig(StageConfig):
                 f"DPMSolverMultistepScheduler, got {value!r}"
             )
         return value
+
+    @field_validator("model_path", check_fields=False)
+    @classmethod
+    def _model_path(cls, value: str) -> str:
+        check_model_path(value)
+        if cls.pipeline:
+            check_pipeline_class(value, [cls.pipeline], cls.stage)
+        return value
+
+    @field_validator("height", "width", check_fields=False)
+    @classmethod
+    def _side(cls, value: int | None, info) -> int | None:
+        if cls.side_multiple is None:
+            return value
+        factor, model = cls.side_multiple
+        return multiple_of(value, factor, info.field_name, model)
+
+    def input_fields(self) -> dict[str, Any]:
+        fields = text_inputs(self) if self.needs_prompt else {}
+        return {**fields, self.image_key: "image"} if self.needs_image else fields
+
+    def outputs_per_record(self) -> int:
+        return 1
+
+
+class ImageGeneratorConfig(GeneratorConfig):
+    """A text-to-image model: PNGs. Sizes are multiples of 16 and the seed's `weight` means width."""
+
+    side_multiple: ClassVar[tuple[int, str] | None] = (16, "this model")
+
+    height: int = Field(1024, ge=16, description="Image height in pixels, a multiple of 16.")
+    width: int = Field(
+        1024,
+        ge=16,
+        description="Image width in pixels, a multiple of 16 (`weight`, the seed's spelling, is accepted).",
+        validation_alias=AliasChoices("width", "weight"),
+    )
+    num_images_per_prompt: int = Field(
+        1, ge=1, description="Images per record; more than one are saved as <id>~0.png, <id>~1.png, ..."
+    )
+    enable_vae_tiling: bool = Field(False, description="Decode in tiles (less memory for large images).")
+    enable_vae_slicing: bool = Field(False, description="Decode one image of the batch at a time (less memory).")
+
+    def outputs_per_record(self) -> int:
+        return self.num_images_per_prompt
+
+
+class VideoGeneratorConfig(GeneratorConfig):
+    """A video model: h264 mp4s at the config's `fps`, which each model declares with its own default."""
+
+    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>~0.mp4, <id>~1.mp4, ...).")
+
+    def outputs_per_record(self) -> int:
+        return self.num_videos_per_prompt
 
 
 # --- loading --------------------------------------------------------------------------------------
