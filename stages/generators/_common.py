@@ -16,16 +16,15 @@ import importlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 
-from stages.base import RECORD_ID, StageConfig, StageError, format_prompt
+from stages.base import StageConfig, StageError, format_prompt
 from stages.engines import torch_dtype as torch_dtype  # re-exported: the generators call common.torch_dtype
 from stages.generators._checkpoints import check_model_path, check_pipeline_class, checkpoint_json, multiple_of
-from stages.generators._media import output_paths, write_png, write_video
 
 log = logging.getLogger("reelflow.generators")
 
@@ -359,83 +358,3 @@ def load_image(record: dict[str, Any], key: str, where: str):
             f"{where}: cannot read {path.name} as an image ({exc}); expected PNG, JPEG, WebP, ...",
             error_type="ImageDecodeError",
         ) from None
-
-
-# --- the batch loop -----------------------------------------------------------------------------
-
-
-def run_batch(
-    batch: list[dict[str, Any]],
-    prepare: Callable[[dict[str, Any]], dict[str, Any]],
-    generate: Callable[[list[dict[str, Any]]], list[list]],
-    write: Callable[[dict[str, Any], list], dict[str, Any]],
-) -> list[dict[str, Any] | StageError]:
-    """prepare (unless the runtime already did) -> one pipeline call for the batch -> write each record.
-
-    `generate` returns, per record, the list of its outputs (one per video/image asked for).
-    A record that fails in prepare or write gets a StageError in its slot; a failing pipeline call
-    raises, so the runtime can retry record by record (and halve the batch on out-of-memory).
-    """
-    results: list[dict[str, Any] | StageError | None] = [None] * len(batch)
-    ready: list[tuple[int, dict[str, Any]]] = []
-    for slot, record in enumerate(batch):
-        try:
-            ready.append((slot, record if PREPARED in record else prepare(record)))
-        except StageError as error:
-            results[slot] = error
-    if ready:
-        outputs = generate([record for _, record in ready])
-        for (slot, record), produced in zip(ready, outputs, strict=True):
-            try:
-                results[slot] = write(record, produced)
-            except StageError as error:
-                results[slot] = error
-            except OSError as exc:
-                results[slot] = StageError(f"cannot write the generated file: {exc}", error_type="WriteError")
-    return results  # type: ignore[return-value]
-
-
-def _filename(config: GeneratorConfig, default_key: str) -> str | None:
-    """The file name template: `filename`, else `{id}`, else `{id}_<output_key>` when the step
-    writes under its own output_key (so two generator steps of a pipeline do not overwrite
-    each other's `<id>.mp4`)."""
-    if config.filename:
-        return config.filename
-    if config.output_key and config.output_key != default_key:
-        return "{id}_" + config.output_key.replace("{", "{{").replace("}", "}}")
-    return None
-
-
-def write_videos(record, videos: list, config: GeneratorConfig, fps: float, usage) -> dict[str, Any]:
-    paths = output_paths(record, "mp4", _filename(config, config.video_key), len(videos))
-    for frames, path in zip(videos, paths, strict=True):
-        write_video(frames, path, fps)
-        usage["generated_frames"] += len(frames)
-    key = config.output_key or config.video_key
-    return {key: paths[0] if len(paths) == 1 else paths}
-
-
-def write_images(record, images: list, config: GeneratorConfig, usage) -> dict[str, Any]:
-    paths = output_paths(record, "png", _filename(config, config.image_key), len(images))
-    for image, path in zip(images, paths, strict=True):
-        write_png(image, path)
-        usage["generated_frames"] += 1
-    key = config.output_key or config.image_key
-    return {key: paths[0] if len(paths) == 1 else paths}
-
-
-def expand(records: list[dict[str, Any]], count: int, seed: int) -> tuple[list[dict[str, Any]], list[int]]:
-    """Each record repeated `count` times (one pipeline sample per output) with its own seed each.
-
-    Passing one sample per output, instead of num_videos_per_prompt, keeps every sample's noise
-    tied to (seed, record id, index), which diffusers' own repetition does not for every pipeline.
-    """
-    rows = [record for record in records for _ in range(count)]
-    seeds = [record_seed(seed, record.get(RECORD_ID), index) for record in records for index in range(count)]
-    return rows, seeds
-
-
-def regroup(samples, count: int) -> list[list]:
-    """Per-sample outputs back into per-record lists of `count`."""
-    samples = list(samples)
-    return [samples[start : start + count] for start in range(0, len(samples), count)]

@@ -1,13 +1,13 @@
-"""FLUXGenerator: text to image with FLUX.1 (diffusers FluxPipeline); one PNG per record.
+"""Text to image with FLUX.1 (diffusers FluxPipeline); one PNG per record.
 
-Registered as `ImageGenerator/FLUXGenerator` and, because the seed lists it under video
-generation, as `VideoGenerator/FLUXGenerator` too. Prompts in a batch go through one pipeline
-call, each with its own seeded generator (the shared path: `_base.DiffusersGenerator`).
+Registered as an `ImageGenerator` and, because the seed lists it under video generation, as a
+`VideoGenerator` too. Prompts in a batch go through one pipeline call, each with its own seeded
+generator (the shared path: `_base.DiffusersGenerator`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -16,9 +16,9 @@ from stages.generators._base import DiffusersGenerator, Samples
 
 
 class FLUXConfig(common.ImageGeneratorConfig):
-    pipeline: ClassVar[str | None] = "FluxPipeline"
+    pipeline = "FluxPipeline"
     # FluxPipeline floors other sizes silently (to vae_scale_factor * 2 = 16).
-    side_multiple: ClassVar[tuple[int, str] | None] = (16, "FLUX (the pipeline would silently floor it)")
+    side_multiple = (16, "FLUX (the pipeline would silently floor it)")
 
     model_path: str = Field("black-forest-labs/FLUX.1-dev", description="FLUX checkpoint folder or hub id.")
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps (FLUX.1-dev: 50; schnell: 4).")

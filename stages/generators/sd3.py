@@ -1,14 +1,14 @@
-"""StableDiffusionGenerator: text to image with Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline).
+"""Text to image with Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline).
 
-Registered as `ImageGenerator/StableDiffusionGenerator` (also `StableDiffusion3Generator`, the
-name in the seed's image config) and, as the seed lists it under video generation, as a
-`VideoGenerator` too. One PNG per record; prompts in a batch go through one pipeline call (the
-shared path: `_base.DiffusersGenerator`).
+Registered as an `ImageGenerator` (also as `StableDiffusion3Generator`, the name in the seed's
+image config) and, as the seed lists it under video generation, as a `VideoGenerator` too. One
+PNG per record; prompts in a batch go through one pipeline call (the shared path:
+`_base.DiffusersGenerator`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import Field
 
@@ -17,8 +17,8 @@ from stages.generators._base import DiffusersGenerator, Samples
 
 
 class StableDiffusion3Config(common.ImageGeneratorConfig):
-    pipeline: ClassVar[str | None] = "StableDiffusion3Pipeline"
-    side_multiple: ClassVar[tuple[int, str] | None] = (16, "Stable Diffusion 3")
+    pipeline = "StableDiffusion3Pipeline"
+    side_multiple = (16, "Stable Diffusion 3")
 
     model_path: str = Field("stabilityai/stable-diffusion-3.5-large", description="SD3 checkpoint folder or hub id.")
     num_inference_steps: int = Field(28, ge=1, description="Denoising steps (SD3.5 large: 28).")
