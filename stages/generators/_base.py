@@ -135,8 +135,11 @@ class DiffusersGenerator(Stage):
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
         """prepare (unless the runtime already did) -> one pipeline call for the batch -> write each record.
 
-        A record that fails in prepare or write gets a StageError in its slot; a failing pipeline
-        call raises, so the runtime can retry record by record (and halve the batch on out-of-memory).
+        A record that fails in prepare gets a StageError in its slot; a failing pipeline call
+        raises, so the runtime can retry record by record (and halve the batch on out-of-memory).
+        A file that cannot be written raises too: the runtime's failure contract tells a full
+        disk (transient: the batch is asked again once there is space, no record is failed)
+        from the record's own bad path (that record fails, alone).
         """
         results: list[dict[str, Any] | StageError | None] = [None] * len(batch)
         ready: list[tuple[int, dict[str, Any]]] = []
@@ -153,7 +156,11 @@ class DiffusersGenerator(Stage):
                 except StageError as error:
                     results[slot] = error
                 except OSError as exc:
-                    results[slot] = StageError(f"cannot write the generated file: {exc}", error_type="WriteError")
+                    if exc.errno is None:
+                        raise
+                    # The same errno (what the runtime classifies by), saying what was being written.
+                    why = f"cannot write the generated file: {exc.strerror}"
+                    raise OSError(exc.errno, why, exc.filename, None, exc.filename2) from exc
         return results  # type: ignore[return-value]
 
     def _generate(self, records: list[dict[str, Any]]) -> list[list]:

@@ -3,6 +3,8 @@ files of the requested frames, size and fps (PNG for the image models), determin
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
 
@@ -163,6 +165,31 @@ def test_several_outputs_never_share_a_file_with_another_record(loaded, tmp_path
     assert not np.array_equal(made_for_a[0], made_later[0])  # a's first image is not a_0's
     assert [p.name for p in paths] == ["a~0.png", "a~1.png", "a_0.png", "a_1.png", paths[4].name]
     assert paths[4].name.startswith("a_0~") and len(paths[4].stem) == len("a_0~") + 16  # `a~0` is hashed
+
+
+def test_a_full_disk_is_not_the_records_fault_a_bad_path_is(loaded, tmp_path, tmpfs):
+    """A PNG that does not fit on a full tmpfs raises out of `process` with its errno (the
+    failure contract: transient, the batch is asked again later and no record is failed); once
+    there is space the same call writes it. A directory where the file goes is the record's own
+    problem: record-level."""
+    from daemon.runtime.failures import RECORD, TRANSIENT, classify
+    from tests.daemon.test_failure_contract import fill
+
+    stage = loaded("FLUXGenerator")
+    media = tmpfs(tmp_path / "media", 64)
+    ballast = fill(media)
+    with pytest.raises(OSError) as full:
+        stage.process([make_record("d1", media)])
+    assert full.value.errno == errno.ENOSPC and classify(full.value) == TRANSIENT
+    assert "cannot write the generated file" in str(full.value)
+    ballast.unlink()
+    [result] = stage.process([make_record("d1", media)])
+    assert read_png(result["image"]).shape == (16, 32, 3)
+
+    (media / "d2.png" / "taken").mkdir(parents=True)
+    with pytest.raises(OSError) as taken:
+        stage.process([make_record("d2", media)])
+    assert classify(taken.value) == RECORD and str(taken.value).endswith(f"-> '{media / 'd2.png'}'")
 
 
 def test_prompt_template_and_missing_fields(loaded, tmp_path):
