@@ -100,7 +100,9 @@ class DiffusersGenerator(Stage):
             config = self.config
             common.check_offload(config, self.device, self.name)
             if self.deprecated:
-                common.log_once(self.name, f"{self.name}: diffusers has deprecated {config.pipeline}; it still runs")
+                common.log_once(
+                    f"{self.name}.deprecated", f"{self.name}: diffusers has deprecated {config.pipeline}; it still runs"
+                )
             self.pipe = self.load_pipeline(common.torch_dtype(config.dtype, self.device, self.half_dtype))
             self.after_load()
             common.place(self.pipe, config, self.device)

@@ -132,7 +132,9 @@ class AllegroGenerator(DiffusersGenerator):
 
         self.can_clean = is_bs4_available() and is_ftfy_available()
         if self.config.clean_caption and not self.can_clean:
-            common.log_once(self.name, f"{self.name}: clean_caption needs bs4 and ftfy; prompts go uncleaned")
+            common.log_once(
+                f"{self.name}.clean_caption", f"{self.name}: clean_caption needs bs4 and ftfy; prompts go uncleaned"
+            )
 
     def call_args(self, samples: Samples) -> dict[str, Any]:
         return {"clean_caption": self.config.clean_caption and self.can_clean}
