@@ -1,9 +1,11 @@
-"""What the diffusers generators share: common config fields, seeding, loading knobs, the batch
-loop and the output fields (checkpoint checks live in _checkpoints.py, file writing in _media.py).
+"""What the diffusers generators share: the config fields and checks every one takes, seeding,
+loading knobs and record inputs (the load/call/write path is `_base.DiffusersGenerator`,
+checkpoint checks live in _checkpoints.py, file writing in _media.py).
 
-No stage inherits behaviour from here beyond plain config fields: each generator's own file
-holds its config, its loading and its pipeline call. Heavy imports (torch, diffusers, av, PIL)
-happen inside the functions, so importing a generator module for `reelflow check` stays cheap.
+A generator's config declares its own keys with its model's defaults, and sets the class
+attributes that drive the shared checks (its pipeline class, the multiple its sides must be, the
+inputs it reads). Heavy imports (torch, diffusers, av, PIL) happen inside the functions, so
+importing a generator module for `reelflow check` stays cheap.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ import importlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 
-from stages.base import RECORD_ID, StageConfig, StageError, format_prompt
+from stages.base import StageConfig, StageError, format_prompt
 from stages.engines import torch_dtype as torch_dtype  # re-exported: the generators call common.torch_dtype
-from stages.generators._checkpoints import checkpoint_json
-from stages.generators._media import output_paths, write_png, write_video
+from stages.generators._checkpoints import check_model_path, check_pipeline_class, checkpoint_json, multiple_of
 
 log = logging.getLogger("reelflow.generators")
 
@@ -32,7 +33,20 @@ PREPARED = "_gen"  # key under which `prepare` leaves its work in the record
 
 
 class GeneratorConfig(StageConfig):
-    """Fields every diffusers generator takes. Each stage adds its model's own, with its defaults."""
+    """Fields every diffusers generator takes. Each stage adds its model's own, with its defaults.
+
+    The class attributes say what the shared checks below need to know of the model.
+    """
+
+    # The stage's name, for messages; set from the stage's class name (`_base.DiffusersGenerator`).
+    stage: ClassVar[str] = "a diffusers generator"
+    # The diffusers pipeline class the checkpoint at `model_path` must hold (None: the stage
+    # checks its checkpoints itself).
+    pipeline: ClassVar[str | None] = None
+    # (factor, model named in the message): height and width must be multiples of the factor.
+    side_multiple: ClassVar[tuple[int, str] | None] = None
+    needs_prompt: ClassVar[bool] = True  # a text prompt per record (from `prompt` or `text_key`)
+    needs_image: ClassVar[bool] = False  # a conditioning image per record (from `image_key`)
 
     heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
         "variant",
@@ -91,6 +105,60 @@ class GeneratorConfig(StageConfig):
                 f"DPMSolverMultistepScheduler, got {value!r}"
             )
         return value
+
+    @field_validator("model_path", check_fields=False)
+    @classmethod
+    def _model_path(cls, value: str) -> str:
+        check_model_path(value)
+        if cls.pipeline:
+            check_pipeline_class(value, [cls.pipeline], cls.stage)
+        return value
+
+    @field_validator("height", "width", check_fields=False)
+    @classmethod
+    def _side(cls, value: int | None, info) -> int | None:
+        if cls.side_multiple is None:
+            return value
+        factor, model = cls.side_multiple
+        return multiple_of(value, factor, info.field_name, model)
+
+    def input_fields(self) -> dict[str, Any]:
+        fields = text_inputs(self) if self.needs_prompt else {}
+        return {**fields, self.image_key: "image"} if self.needs_image else fields
+
+    def outputs_per_record(self) -> int:
+        return 1
+
+
+class ImageGeneratorConfig(GeneratorConfig):
+    """A text-to-image model: PNGs. Sizes are multiples of 16 and the seed's `weight` means width."""
+
+    side_multiple: ClassVar[tuple[int, str] | None] = (16, "this model")
+
+    height: int = Field(1024, ge=16, description="Image height in pixels, a multiple of 16.")
+    width: int = Field(
+        1024,
+        ge=16,
+        description="Image width in pixels, a multiple of 16 (`weight`, the seed's spelling, is accepted).",
+        validation_alias=AliasChoices("width", "weight"),
+    )
+    num_images_per_prompt: int = Field(
+        1, ge=1, description="Images per record; more than one are saved as <id>~0.png, <id>~1.png, ..."
+    )
+    enable_vae_tiling: bool = Field(False, description="Decode in tiles (less memory for large images).")
+    enable_vae_slicing: bool = Field(False, description="Decode one image of the batch at a time (less memory).")
+
+    def outputs_per_record(self) -> int:
+        return self.num_images_per_prompt
+
+
+class VideoGeneratorConfig(GeneratorConfig):
+    """A video model: h264 mp4s at the config's `fps`, which each model declares with its own default."""
+
+    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>~0.mp4, <id>~1.mp4, ...).")
+
+    def outputs_per_record(self) -> int:
+        return self.num_videos_per_prompt
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -290,83 +358,3 @@ def load_image(record: dict[str, Any], key: str, where: str):
             f"{where}: cannot read {path.name} as an image ({exc}); expected PNG, JPEG, WebP, ...",
             error_type="ImageDecodeError",
         ) from None
-
-
-# --- the batch loop -----------------------------------------------------------------------------
-
-
-def run_batch(
-    batch: list[dict[str, Any]],
-    prepare: Callable[[dict[str, Any]], dict[str, Any]],
-    generate: Callable[[list[dict[str, Any]]], list[list]],
-    write: Callable[[dict[str, Any], list], dict[str, Any]],
-) -> list[dict[str, Any] | StageError]:
-    """prepare (unless the runtime already did) -> one pipeline call for the batch -> write each record.
-
-    `generate` returns, per record, the list of its outputs (one per video/image asked for).
-    A record that fails in prepare or write gets a StageError in its slot; a failing pipeline call
-    raises, so the runtime can retry record by record (and halve the batch on out-of-memory).
-    """
-    results: list[dict[str, Any] | StageError | None] = [None] * len(batch)
-    ready: list[tuple[int, dict[str, Any]]] = []
-    for slot, record in enumerate(batch):
-        try:
-            ready.append((slot, record if PREPARED in record else prepare(record)))
-        except StageError as error:
-            results[slot] = error
-    if ready:
-        outputs = generate([record for _, record in ready])
-        for (slot, record), produced in zip(ready, outputs, strict=True):
-            try:
-                results[slot] = write(record, produced)
-            except StageError as error:
-                results[slot] = error
-            except OSError as exc:
-                results[slot] = StageError(f"cannot write the generated file: {exc}", error_type="WriteError")
-    return results  # type: ignore[return-value]
-
-
-def _filename(config: GeneratorConfig, default_key: str) -> str | None:
-    """The file name template: `filename`, else `{id}`, else `{id}_<output_key>` when the step
-    writes under its own output_key (so two generator steps of a pipeline do not overwrite
-    each other's `<id>.mp4`)."""
-    if config.filename:
-        return config.filename
-    if config.output_key and config.output_key != default_key:
-        return "{id}_" + config.output_key.replace("{", "{{").replace("}", "}}")
-    return None
-
-
-def write_videos(record, videos: list, config: GeneratorConfig, fps: float, usage) -> dict[str, Any]:
-    paths = output_paths(record, "mp4", _filename(config, config.video_key), len(videos))
-    for frames, path in zip(videos, paths, strict=True):
-        write_video(frames, path, fps)
-        usage["generated_frames"] += len(frames)
-    key = config.output_key or config.video_key
-    return {key: paths[0] if len(paths) == 1 else paths}
-
-
-def write_images(record, images: list, config: GeneratorConfig, usage) -> dict[str, Any]:
-    paths = output_paths(record, "png", _filename(config, config.image_key), len(images))
-    for image, path in zip(images, paths, strict=True):
-        write_png(image, path)
-        usage["generated_frames"] += 1
-    key = config.output_key or config.image_key
-    return {key: paths[0] if len(paths) == 1 else paths}
-
-
-def expand(records: list[dict[str, Any]], count: int, seed: int) -> tuple[list[dict[str, Any]], list[int]]:
-    """Each record repeated `count` times (one pipeline sample per output) with its own seed each.
-
-    Passing one sample per output, instead of num_videos_per_prompt, keeps every sample's noise
-    tied to (seed, record id, index), which diffusers' own repetition does not for every pipeline.
-    """
-    rows = [record for record in records for _ in range(count)]
-    seeds = [record_seed(seed, record.get(RECORD_ID), index) for record in records for index in range(count)]
-    return rows, seeds
-
-
-def regroup(samples, count: int) -> list[list]:
-    """Per-sample outputs back into per-record lists of `count`."""
-    samples = list(samples)
-    return [samples[start : start + count] for start in range(0, len(samples), count)]

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.base import MEDIA_DIR, StageError, media_path
+from stages.base import HASH_MARK, MEDIA_DIR, StageError, media_path
 
 
 def to_uint8(array):
@@ -23,12 +23,20 @@ def to_uint8(array):
 
 
 def output_paths(record: dict[str, Any], extension: str, template: str | None, count: int) -> list[Path]:
+    """The record's file, or with several outputs one file per output index: `<stem>~<index>`.
+
+    The index goes after `~`, which no plain stem holds (see stages.base.safe_file_stem): so
+    `a`'s second output (`a~1`) can never be the file of a record whose id is `a_1` or `a~1`
+    (the latter's stem is hashed). A hashed stem (`cam_1~<16 hex>`) stays apart too: one `~`
+    and 16 hex digits is no `<plain>~<index>` (an index that long would take 10^15 outputs),
+    and `<hashed>~<index>` has two `~`. Two (id, index) pairs share a file only on a hash collision.
+    """
     if MEDIA_DIR not in record:
         raise StageError("the record has no media folder (_media_dir); the runtime sets it", error_type="NoMediaDir")
     base = media_path(record, extension, template)
     if count == 1:
         return [base]
-    return [base.with_name(f"{base.stem}_{index}{base.suffix}") for index in range(count)]
+    return [base.with_name(f"{base.stem}{HASH_MARK}{index}{base.suffix}") for index in range(count)]
 
 
 def _even(frames):

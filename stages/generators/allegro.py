@@ -1,10 +1,11 @@
-"""AllegroGenerator: text to video with Allegro (diffusers AllegroPipeline, rhymes-ai/Allegro).
+"""Text to video with Allegro (diffusers AllegroPipeline, rhymes-ai/Allegro).
 
 Allegro's VAE only decodes in tiles: 24 frames x `sample_size` px (320) with strides of 16
 frames, `sample_size`-120 px in height and `sample_size`-80 px in width. A size off that grid
 leaves the uncovered part of the video grey (DataFlow-Gen's `num_frames: 16` gave all-grey
 videos), so the config is checked against the grid before anything loads. The VAE is loaded in
-float32 from `subfolder` (Allegro's advice), the rest in bfloat16 on a GPU.
+float32 from `subfolder` (Allegro's advice), the rest in bfloat16 on a GPU. The shared path:
+`_base.DiffusersGenerator`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import Stage, StageError, require
 from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
-from stages.generators import _media as media
+from stages.generators._base import DiffusersGenerator, Samples
 
-PIPELINE = "AllegroPipeline"
 TILE_FRAMES, TILE_FRAMES_OVERLAP, TILE_OVERLAP_H, TILE_OVERLAP_W = 24, 8, 120, 80
 NEGATIVE = (
     "nsfw, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
@@ -71,7 +70,9 @@ def vae_grid(model_path: str, subfolder: str | None) -> tuple[int, int, int]:
     return vae.get("sample_size", 320), spatial, int(vae.get("temporal_compression_ratio", 4))
 
 
-class AllegroConfig(common.GeneratorConfig):
+class AllegroConfig(common.VideoGeneratorConfig):
+    pipeline = "AllegroPipeline"
+
     model_path: str = Field("rhymes-ai/Allegro", description="Allegro checkpoint folder or hub id.")
     subfolder: str | None = Field(
         "vae",
@@ -87,7 +88,6 @@ class AllegroConfig(common.GeneratorConfig):
     fps: float = Field(15, gt=0, description="Frame rate of the written video.")
     max_sequence_length: int = Field(512, ge=1, description="T5 prompt tokens.")
     clean_caption: bool = Field(True, description="Clean prompts as Allegro was trained (needs bs4 and ftfy).")
-    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>_0.mp4, <id>_1.mp4, ...).")
     enable_vae_tiling: bool = Field(True, description="Must stay true: Allegro's VAE only decodes in tiles.")
     enable_vae_slicing: bool = Field(
         True, description="Must stay true: Allegro's tiled decode takes one video of the batch at a time."
@@ -101,13 +101,6 @@ class AllegroConfig(common.GeneratorConfig):
             raise ValueError(f"{info.field_name} must be true for Allegro: its VAE {why}")
         return value
 
-    @field_validator("model_path")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        checkpoints.check_model_path(value)
-        checkpoints.check_pipeline_class(value, [PIPELINE], "AllegroGenerator")
-        return value
-
     @model_validator(mode="after")
     def _grid(self):
         sample_size, spatial, temporal = vae_grid(self.model_path, self.subfolder)
@@ -119,68 +112,29 @@ class AllegroConfig(common.GeneratorConfig):
             )
         return self
 
-    def input_fields(self) -> dict[str, Any]:
-        return common.text_inputs(self)
 
-
-class AllegroGenerator(Stage):
+class AllegroGenerator(DiffusersGenerator):
     Config = AllegroConfig
-    accelerated = True  # one resident pipeline per GPU
+    call_keys = ("negative_prompt", "num_frames", "guidance_scale", "max_sequence_length")
 
-    def load(self) -> None:
-        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
-            require("diffusers", stage="AllegroGenerator", extra="generators")
-            import torch
-            from diffusers.utils import is_bs4_available, is_ftfy_available
+    def pipeline_components(self, dtype) -> dict[str, Any]:
+        if not self.config.subfolder:
+            return {}
+        import torch
 
-            config = self.config
-            common.check_offload(config, self.device, "AllegroGenerator")
-            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "AllegroGenerator")
-            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-            components = {}
-            if config.subfolder:
-                components["vae"] = common.diffusers_class("AutoencoderKLAllegro").from_pretrained(
-                    config.model_path, subfolder=config.subfolder, dtype=torch.float32
-                )
-            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
-                config.model_path, **common.pretrained_kwargs(config, dtype), **components
+        vae = common.diffusers_class("AutoencoderKLAllegro").from_pretrained(
+            self.config.model_path, subfolder=self.config.subfolder, dtype=torch.float32
+        )
+        return {"vae": vae}
+
+    def after_load(self) -> None:
+        from diffusers.utils import is_bs4_available, is_ftfy_available
+
+        self.can_clean = is_bs4_available() and is_ftfy_available()
+        if self.config.clean_caption and not self.can_clean:
+            common.log_once(
+                f"{self.name}.clean_caption", f"{self.name}: clean_caption needs bs4 and ftfy; prompts go uncleaned"
             )
-            common.place(self.pipe, config, self.device)
-            self.knobs = common.Knobs(self.pipe, "AllegroGenerator")
-            self.can_clean = is_bs4_available() and is_ftfy_available()
-            if config.clean_caption and not self.can_clean:
-                common.log_once(
-                    "allegro-clean", "AllegroGenerator: clean_caption needs bs4 and ftfy; prompts go uncleaned"
-                )
 
-    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "AllegroGenerator")}}
-
-    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        return common.run_batch(batch, self.prepare, self._generate, self._write)
-
-    def _generate(self, records: list[dict[str, Any]]) -> list[list]:
-        config = self.config
-        self.knobs.sync(config.scheduler, config.scheduler_config, True, True)
-        rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
-        frames = self.pipe(
-            prompt=[row[common.PREPARED]["prompt"] for row in rows],
-            negative_prompt=config.negative_prompt,
-            height=config.height,
-            width=config.width,
-            num_frames=config.num_frames,
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            max_sequence_length=config.max_sequence_length,
-            clean_caption=config.clean_caption and self.can_clean,
-            generator=common.cpu_generators(seeds),
-            output_type="np",
-        ).frames
-        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
-
-    def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
-        return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
-
-    def close(self) -> None:
-        self.pipe = self.knobs = None
-        common.release(self.device)
+    def call_args(self, samples: Samples) -> dict[str, Any]:
+        return {"clean_caption": self.config.clean_caption and self.can_clean}

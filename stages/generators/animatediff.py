@@ -1,10 +1,11 @@
-"""AnimateDiffGenerator: text to video with AnimateDiff (a motion adapter on a Stable Diffusion 1.5 base).
+"""Text to video with AnimateDiff (a motion adapter on a Stable Diffusion 1.5 base).
 
 `model_path` may name either half, as the two seeds do: the motion adapter (the seed's table:
 guoyww/animatediff-motion-adapter-v1-5-2) or the SD 1.5 base model (DataFlow-Gen's config:
 emilianJR/epiCRealism). Which one it is comes from the checkpoint itself: a `MotionAdapter`
 config.json or a pipeline's model_index.json. The other half comes from `base_model_path` or
-`motion_adapter_path`. The scheduler defaults to AnimateDiff's recommended DDIM setup.
+`motion_adapter_path`. The scheduler defaults to AnimateDiff's recommended DDIM setup. The
+shared path: `_base.DiffusersGenerator`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import Stage, StageError, require
 from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
-from stages.generators import _media as media
+from stages.generators._base import DiffusersGenerator, Samples
 
 BASE_PIPELINES = ("StableDiffusionPipeline", "AnimateDiffPipeline")
 DEFAULT_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -37,7 +37,10 @@ def kind_of(model_path: str, fetch: bool = False) -> Kind | None:
     return None
 
 
-class AnimateDiffConfig(common.GeneratorConfig):
+class AnimateDiffConfig(common.VideoGeneratorConfig):
+    # No `pipeline`: model_path may be either half, so _checkpoints below tells them apart.
+    side_multiple = (8, "AnimateDiff")
+
     model_path: str = Field(
         DEFAULT_ADAPTER, description="The motion adapter or the SD 1.5 base model (told apart by the checkpoint)."
     )
@@ -52,7 +55,6 @@ class AnimateDiffConfig(common.GeneratorConfig):
     fps: float = Field(8, gt=0, description="Frame rate of the written video.")
     decode_chunk_size: int = Field(16, ge=1, description="Frames decoded by the VAE at a time.")
     clip_skip: int | None = Field(None, ge=1, description="CLIP layers to skip for the prompt embedding.")
-    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>_0.mp4, <id>_1.mp4, ...).")
     enable_vae_tiling: bool = Field(False, description="Decode in spatial tiles (less memory).")
     enable_vae_slicing: bool = Field(True, description="Decode one video of the batch at a time (less memory).")
     scheduler: str | None = Field("DDIMScheduler", description="Scheduler class (AnimateDiff: DDIM).")
@@ -66,12 +68,7 @@ class AnimateDiffConfig(common.GeneratorConfig):
         description="Scheduler config overrides (AnimateDiff's recommended DDIM setup by default).",
     )
 
-    @field_validator("height", "width")
-    @classmethod
-    def _eight(cls, value: int, info) -> int:
-        return checkpoints.multiple_of(value, 8, info.field_name, "AnimateDiff")
-
-    @field_validator("model_path", "motion_adapter_path", "base_model_path")
+    @field_validator("motion_adapter_path", "base_model_path")  # model_path: GeneratorConfig's check
     @classmethod
     def _path(cls, value: str, info) -> str:
         return checkpoints.check_model_path(value, info.field_name)
@@ -97,12 +94,9 @@ class AnimateDiffConfig(common.GeneratorConfig):
             return self
         adapter, base = self.halves(kind)
         key = "base_model_path" if kind == "adapter" else "model_path"
-        checkpoints.check_pipeline_class(base, BASE_PIPELINES, "AnimateDiffGenerator (base model)", key)
+        checkpoints.check_pipeline_class(base, BASE_PIPELINES, f"{self.stage} (base model)", key)
         check_adapter(adapter, self.num_frames)
         return self
-
-    def input_fields(self) -> dict[str, Any]:
-        return common.text_inputs(self)
 
 
 def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
@@ -127,65 +121,31 @@ def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
     return limit
 
 
-class AnimateDiffGenerator(Stage):
+class AnimateDiffGenerator(DiffusersGenerator):
     Config = AnimateDiffConfig
-    accelerated = True  # one resident pipeline per GPU
+    half_dtype = "float16"
+    call_keys = ("num_frames", "guidance_scale", "decode_chunk_size", "clip_skip")
 
-    def load(self) -> None:
-        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
-            require("diffusers", stage="AnimateDiffGenerator", extra="generators")
-            config = self.config
-            common.check_offload(config, self.device, "AnimateDiffGenerator")
-            kind = kind_of(config.model_path, fetch=True)
-            if kind is None:
-                raise ValueError(
-                    f"AnimateDiffGenerator: model_path {config.model_path!r} has neither a MotionAdapter config.json "
-                    f"nor a model_index.json; give the motion adapter or the SD 1.5 base model"
-                )
-            adapter_path, base_path = config.halves(kind)
-            check_adapter(adapter_path, config.num_frames, fetch=True)
-            checkpoints.ensure_pipeline_class(base_path, BASE_PIPELINES, "AnimateDiffGenerator (base model)")
-            dtype = common.torch_dtype(config.dtype, self.device, "float16")
-            adapter = common.diffusers_class("MotionAdapter").from_pretrained(adapter_path, dtype=dtype)
-            # `variant` applies to the base model: adapters are published in one precision.
-            self.pipe = common.diffusers_class("AnimateDiffPipeline", base_path).from_pretrained(
-                base_path, motion_adapter=adapter, **common.pretrained_kwargs(config, dtype)
-            )
-            self.max_frames = adapter.config.motion_max_seq_length
-            common.place(self.pipe, config, self.device)
-            self.knobs = common.Knobs(self.pipe, "AnimateDiffGenerator")
-            common.clip_text_model_shim(self.pipe.text_encoder)
-
-    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "AnimateDiffGenerator")}}
-
-    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        return common.run_batch(batch, self.prepare, self._generate, self._write)
-
-    def _generate(self, records: list[dict[str, Any]]) -> list[list]:
+    def load_pipeline(self, dtype):
         config = self.config
-        if config.num_frames > self.max_frames:  # after a hot reload
+        kind = kind_of(config.model_path, fetch=True)
+        if kind is None:
+            raise ValueError(
+                f"{self.name}: model_path {config.model_path!r} has neither a MotionAdapter config.json "
+                f"nor a model_index.json; give the motion adapter or the SD 1.5 base model"
+            )
+        adapter_path, base_path = config.halves(kind)
+        check_adapter(adapter_path, config.num_frames, fetch=True)
+        checkpoints.ensure_pipeline_class(base_path, BASE_PIPELINES, f"{self.name} (base model)")
+        adapter = common.diffusers_class("MotionAdapter").from_pretrained(adapter_path, dtype=dtype)
+        self.max_frames = adapter.config.motion_max_seq_length
+        # `variant` applies to the base model: adapters are published in one precision.
+        return self.from_pretrained("AnimateDiffPipeline", base_path, dtype, motion_adapter=adapter)
+
+    def after_load(self) -> None:
+        common.clip_text_model_shim(self.pipe.text_encoder)
+
+    def call_args(self, samples: Samples) -> dict[str, Any]:
+        if self.config.num_frames > self.max_frames:  # after a hot reload
             raise ValueError(f"num_frames must be at most {self.max_frames} for this motion adapter")
-        self.knobs.sync(config.scheduler, config.scheduler_config, config.enable_vae_tiling, config.enable_vae_slicing)
-        rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
-        frames = self.pipe(
-            prompt=[row[common.PREPARED]["prompt"] for row in rows],
-            negative_prompt=[config.negative_prompt] * len(rows) if config.negative_prompt else None,
-            num_frames=config.num_frames,
-            height=config.height,
-            width=config.width,
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            decode_chunk_size=config.decode_chunk_size,
-            clip_skip=config.clip_skip,
-            generator=common.cpu_generators(seeds),
-            output_type="np",
-        ).frames
-        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
-
-    def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
-        return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
-
-    def close(self) -> None:
-        self.pipe = self.knobs = None
-        common.release(self.device)
+        return {"negative_prompt": samples.each(self.config.negative_prompt)}

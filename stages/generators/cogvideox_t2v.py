@@ -1,9 +1,10 @@
-"""CogVideoXT2VGenerator: text to video with CogVideoX-2b / -5b (diffusers CogVideoXPipeline).
+"""Text to video with CogVideoX-2b / -5b (diffusers CogVideoXPipeline).
 
 Every generation setting in the config reaches the pipeline (the seed's version ignored them).
 Frames must be 8k+1 and sides multiples of 16; the text length must match the transformer's
 when it uses absolute positional embeddings (CogVideoX-2b). Prompts in a batch go through one
-pipeline call, each sample with its own seeded generator.
+pipeline call, each sample with its own seeded generator (the shared path:
+`_base.DiffusersGenerator`). The image-to-video CogVideoXGenerator builds on this file.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from stages.base import Stage, StageError, require
-from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
-from stages.generators import _media as media
-
-PIPELINE = "CogVideoXPipeline"
+from stages.generators._base import DiffusersGenerator, Samples
 
 
 def check_frames(value: int) -> int:
@@ -45,7 +42,10 @@ def text_length(pipe, wanted: int | None, stage: str) -> int:
     return wanted
 
 
-class CogVideoXT2VConfig(common.GeneratorConfig):
+class CogVideoXT2VConfig(common.VideoGeneratorConfig):
+    pipeline = "CogVideoXPipeline"
+    side_multiple = (16, "CogVideoX")
+
     model_path: str = Field("THUDM/CogVideoX-2b", description="CogVideoX text-to-video checkpoint folder or hub id.")
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(6.0, ge=0, description="Classifier-free guidance.")
@@ -58,77 +58,24 @@ class CogVideoXT2VConfig(common.GeneratorConfig):
     max_sequence_length: int | None = Field(
         None, ge=1, description="T5 prompt tokens; default: the transformer's own (226)."
     )
-    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>_0.mp4, <id>_1.mp4, ...).")
     enable_vae_tiling: bool = Field(True, description="Decode in spatial tiles (less memory).")
     enable_vae_slicing: bool = Field(True, description="Decode one video of the batch at a time (less memory).")
-
-    @field_validator("height", "width")
-    @classmethod
-    def _sixteen(cls, value: int, info) -> int:
-        return checkpoints.multiple_of(value, 16, info.field_name, "CogVideoX")
 
     @field_validator("num_frames")
     @classmethod
     def _frames(cls, value: int) -> int:
         return check_frames(value)
 
-    @field_validator("model_path")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        checkpoints.check_model_path(value)
-        checkpoints.check_pipeline_class(value, [PIPELINE], "CogVideoXT2VGenerator")
-        return value
 
-    def input_fields(self) -> dict[str, Any]:
-        return common.text_inputs(self)
-
-
-class CogVideoXT2VGenerator(Stage):
+class CogVideoXT2VGenerator(DiffusersGenerator):
     Config = CogVideoXT2VConfig
-    accelerated = True  # one resident pipeline per GPU
+    call_keys = ("num_frames", "guidance_scale", "use_dynamic_cfg")
 
-    def load(self) -> None:
-        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
-            require("diffusers", stage="CogVideoXT2VGenerator", extra="generators")
-            config = self.config
-            common.check_offload(config, self.device, "CogVideoXT2VGenerator")
-            checkpoints.ensure_pipeline_class(config.model_path, [PIPELINE], "CogVideoXT2VGenerator")
-            dtype = common.torch_dtype(config.dtype, self.device, "bfloat16")
-            self.pipe = common.diffusers_class(PIPELINE, config.model_path).from_pretrained(
-                config.model_path, **common.pretrained_kwargs(config, dtype)
-            )
-            text_length(self.pipe, config.max_sequence_length, "CogVideoXT2VGenerator")
-            common.place(self.pipe, config, self.device)
-            self.knobs = common.Knobs(self.pipe, "CogVideoXT2VGenerator")
+    def after_load(self) -> None:
+        text_length(self.pipe, self.config.max_sequence_length, self.name)
 
-    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, common.PREPARED: {"prompt": common.prompt_of(record, self.config, "CogVideoXT2VGenerator")}}
-
-    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
-        return common.run_batch(batch, self.prepare, self._generate, self._write)
-
-    def _generate(self, records: list[dict[str, Any]]) -> list[list]:
-        config = self.config
-        self.knobs.sync(config.scheduler, config.scheduler_config, config.enable_vae_tiling, config.enable_vae_slicing)
-        rows, seeds = common.expand(records, config.num_videos_per_prompt, config.seed)
-        frames = self.pipe(
-            prompt=[row[common.PREPARED]["prompt"] for row in rows],
-            negative_prompt=[config.negative_prompt] * len(rows) if config.negative_prompt else None,
-            height=config.height,
-            width=config.width,
-            num_frames=config.num_frames,
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            use_dynamic_cfg=config.use_dynamic_cfg,
-            max_sequence_length=text_length(self.pipe, config.max_sequence_length, "CogVideoXT2VGenerator"),
-            generator=common.cpu_generators(seeds),
-            output_type="np",
-        ).frames
-        return common.regroup(media.to_uint8(frames), config.num_videos_per_prompt)
-
-    def _write(self, record: dict[str, Any], videos: list) -> dict[str, Any]:
-        return common.write_videos(record, videos, self.config, self.config.fps, self.usage)
-
-    def close(self) -> None:
-        self.pipe = self.knobs = None
-        common.release(self.device)
+    def call_args(self, samples: Samples) -> dict[str, Any]:
+        return {
+            "negative_prompt": samples.each(self.config.negative_prompt),
+            "max_sequence_length": text_length(self.pipe, self.config.max_sequence_length, self.name),
+        }

@@ -3,6 +3,8 @@ files of the requested frames, size and fps (PNG for the image models), determin
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
 
@@ -133,10 +135,61 @@ def test_several_videos_per_prompt_and_filename_template(tiny_models, tmp_path):
     stage = cls(cls.Config(**config), "cpu")
     stage.load()
     [result] = stage.process([make_record("7", tmp_path)])
-    assert [p.name for p in result["clip"]] == ["job-7_0.mp4", "job-7_1.mp4"]
+    assert [p.name for p in result["clip"]] == ["job-7~0.mp4", "job-7~1.mp4"]
     first, second = (_read(p) for p in result["clip"])
     assert first.shape == second.shape == (8, 24, 32, 3)
     assert not np.array_equal(first, second)
+
+
+def test_several_outputs_never_share_a_file_with_another_record(loaded, tmp_path):
+    """Record `a`'s outputs 0 and 1, then (after a hot reload to one image per record, as the
+    runtime swaps `stage.config`) records whose ids are the names `<id>_<index>` used to give
+    a's outputs, and `a~0`: five files side by side in one media folder, each holding what the
+    pipeline made for its own (record, output index) (PNG is lossless: compared exactly)."""
+    stage = loaded("FLUXGenerator")
+    media = tmp_path / "media"
+    records = {i: make_record(i, media, text=f"a fox, take {i}") for i in ("a", "a_0", "a_1", "a~0")}
+    try:
+        stage.config = stage.config.model_copy(update={"num_images_per_prompt": 2})
+        [first] = stage.process([records["a"]])
+        [made_for_a] = stage._generate([stage.prepare(records["a"])])
+        stage.config = stage.config.model_copy(update={"num_images_per_prompt": 1})
+        later = stage.process([records[i] for i in ("a_0", "a_1", "a~0")])
+        made_later = [made for [made] in stage._generate([stage.prepare(records[i]) for i in ("a_0", "a_1", "a~0")])]
+    finally:
+        stage.config = stage.config.model_copy(update={"num_images_per_prompt": 1})
+    paths = [*first["image"], *(result["image"] for result in later)]
+    assert sorted(media.glob("*.png")) == sorted(paths)  # five files, none written over
+    for path, made in zip(paths, [*made_for_a, *made_later], strict=True):
+        assert np.array_equal(read_png(path), made), path
+    assert not np.array_equal(made_for_a[0], made_later[0])  # a's first image is not a_0's
+    assert [p.name for p in paths] == ["a~0.png", "a~1.png", "a_0.png", "a_1.png", paths[4].name]
+    assert paths[4].name.startswith("a_0~") and len(paths[4].stem) == len("a_0~") + 16  # `a~0` is hashed
+
+
+def test_a_full_disk_is_not_the_records_fault_a_bad_path_is(loaded, tmp_path, tmpfs):
+    """A PNG that does not fit on a full tmpfs raises out of `process` with its errno (the
+    failure contract: transient, the batch is asked again later and no record is failed); once
+    there is space the same call writes it. A directory where the file goes is the record's own
+    problem: record-level."""
+    from daemon.runtime.failures import RECORD, TRANSIENT, classify
+    from tests.daemon.test_failure_contract import fill
+
+    stage = loaded("FLUXGenerator")
+    media = tmpfs(tmp_path / "media", 64)
+    ballast = fill(media)
+    with pytest.raises(OSError) as full:
+        stage.process([make_record("d1", media)])
+    assert full.value.errno == errno.ENOSPC and classify(full.value) == TRANSIENT
+    assert "cannot write the generated file" in str(full.value)
+    ballast.unlink()
+    [result] = stage.process([make_record("d1", media)])
+    assert read_png(result["image"]).shape == (16, 32, 3)
+
+    (media / "d2.png" / "taken").mkdir(parents=True)
+    with pytest.raises(OSError) as taken:
+        stage.process([make_record("d2", media)])
+    assert classify(taken.value) == RECORD and str(taken.value).endswith(f"-> '{media / 'd2.png'}'")
 
 
 def test_prompt_template_and_missing_fields(loaded, tmp_path):
