@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
 from daemon.io.records import Record
@@ -30,10 +31,14 @@ from daemon.runtime.batching import BatchLimits, CallGate
 from daemon.runtime.failures import TRANSIENT, Pauses, classify
 from stages.base import Filtered, StageError
 
+if TYPE_CHECKING:
+    from daemon.config import Step
+
 log = logging.getLogger(__name__)
 
 Failure = tuple[Record, str, str]  # record, error type, message
 Advance = Callable[[int, list[Record], list[Failure]], Awaitable[None]]
+Items = list[tuple[Record, dict]]  # records with their prepared inputs
 
 
 CRASHES_BEFORE_ERROR = 2  # a record that crashes its worker this often, alone on it, goes to errors
@@ -93,6 +98,28 @@ class Worker:
         self._held = 0  # records taken off the queue and not yet handed on
         self._idle = asyncio.Event()
         self._idle.set()
+        self.oom_advice = "use a larger device"  # the stage's own advice (for_step / set_step)
+
+    @staticmethod
+    def name_for(step: Step, n: int, device: str) -> str:
+        """`<step label>/w<n>@<device>`: how logs, metrics and thread names call a worker."""
+        return f"{step.label}/w{n}@{device}"
+
+    @classmethod
+    def for_step(
+        cls, step: Step, host: StageHost, device: str, name: str, *, queue, advance, metrics, pauses, limits, digest
+    ) -> Worker:
+        """A worker of `step` on `device` whose stage lives in `host`: the one way the runtime makes
+        one (the constructor's arguments, plus the stage's own advice for out-of-memory errors)."""
+        worker = cls(step.index, step.label, host, queue, advance, metrics, limits, name, digest, device, pauses)
+        worker.oom_advice = step.stage_cls.out_of_memory_advice(step.config)
+        return worker
+
+    def set_step(self, step: Step, limits: BatchLimits, digest: str | None) -> None:
+        """New settings for the same step (while drained: they take effect when `run` starts again)."""
+        self.set_limits(limits)
+        self.config_digest = digest
+        self.oom_advice = step.stage_cls.out_of_memory_advice(step.config)
 
     def set_limits(self, limits: BatchLimits) -> None:
         self.limits = limits
@@ -271,11 +298,7 @@ class Worker:
         return await self.pauses.outlast(outputs[waiting[0]], what, again)
 
     async def _call_model(
-        self,
-        items: list[tuple[Record, dict]],
-        ok: list[Record],
-        failed: list[Failure],
-        crashes: Counter[int] | None = None,
+        self, items: Items, ok: list[Record], failed: list[Failure], crashes: Counter[int] | None = None
     ) -> None:
         """`crashes`: for a batch being retried after lost workers, how often each record
         (by id()) was in a lost call; such retries run alone on the host."""
@@ -310,22 +333,11 @@ class Worker:
                 record.children = output  # an empty list: no child; the pipeline files it as filtered
                 ok.append(record)
             else:
-                failed.append(
-                    (
-                        record,
-                        "BadStageOutput",
-                        f"stage returned a {type(output).__name__}; expected a dict of new fields, a StageError, "
-                        "a Filtered or a list of children (dicts)",
-                    )
-                )
+                expected = "expected a dict of new fields, a StageError, a Filtered or a list of children (dicts)"
+                failed.append((record, "BadStageOutput", f"stage returned a {type(output).__name__}; {expected}"))
 
     async def _retry_lost(
-        self,
-        items: list[tuple[Record, dict]],
-        lost: WorkerLost,
-        ok: list[Record],
-        failed: list[Failure],
-        crashes: Counter[int],
+        self, items: Items, lost: WorkerLost, ok: list[Record], failed: list[Failure], crashes: Counter[int]
     ) -> None:
         """The worker died under this batch: retry it in halves, alone on the host, until a
         record that takes the worker down with it has done so twice; that one is an error."""
@@ -334,14 +346,8 @@ class Worker:
         if len(items) == 1:
             record = items[0][0]
             if crashes[id(record)] >= CRASHES_BEFORE_ERROR:
-                failed.append(
-                    (
-                        record,
-                        lost.kind,
-                        f"{lost}; the worker was lost {crashes[id(record)]} times with this record in the call, "
-                        "the last time with it alone, so it is set aside",
-                    )
-                )
+                why = f"the worker was lost {crashes[id(record)]} times with this record in the call, the last time"
+                failed.append((record, lost.kind, f"{lost}; {why} with it alone, so it is set aside"))
                 return
             log.warning("%s: worker lost under record %s (%s); retrying it alone", self.name, record.id, lost)
             await self._call_model(items, ok, failed, crashes)
@@ -356,15 +362,13 @@ class Worker:
         await self._call_model(items[:half], ok, failed, crashes)
         await self._call_model(items[half:], ok, failed, crashes)
 
-    async def _recover(
-        self, items: list[tuple[Record, dict]], exc: Exception, ok: list[Record], failed: list[Failure]
-    ) -> None:
+    async def _recover(self, items: Items, exc: Exception, ok: list[Record], failed: list[Failure]) -> None:
         if len(items) == 1:
             record = items[0][0]
             kind = type(exc).__name__
             message = str(exc) or repr(exc)
             if is_out_of_memory(exc):
-                message = f"out of memory even with a batch of one record: {message}; lower max_pixels/num_frames or use a larger device"
+                message = f"out of memory even with a batch of one record: {message}; {self.oom_advice}"
             failed.append((record, kind, message))
             return
         if is_out_of_memory(exc):

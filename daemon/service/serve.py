@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.io.inbox import Inbox
+from daemon.io.inbox import DEFAULT_IGNORE, Inbox
 from daemon.io.jobs import (
     DONE,
     WORK,
@@ -38,14 +38,17 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.runtime.engine import Engine, FileUnreadable, JobInput
 from daemon.runtime.failures import OUTBOX, PipelineDied, describe
 from daemon.service.notify import Notifier
-from daemon.service.reload.reloader import Reloader, inbox_ignore
+from daemon.service.reload.reloader import Reloader
 
 log = logging.getLogger("reelflow")
 
 MAX_ACTIVE_JOBS = 64
-STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this often when enabled)
 ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
 DRAIN_LOG_S = 5.0  # while draining: how often the progress is logged
+
+
+def inbox_ignore(config: Config) -> tuple[str, ...]:
+    return (*DEFAULT_IGNORE, *config.daemon.ignore)
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -56,7 +59,6 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None, log_level_pinned: bool = False):
-        self.config = config
         self.config_path = config_path
         self.log_level_pinned = log_level_pinned  # --log-level given: a reload does not change it
         section = config.daemon
@@ -76,11 +78,18 @@ class Daemon:
         self._interrupted: set[str] = set()  # jobs a stop left unfinished: they resume at the next start
         self._active_jobs = asyncio.Semaphore(MAX_ACTIVE_JOBS)
         self.notifier = Notifier.from_environment()
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(
+            config_path, self.engine.pipeline, self.notifier, self.apply_settings, self.status_line
+        )
         self.inbox: Inbox | None = None
         self.metrics.set_config(config.digest)
         self._throughput = (time.monotonic(), 0.0, 0.0)  # (when, records finished, records/s)
         self._stopping = False
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the pipeline holds it; a reload replaces it there)."""
+        return self.engine.pipeline.config
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -89,7 +98,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request)  # served once ready
-        heartbeat = asyncio.create_task(self._heartbeat(), name="sd-notify")
+        heartbeat = asyncio.create_task(self.notifier.heartbeat(self.healthy, self.status_line), name="sd-notify")
         self.reloader.watch()
         self.notifier.status("loading models")
         try:
@@ -265,24 +274,6 @@ class Daemon:
             f"{ok:.0f} records ok, {errors:.0f} errors, {rate:.1f} records/s, {queued} queued, "
             f"{len(self._job_tasks)} job(s) in progress, config {self.config.digest}"
         )
-
-    async def _heartbeat(self) -> None:
-        """WATCHDOG=1 (when systemd asked for it) and STATUS= lines, from the main loop."""
-        if not self.notifier.enabled:
-            return
-        watchdog = self.notifier.watchdog_interval_s
-        period = min(watchdog, STATUS_EVERY_S) if watchdog else STATUS_EVERY_S
-        last_status = time.monotonic()
-        while True:
-            await asyncio.sleep(period)
-            if watchdog:
-                if self.healthy():
-                    self.notifier.watchdog()
-                else:
-                    log.error("unhealthy (the pipeline or a step's workers are gone): no WATCHDOG=1 sent")
-            if time.monotonic() - last_status >= STATUS_EVERY_S - 0.01:
-                self.notifier.status(self.status_line())
-                last_status = time.monotonic()
 
     # --- intake ----------------------------------------------------------------------------
 

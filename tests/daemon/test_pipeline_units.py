@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from daemon.config import parse_config
+from daemon.hosts.local import worker_devices
 from daemon.metrics import Metrics, MetricsServer
-from daemon.runtime.pipeline import JobRun, worker_devices
+from daemon.runtime.outcomes import JobRun
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from daemon.config import parse_config
-from daemon.service.reload.reloader import plan_reload
+from daemon.service.reload.plan import plan_reload
 from tests.harness import DaemonProcess, metric_value, write_config
 from tests.ops.stages import ENV, EXTRA_STAGES
 from tests.ops.util import config_in_force, digest_of, jsonl, model_loads, reloads, wait_for, write_atomic
