@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 RECORD_ID = "id"
 JOB = "_job"
 MEDIA_DIR = "_media_dir"
+
+# Loading models is not thread-safe (transformers' and diffusers' lazy modules, accelerate's
+# init_empty_weights patching torch.nn.Module process-wide), so a process loads one stage at a
+# time: the runtime holds this lock around every `load`; it is reentrant, so a stage may hold it
+# again around its own lazy class lookups. The one model-loading lock of the process.
+MODEL_LOADING = threading.RLock()
 
 # What a stage needs from the input row, by kind; the reader checks these on the first
 # step and resolves the path kinds against the allowed roots.

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from stages.base import Resources, Stage, StageConfig, StageError, has_prepare
+from stages.base import MODEL_LOADING, Resources, Stage, StageConfig, StageError, has_prepare
 
 if TYPE_CHECKING:
     from daemon.config import Step
@@ -45,10 +44,6 @@ def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> 
 class LocalHost:
     """The stage in this process: blocking calls in threads, `aprocess` awaited on the loop."""
 
-    # Model loading is not thread-safe (transformers' lazy imports, accelerate's init_empty_weights
-    # patching torch process-wide), so the stages of one process load one at a time.
-    _loading = threading.Lock()
-
     def __init__(self, stage_cls: type[Stage], config: StageConfig, device: str, prep_workers: int, label: str):
         self.stage = stage_cls(config, device)
         self._asynchronous: bool | None = None  # what the loaded stage says (its backend is chosen at load)
@@ -63,7 +58,7 @@ class LocalHost:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
     def _load(self) -> None:
-        with LocalHost._loading:
+        with MODEL_LOADING:  # one stage loads at a time in a process (see stages/base.py)
             self.stage.load()
 
     async def load(self) -> None:

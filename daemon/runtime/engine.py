@@ -178,11 +178,12 @@ class Engine:
         try:
             async with self._sinks(job.name, paths.results) as sinks:
                 # The feed ends when the file is read; the run ends early when the job fails or the pipeline dies.
-                ended = asyncio.ensure_future(run.finished.wait())
+                ended = asyncio.create_task(run.finished.wait(), name=f"ended-{job.name}")
                 try:
                     await asyncio.wait({feed, ended}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     ended.cancel()
+                    await asyncio.gather(ended, return_exceptions=True)
                 if run.failure is not None:
                     feed.cancel()
                     await asyncio.gather(feed, return_exceptions=True)

@@ -51,11 +51,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text and ("cuda" in text or "alloc" in text or "device" in text)
 
 
-def _seen(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 class Worker:
     """One resident stage on its step's queue.
 
@@ -151,16 +146,13 @@ class Worker:
 
     async def run(self) -> None:
         self._ready = asyncio.Queue(maxsize=max(1, self.limits.batch_size))  # limits may have changed
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
-                group.create_task(self._batches(group), name=f"{self.name}-batches")
-        finally:
-            while not self._ready.empty():  # prepares started for records that will not run now
-                _, task = self._ready.get_nowait()
-                task.cancel()
+        # Every task of the worker is in this group: a stop cancels the prepares started for
+        # records that will not run now, with the loops.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._prefetch(group), name=f"{self.name}-prefetch")
+            group.create_task(self._batches(group), name=f"{self.name}-batches")
 
-    async def _prefetch(self) -> None:
+    async def _prefetch(self, group: asyncio.TaskGroup) -> None:
         while True:
             await self._paused.wait()
             record: Record = await self.queue.get()
@@ -171,11 +163,16 @@ class Worker:
             self._idle.clear()
             record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
-            task = asyncio.ensure_future(self.host.prepare(record.fields))
-            # A prepare whose batch is dropped by a stop is never awaited: its error is seen here, not
-            # left for asyncio's "exception was never retrieved". Awaiting it still raises it.
-            task.add_done_callback(_seen)
+            task = group.create_task(self._prepare(record.fields), name=f"{self.name}-prepare")
             await self._ready.put((record, task))
+
+    async def _prepare(self, fields: dict) -> dict | Exception:
+        """A record's prepare, in the worker's task group: its failure is the record's, so it is
+        returned (and raised where the batch awaits it), never left to end the group."""
+        try:
+            return await self.host.prepare(fields)
+        except Exception as exc:
+            return exc
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.limits.concurrency)  # batches in the model at once
@@ -246,7 +243,10 @@ class Worker:
     async def _prepared(self, record: Record, task: asyncio.Future) -> dict:
         """The prepare's result; a transient failure (disk full writing frames) is outlasted, not failed."""
         try:
-            return await task
+            outcome = await task
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         except Exception as exc:
             if classify(exc) != TRANSIENT:
                 raise

@@ -5,7 +5,7 @@ the jobs left in `inbox/.work/`, then claim settled files as they arrive. SIGTER
 stop reading, let in-flight records finish for up to `drain_timeout_s`, exit 0; unfinished
 jobs stay claimed for the next start. A second signal exits at once. SIGHUP (and a change
 of the config file) reloads the config (daemon/service/reload/reloader.py). Under systemd it reports its
-state over sd_notify (daemon/notify.py).
+state over sd_notify (daemon/service/notify.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from daemon.io.jobs import (
     WORK,
     JobEntry,
     JobLedger,
+    claimed_files,
     fingerprint,
+    move_unique,
     record_failure,
     remove_state_file,
-    unique_destination,
     write_json_atomic,
 )
 from daemon.io.outbox import STATE_DIR, OutboxLayout
@@ -108,12 +109,10 @@ class Daemon:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             self.notifier.close()
-            remove_state_file(self.state_dir / "daemon.json")  # on every way out, errors included
+            await asyncio.to_thread(remove_state_file, self.state_dir / "daemon.json")  # every way out, errors too
 
     async def _serve(self) -> int:
-        for folder in (self.inbox_dir / WORK, self.outbox_dir, self.state_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        self.ledger = JobLedger(self.state_dir, self.inbox_dir)
+        self.ledger = await asyncio.to_thread(self._open_ledger)
         url = await self.server.start()
         log.info("metrics at %s (also /healthz, /readyz)", url)
         try:
@@ -122,10 +121,13 @@ class Daemon:
             await self.server.stop()
             raise
         self.ready = True
-        write_json_atomic(
-            self.state_dir / "daemon.json",
-            {"pid": os.getpid(), "metrics_url": url, "config": str(self.config_path or ""), "started_at": time.time()},
-        )
+        state = {
+            "pid": os.getpid(),
+            "metrics_url": url,
+            "config": str(self.config_path or ""),
+            "started_at": time.time(),
+        }
+        await asyncio.to_thread(write_json_atomic, self.state_dir / "daemon.json", state)
         log.info("ready: watching %s, writing to %s", self.inbox_dir, self.outbox_dir)
         self.reloader.start()
         self.notifier.ready(self.status_line())
@@ -142,6 +144,11 @@ class Daemon:
         if failure is not None:
             raise failure
         return 0
+
+    def _open_ledger(self) -> JobLedger:
+        for folder in (self.inbox_dir / WORK, self.outbox_dir, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return JobLedger(self.state_dir, self.inbox_dir)  # settles what a crash left half-recorded
 
     async def _drain_jobs(self, timeout: float) -> set[asyncio.Task]:
         """Wait for the jobs to finish their records in flight, logging the progress; returns those still running."""
@@ -208,7 +215,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._job_tasks, return_exceptions=True)
         await self.server.stop()
-        (self.state_dir / "daemon.json").unlink(missing_ok=True)
+        await asyncio.to_thread((self.state_dir / "daemon.json").unlink, missing_ok=True)
         if self._interrupted:
             log.info(
                 "stopped; job(s) %s stay claimed in %s and resume at the next start, skipping the records already written",
@@ -278,12 +285,12 @@ class Daemon:
     # --- intake ----------------------------------------------------------------------------
 
     async def _intake(self) -> None:
-        for path in sorted((self.inbox_dir / WORK).iterdir()):
-            if path.is_file() and not path.name.startswith("."):
-                self._resume(path)
+        for path in await asyncio.to_thread(claimed_files, self.inbox_dir):
+            await self._resume(path)
         section = self.config.daemon
         self.inbox = Inbox(self.inbox_dir, section.settle_ms, section.rescan_s, inbox_ignore(self.config))
-        sources = SourcePoller(section.sources, self.inbox_dir, self.state_dir / "sources.json").start()
+        poller = await asyncio.to_thread(SourcePoller, section.sources, self.inbox_dir, self.state_dir / "sources.json")
+        sources = poller.start()
         try:
             async for path in self.inbox.settled():
                 try:
@@ -293,13 +300,17 @@ class Daemon:
         finally:
             await sources.stop()  # owned by intake: it ends with it
 
-    def _resume(self, path: Path) -> None:
-        entry = self.ledger.entries.get(path.stem)
-        if entry is None:  # claimed just before a crash, before its ledger entry was written
-            entry = JobEntry(path.stem, path.name, path.suffix, fingerprint(path), "claimed", time.time())
-            self.ledger.save(entry)
-        log.info("resuming job %s", entry.name)
-        self._start_job(entry, path)
+    async def _resume(self, path: Path) -> None:
+        def entry() -> JobEntry:
+            found = self.ledger.entries.get(path.stem)
+            if found is None:  # claimed just before a crash, before its ledger entry was written
+                found = JobEntry(path.stem, path.name, path.suffix, fingerprint(path), "claimed", time.time())
+                self.ledger.save(found)
+            return found
+
+        resumed = await asyncio.to_thread(entry)
+        log.info("resuming job %s", resumed.name)
+        self._start_job(resumed, path)
 
     async def _claim(self, path: Path) -> None:
         fmt = input_format(path)
@@ -310,10 +321,9 @@ class Daemon:
             log.warning("%s", message)
             return
         print_ = await asyncio.to_thread(fingerprint, path)
-        known = self.ledger.known(print_)
+        known = await asyncio.to_thread(self.ledger.known, print_)
         if known is not None and known.state in ("done", "claimed"):
-            target = unique_destination(self.inbox_dir / DONE, path.name)
-            os.replace(path, target)
+            target = await asyncio.to_thread(move_unique, path, self.inbox_dir / DONE)
             log.info(
                 "%s has the same content as job %s (%s): nothing to do, moved to %s",
                 path.name,
@@ -322,10 +332,7 @@ class Daemon:
                 target,
             )
             return
-        in_work = {p.stem for p in (self.inbox_dir / WORK).iterdir()}
-        name = known.name if known is not None else self.ledger.new_name(path.stem, in_work)
-        claimed = self.inbox_dir / WORK / f"{name}{path.suffix}"
-        os.replace(path, claimed)
+        name, claimed = await asyncio.to_thread(self.ledger.claim, path, self.inbox_dir, known)
         entry = JobEntry(name, path.name, path.suffix, print_, "claimed", time.time())
         await self._save(entry)
         log.info("claimed %s as job %s", path.name, name)
@@ -358,7 +365,7 @@ class Daemon:
                 if run.interrupted:
                     self._interrupted.add(entry.name)
                     return
-                os.replace(path, unique_destination(self.inbox_dir / DONE, path.name))
+                await asyncio.to_thread(move_unique, path, self.inbox_dir / DONE)
                 entry.state, entry.finished_at = "done", time.time()
                 entry.ok, entry.errors = run.writer.results_written, run.writer.errors_written
                 await self._save(entry)

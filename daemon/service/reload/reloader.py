@@ -14,7 +14,7 @@ with the config in force:
   `on_applied` applies the daemon's own settings (`settle_ms`, `log_level`, ...).
 
 Each worker stamps the records it takes with the digest of the config it runs with, so a
-result line's `_config_hash` is the config that produced it (daemon/outbox.py).
+result line's `_config_hash` is the config that produced it (daemon/io/outbox.py).
 A file change reloads only when the text differs from the last one tried; SIGHUP always
 reloads (systemd expects its RELOADING=1 ... READY=1 either way).
 """
@@ -61,6 +61,7 @@ class Reloader:
         self._idle.set()
         self._task: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._watch_stop = asyncio.Event()
 
     # --- triggers ---------------------------------------------------------------------------
 
@@ -76,32 +77,42 @@ class Reloader:
     def watch(self) -> None:
         """Start watching the file; call it before the models load so that an edit made
         meanwhile is not missed (its reload waits for `start`)."""
-        self._set_watch(self.pipeline.config.daemon.watch_config)
+        if self.pipeline.config.daemon.watch_config:
+            self._start_watch()
 
     def start(self) -> None:
         """Serve reload requests, beginning with a check that the file is still the one loaded."""
         if self.path is None:
             return
-        self._set_watch(self.pipeline.config.daemon.watch_config)
+        if self.pipeline.config.daemon.watch_config:
+            self._start_watch()
         self.request(forced=False)
         self._task = asyncio.create_task(self._serve(), name="config-reload")
 
     async def stop(self) -> None:
         """Let a reload in progress finish (a half-done rollout must not be cut), then stop."""
-        self._set_watch(False)
+        await self._set_watch(False)
         await self._idle.wait()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def _set_watch(self, on: bool) -> None:
-        if on and self._watcher is None and self.path is not None:
-            self._watcher = asyncio.create_task(self._watch(), name="config-watch")
-        elif not on and self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+    def _start_watch(self) -> None:
+        if self._watcher is None and self.path is not None:
+            self._watch_stop = asyncio.Event()
+            self._watcher = asyncio.create_task(self._watch(self._watch_stop), name="config-watch")
 
-    async def _watch(self) -> None:
+    async def _set_watch(self, on: bool) -> None:
+        if on:
+            self._start_watch()
+        elif self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            # Not cancel(): the watch thread would finish its wait (up to 5 s) first; it checks
+            # the stop event every `step` and the task then ends.
+            self._watch_stop.set()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         import watchfiles
 
         target = self.path
@@ -114,7 +125,7 @@ class Reloader:
 
         try:
             async for _ in watchfiles.awatch(
-                target.parent, watch_filter=relevant, recursive=False, debounce=400, step=100
+                target.parent, watch_filter=relevant, recursive=False, debounce=400, step=100, stop_event=stop
             ):
                 self.request(forced=False)
         except Exception as exc:
@@ -190,7 +201,7 @@ class Reloader:
             return self._refuse([f"a new stage failed to load ({exc}); every worker runs its old stage again"])
         pipeline.adopt(new)
         self.on_applied(new)
-        self._set_watch(new.daemon.watch_config)
+        await self._set_watch(new.daemon.watch_config)
         pipeline.metrics.set_config(new.digest)
         pipeline.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded: %s -> %s: %s", old.digest, new.digest, plan.describe())
