@@ -56,8 +56,9 @@ class Worker:
 
     Hot reload changes a worker between two records, never in the middle of one: `pause()`
     stops it taking records off the queue, `drain()` waits until every record it took has
-    been handed on (`advance`), then the reloader stops its loops, swaps its stage or its
-    settings (`set_limits` takes effect when `run` starts again) and `resume()`s it.
+    been handed on (`advance`), then the pipeline (Pipeline.reload_worker and friends)
+    stops its loops, swaps its stage or its settings (`set_step` takes effect when `run`
+    starts again) and starts it again. `Worker.for_step` is how the runtime makes one.
     """
 
     def __init__(
