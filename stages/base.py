@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ class InFlight:
 
     value: Any
 
+
+# Loading models is not thread-safe (transformers' and diffusers' lazy modules, accelerate's
+# init_empty_weights patching torch.nn.Module process-wide), so a process loads one stage at a
+# time: the runtime holds this lock around every `load`; it is reentrant, so a stage may hold it
+# again around its own lazy class lookups. The one model-loading lock of the process.
+MODEL_LOADING = threading.RLock()
 
 # What a stage needs from the input row, by kind; the reader checks these on the first
 # step and resolves the path kinds against the allowed roots.
@@ -217,6 +224,16 @@ class Stage:
             prepares=callable(getattr(cls, "prepare", None)),
         )
 
+    def loaded_resources(self) -> Resources:
+        """What this instance needs now that it is loaded: `resources(self.config)`, unless the
+        stage chose its backend at load (`backend: auto` picks vLLM or transformers by device)."""
+        return type(self).resources(self.config)
+
+    @classmethod
+    def out_of_memory_advice(cls, config: StageConfig) -> str:
+        """What to change when even one record does not fit (the worker's error message says it)."""
+        return "lower the settings that size one record's work, or use a larger device"
+
     def load(self) -> None:
         """Load weights once; may be slow. Called in a worker thread."""
 
@@ -237,13 +254,11 @@ def has_prepare(stage: Stage) -> bool:
 
 
 def is_async(stage: Stage) -> bool:
-    """A stage instance is awaited when its config's resources say so (a stage whose backend is
-    chosen by the config, e.g. GPTTextGenerator's transformers backend, is sync even though the
-    class has `aprocess`); a class, when it has `aprocess` at all."""
-    config = getattr(stage, "config", None) if isinstance(stage, Stage) else None
-    if config is not None:
-        return type(stage).resources(config).asynchronous
-    return callable(getattr(stage, "aprocess", None))
+    """Whether the runtime awaits this instance's `aprocess`: what its loaded resources say (a
+    GPTTextGenerator on transformers is sync even though the class has `aprocess`)."""
+    if getattr(stage, "config", None) is not None:
+        return stage.loaded_resources().asynchronous
+    return callable(getattr(stage, "aprocess", None))  # not initialised (a bare __new__): the class
 
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

@@ -7,13 +7,14 @@ usage, so the runtime's handling of each case can be checked through the real da
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
 
 from pydantic import Field
 
-from stages.base import FieldKind, Stage, StageConfig, StageError
+from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
 
 EXTRA_STAGES = ",".join(f"Test.{name}=tests.stages_for_tests:{name}" for name in ("Echo", "Spin", "Accel"))
 ENV = {"REELFLOW_EXTRA_STAGES": EXTRA_STAGES}
@@ -120,3 +121,7 @@ class Accel(Echo):
 
     Config = AccelConfig
     accelerated = True
+
+    @classmethod
+    def resources(cls, config: AccelConfig) -> Resources:
+        return dataclasses.replace(super().resources(config), accelerators=config.tensor_parallel_size)

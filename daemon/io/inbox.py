@@ -116,7 +116,7 @@ class Inbox:
 
     async def settled(self) -> AsyncIterator[Path]:
         """Yield each new file once it is settled. Runs until cancelled."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
         watcher = asyncio.create_task(self._watch(), name="inbox-watch")
         # The watch starts after the first scan; until it surely runs, rescan often, or a file
         # dropped in between would wait for the next full rescan.

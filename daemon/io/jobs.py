@@ -133,6 +133,14 @@ class JobLedger:
             name = f"{stem}-{n}"
         return name
 
+    def claim(self, path: Path, inbox: Path, known: JobEntry | None) -> tuple[str, Path]:
+        """Move an inbox file into `inbox/.work/` under its job's name: a known job's, else a new one."""
+        in_work = {p.stem for p in (inbox / WORK).iterdir()}
+        name = known.name if known is not None else self.new_name(path.stem, in_work)
+        claimed = inbox / WORK / f"{name}{path.suffix}"
+        os.replace(path, claimed)
+        return name, claimed
+
     def _settle_if_done(self, entry: JobEntry, inbox: Path) -> None:
         if (inbox / WORK / f"{entry.name}{entry.suffix}").exists():
             return  # still to do: serve resumes it
@@ -197,6 +205,18 @@ def unique_destination(folder: Path, file_name: str) -> Path:
     while os.path.lexists(target):  # lexists: a dangling link there (a refused inbox link) is taken too
         n += 1
         target = folder / f"{Path(file_name).stem}.{n}{Path(file_name).suffix}"
+    return target
+
+
+def claimed_files(inbox: Path) -> list[Path]:
+    """The jobs a previous run left claimed in `inbox/.work/`, in name order."""
+    return sorted(p for p in (inbox / WORK).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def move_unique(path: Path, folder: Path) -> Path:
+    """Move `path` into `folder` under a name not taken there (see unique_destination)."""
+    target = unique_destination(folder, path.name)
+    os.replace(path, target)
     return target
 
 

@@ -1,12 +1,16 @@
-"""How a worker forms batches and shares its host: the limits in effect, and the gate that lets
-a lost batch's retry run alone."""
+"""How a worker forms batches and shares its host: the limits in effect (from what the stage
+declares, `Stage.resources`), and the gate that lets a lost batch's retry run alone."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+from daemon.config import Step
+from stages.base import Resources
 
 
 @dataclass
@@ -14,6 +18,18 @@ class BatchLimits:
     batch_size: int
     max_wait_s: float
     concurrency: int  # batches in flight at once (async stages, remote hosts)
+
+
+def batch_limits(step: Step, resources: Resources) -> BatchLimits:
+    """The step's limits for a stage needing `resources`: an async stage with n concurrency
+    slots keeps ceil(n / batch_size) batches in flight, so its slots stay full."""
+    config = step.config
+    concurrency = 1
+    if resources.asynchronous and resources.concurrency_slots > 1:
+        concurrency = max(1, math.ceil(resources.concurrency_slots / config.batch_size))
+    if step.workers.backend == "ray":  # keep the next batch at the actor so the RPC hides behind model time
+        concurrency = max(concurrency, step.workers.calls_in_flight)
+    return BatchLimits(batch_size=config.batch_size, max_wait_s=config.max_wait_ms / 1000, concurrency=concurrency)
 
 
 class CallGate:

@@ -22,7 +22,8 @@ from daemon.io.remote import MediaCache, RemoteFetchError, is_remote
 from daemon.io.sinks import JobSinks, ShardSink
 from daemon.metrics import Metrics
 from daemon.runtime.failures import OUTBOX, JobFailed, PipelineDied, describe
-from daemon.runtime.pipeline import HostFactory, JobRun, Pipeline, local_host
+from daemon.runtime.outcomes import JobRun
+from daemon.runtime.pipeline import HostFactory, Pipeline, local_host
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ class Engine:
         host_factory: HostFactory = local_host,
         tag_results: bool = False,
     ):
-        self.config = config
         self.layout = layout
         self.metrics = metrics
         self.pipeline = Pipeline(config, metrics, host_factory)
@@ -60,6 +60,11 @@ class Engine:
         self._feeds: set[asyncio.Task] = set()
         self._intake_stopped = False
         self._media_cache: MediaCache | None = None  # remote media, fetched on first use
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the pipeline owns it (a hot reload replaces it there)."""
+        return self.pipeline.config
 
     async def start(self) -> None:
         await self.pipeline.connect()
@@ -173,11 +178,12 @@ class Engine:
         try:
             async with self._sinks(job.name, paths.results) as sinks:
                 # The feed ends when the file is read; the run ends early when the job fails or the pipeline dies.
-                ended = asyncio.ensure_future(run.finished.wait())
+                ended = asyncio.create_task(run.finished.wait(), name=f"ended-{job.name}")
                 try:
                     await asyncio.wait({feed, ended}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     ended.cancel()
+                    await asyncio.gather(ended, return_exceptions=True)
                 if run.failure is not None:
                     feed.cancel()
                     await asyncio.gather(feed, return_exceptions=True)

@@ -1,135 +1,31 @@
-"""The stage graph: bounded queues between steps, the workers on them, and where records end.
+"""The stage graph: the live config, bounded queues between steps, the workers on them.
 
-`Pipeline` owns the queues and workers and routes each finished batch: successes go to the
-next step's queue (waiting while it is full: that is the backpressure) or, after the last
-step, into the job's results; failures go to the job's errors. A record leaves the
-pipeline exactly once, and its job hears about it.
-
-Writes follow the failure contract (daemon/runtime/failures.py): a transient failure
-(disk full) is outlasted, with intake paused (`pauses`), and marks nothing; a job-level one
-fails that job alone (`JobRun.fail`), whose records still in flight are then dropped.
+`Pipeline` owns all of it and every edit to it: `add_worker`, `retire_worker`,
+`reload_worker`, `reconfigure_worker` (hot reload, one worker at a time) and `swap_graph`
+(a new step graph). Callers (daemon/service/reload/) plan; the pipeline changes. Each
+finished batch goes to `advance`: the next step's queue (waiting while it is full: that is
+the backpressure) or, after the last step, the job's files (daemon/runtime/outcomes.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import contextlib
 import logging
-import math
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from daemon.config import Config, Step
 from daemon.hosts.base import StageHost
-from daemon.hosts.local import LocalHost
-from daemon.io.outbox import JobWriter
+from daemon.hosts.local import LocalHost, worker_devices
 from daemon.io.records import Record
 from daemon.metrics import Metrics
-from daemon.runtime.batching import BatchLimits
-from daemon.runtime.failures import OUTBOX, JobFailed, Pauses, describe
+from daemon.runtime.batching import BatchLimits, batch_limits
+from daemon.runtime.failures import Pauses
+from daemon.runtime.outcomes import JobRun, Outcomes
 from daemon.runtime.worker import Failure, Worker
-from stages.base import Filtered, is_async
 
 log = logging.getLogger(__name__)
-
-
-def _by_job(records: list[Record]) -> dict[str, list[Record]]:
-    grouped: dict[str, list[Record]] = defaultdict(list)
-    for record in records:
-        grouped[record.job].append(record)
-    return grouped
-
-
-class JobRun:
-    """A job's live state: its writer and how many of its records are still on their way."""
-
-    def __init__(self, name: str, writer: JobWriter):
-        self.name = name
-        self.writer = writer
-        self.outstanding = 0
-        self.reading_done = False
-        self.ok = 0
-        self.errors = 0
-        self.filtered = 0
-        self.expanded = 0  # parents that fanned out into children (each child ends on its own)
-        self.skipped = 0
-        self.done = None  # the resume ledger (IdSet): children already written are not run again
-        self.interrupted = False  # reading was stopped by a shutdown; the job stays claimed
-        self.failure: Exception | None = None  # job-level failure, or the pipeline's death
-        self.finished = asyncio.Event()
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def fail(self, failure: Exception) -> None:
-        """The job cannot go on (its outbox cannot be written, or the pipeline died): wake its waiter."""
-        if self.failure is None:
-            self.failure = failure
-        self.finished.set()
-        self.idle.set()
-
-    def settle(self, ok: int = 0, errors: int = 0, filtered: int = 0) -> None:
-        self.ok += ok
-        self.errors += errors
-        self.filtered += filtered
-        self.outstanding -= ok + errors + filtered
-        self._check()
-
-    def expand(self, parents: int, children: int) -> None:
-        """`parents` records became `children` records, each of which is still on its way."""
-        self.expanded += parents
-        self.outstanding += children - parents
-        self._check()
-
-    def mark_read(self) -> None:
-        self.reading_done = True
-        self._check()
-
-    def admit(self) -> None:
-        self.outstanding += 1
-        self.idle.clear()
-
-    def _check(self) -> None:
-        if self.outstanding == 0:
-            self.idle.set()
-            if self.reading_done:
-                self.finished.set()
-
-
-def visible_gpus() -> list[str]:
-    if importlib.util.find_spec("torch") is None:
-        return []
-    import torch
-
-    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-
-
-def worker_devices(step: Step, gpus: Callable[[], list[str]] = visible_gpus) -> list[str]:
-    """One entry per worker: a device, or a comma-joined group for tensor parallelism."""
-    config = step.config
-    if config.devices:
-        devices = config.devices
-    elif step.stage_cls.uses_accelerator(config):
-        devices = gpus() or ["cpu"]
-    else:
-        devices = ["cpu"]  # CPU tools and API stages (whose concurrency is max_num_seqs, not devices)
-    group = max(1, int(getattr(config, "tensor_parallel_size", 1) or 1))
-    groups = [",".join(devices[i : i + group]) for i in range(0, len(devices) - group + 1, group)] or [
-        ",".join(devices)
-    ]
-    return [device for device in groups for _ in range(config.workers_per_device)]
-
-
-def batch_limits(step: Step) -> BatchLimits:
-    config = step.config
-    concurrency = 1
-    if is_async(step.stage_cls):
-        slots = int(getattr(config, "max_num_seqs", 0) or 0)
-        concurrency = max(1, math.ceil(slots / config.batch_size)) if slots else 1
-    if step.workers.backend == "ray":  # keep the next batch at the actor so the RPC hides behind model time
-        concurrency = max(concurrency, step.workers.calls_in_flight)
-    return BatchLimits(batch_size=config.batch_size, max_wait_s=config.max_wait_ms / 1000, concurrency=concurrency)
-
 
 HostFactory = Callable[[Step, str, str], StageHost]
 
@@ -138,9 +34,20 @@ def local_host(step: Step, device: str, name: str) -> StageHost:
     return LocalHost(step.stage_cls, step.config, device, step.config.prep_workers, name)
 
 
+class EditFailed(Exception):
+    """A graph edit could not be made (a stage did not load); the graph is as it was before."""
+
+
+async def close_quietly(host: StageHost, name: str) -> None:
+    try:
+        await host.close()
+    except Exception as exc:
+        log.warning("%s: closing its stage raised %s: %s", name, type(exc).__name__, exc)
+
+
 class Pipeline:
     def __init__(self, config: Config, metrics: Metrics, host_factory: HostFactory = local_host):
-        self.config = config
+        self.config = config  # the config in force: the one owner (the engine and daemon read it here)
         self.metrics = metrics
         self.host_factory = host_factory
         self.queues: list[asyncio.Queue[Record]] = [asyncio.Queue(maxsize=s.config.queue_size) for s in config.steps]
@@ -151,14 +58,20 @@ class Pipeline:
             metrics.queue_depth.labels(step.label).set_function(queue.qsize)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: dict[Worker, asyncio.Task] = {}
-        self._intake_open = asyncio.Event()  # cleared while a reload rebuilds the step graph
+        self._intake_open = asyncio.Event()  # cleared while a reload swaps the step graph
         self._intake_open.set()
         self._entering = 0  # submit/reject calls past the gate, not yet admitted
         self.pauses = Pauses(metrics)  # transient causes in force: intake waits while any lasts
+        self.outcomes = Outcomes(self.jobs, metrics, self.pauses)
 
     @property
     def steps(self) -> tuple[Step, ...]:
         return self.config.steps
+
+    def workers_of(self, step: Step) -> tuple[Worker, ...]:
+        return tuple(self.workers[step.index])
+
+    # --- building ------------------------------------------------------------------------
 
     async def connect(self) -> None:
         """Join the Ray cluster if a step's workers run there (`workers: {backend: ray}`); before build_workers."""
@@ -179,51 +92,43 @@ class Pipeline:
             )
         return self.remote.slots(step)
 
-    def host_for(self, step: Step, device: str, name: str) -> StageHost:
+    def _host(self, step: Step, device: str, name: str) -> StageHost:
         """Where one worker's stage lives: the host factory's, or a Ray actor for a Ray step."""
         if step.workers.backend == "ray":
             assert self.remote is not None, "Pipeline.connect() first: a step runs its workers on Ray"
             return self.remote.host(step, device, name)
         return self.host_factory(step, device, name)
 
-    def make_worker(self, step: Step, device: str, n: int, digest: str | None) -> Worker:
-        name = f"{step.label}/w{n}@{device}"
-        host = self.host_for(step, device, name)
-        queue = self.queues[step.index]
-        return Worker(
-            step.index,
-            step.label,
-            host,
-            queue,
-            self.advance,
-            self.metrics,
-            batch_limits(step),
-            name,
-            digest,
-            device,
-            pauses=self.pauses,
-        )
+    @staticmethod
+    def limits_for(step: Step, host: StageHost) -> BatchLimits:
+        """From the loaded stage where it is in this process (its backend may be chosen at load),
+        else from what the stage declares for the step's config."""
+        needs = host.resources() if isinstance(host, LocalHost) else step.stage_cls.resources(step.config)
+        return batch_limits(step, needs)
+
+    def _worker(self, step: Step, host: StageHost, device: str, name: str, digest: str | None, queues=None) -> Worker:
+        wiring = dict(queue=(queues or self.queues)[step.index], advance=self.advance, metrics=self.metrics)
+        limits = self.limits_for(step, host)
+        return Worker.for_step(step, host, device, name, pauses=self.pauses, limits=limits, digest=digest, **wiring)
+
+    def _free_name(self, step: Step, device: str) -> str:
+        used = {w.name for w in self.workers[step.index]}
+        n = 0
+        while Worker.name_for(step, n, device) in used:
+            n += 1
+        return Worker.name_for(step, n, device)
 
     def build_workers(self) -> None:
         for step in self.steps:
-            limits = batch_limits(step)
             self.metrics.efficiency.set_speed_of_light(step.label, step.config.speed_of_light_tokens_per_s)
             devices = self.worker_devices(step)
             for n, device in enumerate(devices):
-                self.workers[step.index].append(self.make_worker(step, device, n, self.config.digest))
-            log.info(
-                "%s: %d worker(s) on %s; batch_size=%d max_wait_ms=%d concurrency=%d queue_size=%d prep_workers=%d",
-                step.label,
-                len(devices),
-                devices,
-                limits.batch_size,
-                step.config.max_wait_ms,
-                limits.concurrency,
-                step.config.queue_size,
-                step.config.prep_workers,
-            )
+                name = Worker.name_for(step, n, device)
+                self.workers[step.index].append(
+                    self._worker(step, self._host(step, device, name), device, name, self.config.digest)
+                )
 
-    async def load_host(self, step: Step, host: StageHost, name: str) -> None:
+    async def _load(self, step: Step, host: StageHost, name: str) -> None:
         """Load one stage copy and count it (reelflow_model_loads_total, reelflow_model_load_seconds)."""
         started = time.perf_counter()
         try:
@@ -235,31 +140,215 @@ class Pipeline:
         self.metrics.model_loads.labels(step.label).inc()
         log.info("%s loaded in %.1f s", name, time.perf_counter() - started)
 
+    async def _loaded_host(self, step: Step, device: str, name: str) -> StageHost:
+        """A new host with its stage loaded; closed again if the load fails."""
+        host = self._host(step, device, name)
+        try:
+            await self._load(step, host, name)
+        except BaseException:
+            await close_quietly(host, name)
+            raise
+        return host
+
     async def load(self) -> None:
-        """Load every worker's stage; the first failure stops start-up with its message."""
+        """Load every worker's stage; the first failure stops start-up with its message. Then
+        each worker's batch limits come from its loaded stage."""
         await asyncio.gather(
-            *(self.load_host(step, w.host, w.name) for step in self.steps for w in self.workers[step.index])
+            *(self._load(step, w.host, w.name) for step in self.steps for w in self.workers[step.index])
         )
+        for step in self.steps:
+            workers = self.workers[step.index]
+            for worker in workers:
+                worker.set_limits(self.limits_for(step, worker.host))
+            log.info(
+                "%s: %d worker(s) on %s; batch_size=%d max_wait_ms=%d concurrency=%s queue_size=%d prep_workers=%d",
+                step.label,
+                len(workers),
+                [w.device for w in workers],
+                step.config.batch_size,
+                step.config.max_wait_ms,
+                workers[0].limits.concurrency if workers else "-",
+                step.config.queue_size,
+                step.config.prep_workers,
+            )
+
+    # --- running -------------------------------------------------------------------------
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             self._group = group
             for workers in self.workers:
                 for worker in workers:
-                    self.start_worker(worker)
+                    self._start(worker)
             # Hot reload adds and retires workers in this group; it must outlive any one of them.
             await asyncio.get_running_loop().create_future()
 
-    def start_worker(self, worker: Worker) -> None:
+    def _start(self, worker: Worker) -> None:
         assert self._group is not None, "Pipeline.run() first"
         self._tasks[worker] = self._group.create_task(worker.run(), name=worker.name)
+        worker.resume()
 
-    async def stop_worker(self, worker: Worker) -> None:
-        """End a worker's loops (pause and drain it first, or its records are lost); its host stays open."""
+    async def _quiesce(self, worker: Worker) -> None:
+        """Stop feeding the worker, wait until it holds no record, end its loops (its host stays open)."""
+        worker.pause()
+        await worker.drain()
         task = self._tasks.pop(worker, None)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.host.close() for ws in self.workers for w in ws), return_exceptions=True)
+        if self.remote is not None:
+            await self.remote.close()
+
+    # --- graph edits (hot reload) ----------------------------------------------------------
+
+    async def reconfigure_worker(self, worker: Worker, step: Step, digest: str | None) -> None:
+        """Light settings: drain the worker so no record straddles two configs, then hand them over."""
+        await self._quiesce(worker)
+        try:
+            worker.host.reconfigure(step.config)
+            worker.set_step(step, self.limits_for(step, worker.host), digest)
+        finally:
+            self._start(worker)
+
+    async def reload_worker(
+        self, worker: Worker, step: Step, device: str, digest: str | None, fallback: Step | None
+    ) -> None:
+        """Drain the worker, close its stage, load `step`'s on `device`, resume it.
+
+        If the new stage does not load, `fallback`'s (the old step) is loaded back and the worker
+        resumes as it was; without one (or if that fails too) the worker is retired. Either way
+        the load's error is raised."""
+        await self._quiesce(worker)
+        old_device, old_name = worker.device, worker.name
+        await close_quietly(worker.host, worker.name)
+        name = old_name if device == old_device else self._free_name(step, device)
+        try:
+            host = await self._loaded_host(step, device, name)
+        except Exception:
+            if fallback is not None and await self._load_back(worker, fallback, old_device, old_name):
+                self._start(worker)
+            else:
+                log.critical(
+                    "%s has no stage loaded and is retired; the step has %d worker(s) left",
+                    worker.name,
+                    len(self.workers[worker.step_index]) - 1,
+                )
+                self.workers[worker.step_index].remove(worker)
+            raise
+        worker.host, worker.device, worker.name = host, device, name
+        worker.set_step(step, self.limits_for(step, host), digest)
+        self._start(worker)
+        log.info("%s now runs the new stage", name)
+
+    async def _load_back(self, worker: Worker, old: Step, device: str, name: str) -> bool:
+        try:
+            worker.host = await self._loaded_host(old, device, name)
+        except Exception as exc:
+            log.critical("%s: the old stage could not be loaded back (%s: %s)", name, type(exc).__name__, exc)
+            return False
+        return True
+
+    async def retire_worker(self, worker: Worker) -> None:
+        """Drain the worker, close its stage and take it off its step."""
+        await self._quiesce(worker)
+        await close_quietly(worker.host, worker.name)
+        self.workers[worker.step_index].remove(worker)
+        log.info("%s retired", worker.name)
+
+    async def add_worker(self, step: Step, device: str, digest: str | None) -> Worker:
+        """Load a new worker's stage on `device` and start it on the step's queue."""
+        name = self._free_name(step, device)
+        host = await self._loaded_host(step, device, name)
+        worker = self._worker(step, host, device, name, digest)
+        self.workers[step.index].append(worker)
+        self._start(worker)
+        log.info("%s added", name)
+        return worker
+
+    def adopt(self, config: Config) -> None:
+        """`config` is in force: every worker now runs under its digest (the edits are made)."""
+        self.config = config
+        for workers in self.workers:
+            for worker in workers:
+                worker.config_digest = config.digest
+
+    async def swap_graph(self, config: Config, keep: Callable[[Step, str], Hashable]) -> None:
+        """Hold new records at the door, wait until none is left in the pipeline, stop every
+        worker and assemble `config`'s graph, keeping each loaded stage whose `keep(step,
+        device)` key a new worker shares (it only gets its new settings). If a load fails,
+        the old graph is assembled again the same way and `EditFailed` is raised."""
+        old = self.config
+        self.close_intake()
+        try:
+            await self.wait_empty()
+            spare: dict[Hashable, list[StageHost]] = {}
+            for step in old.steps:
+                for worker in self.workers[step.index]:
+                    await self._quiesce(worker)
+                    spare.setdefault(keep(step, worker.device), []).append(worker.host)
+            try:
+                await self._assemble(config, spare, keep)
+            except Exception as exc:
+                log.error("the new step graph failed to load (%s: %s); restoring the old one", type(exc).__name__, exc)
+                await self._assemble(old, spare, keep)
+                raise EditFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.open_intake()
+
+    async def _assemble(self, config: Config, spare: dict, keep: Callable[[Step, str], Hashable]) -> None:
+        wanted = [(step, n, device) for step in config.steps for n, device in enumerate(self.worker_devices(step))]
+        reused: dict[int, StageHost] = {}
+        for i, (step, _, device) in enumerate(wanted):
+            hosts = spare.get(keep(step, device))
+            if hosts:
+                reused[i] = hosts.pop()
+        for key, hosts in spare.items():  # free their devices before loading anything new
+            for host in hosts:
+                await close_quietly(host, str(key))
+        spare.clear()
+        loaded: dict[int, StageHost] = {}
+        try:
+            for i, (step, n, device) in enumerate(wanted):
+                if i not in reused:
+                    loaded[i] = await self._loaded_host(step, device, Worker.name_for(step, n, device))
+        except BaseException:
+            for i, host in loaded.items():
+                await close_quietly(host, wanted[i][0].label)
+            for i, host in reused.items():  # still loaded: the caller may assemble the old graph with them
+                step, _, device = wanted[i]
+                spare.setdefault(keep(step, device), []).append(host)
+            raise
+        queues = [asyncio.Queue(maxsize=step.config.queue_size) for step in config.steps]
+        workers: list[list[Worker]] = [[] for _ in config.steps]
+        for i, (step, n, device) in enumerate(wanted):
+            host = reused.get(i) or loaded[i]
+            if i in reused:
+                host.reconfigure(step.config)
+            workers[step.index].append(
+                self._worker(step, host, device, Worker.name_for(step, n, device), config.digest, queues)
+            )
+        gone = {step.label for step in self.steps} - {step.label for step in config.steps}
+        for metric in (self.metrics.queue_depth, self.metrics.inflight, self.metrics.model_load_seconds):
+            for label in gone:
+                with contextlib.suppress(KeyError):  # a series that was never set
+                    metric.remove(label)
+        for step, queue in zip(config.steps, queues, strict=True):
+            self.metrics.queue_depth.labels(step.label).set_function(queue.qsize)
+        self.config, self.queues, self.workers = config, queues, workers
+        for step_workers in workers:
+            for worker in step_workers:
+                self._start(worker)
+        log.info(
+            "step graph: %s (%d stage(s) kept loaded, %d loaded)",
+            " -> ".join(f"{s.type}/{s.name}" for s in config.steps),
+            len(reused),
+            len(loaded),
+        )
+
+    # --- records in and out ----------------------------------------------------------------
 
     def close_intake(self) -> None:
         """Hold new records at the door (submit/reject wait) until `open_intake`."""
@@ -272,11 +361,6 @@ class Pipeline:
         """With intake closed: wait until no record is anywhere in the pipeline."""
         while self._entering or any(job.outstanding for job in self.jobs.values()):
             await asyncio.sleep(poll_s)
-
-    async def close(self) -> None:
-        await asyncio.gather(*(w.host.close() for ws in self.workers for w in ws), return_exceptions=True)
-        if self.remote is not None:
-            await self.remote.close()
 
     def open_job(self, job: JobRun) -> None:
         self.jobs[job.name] = job
@@ -303,91 +387,7 @@ class Pipeline:
 
     async def advance(self, step_index: int, ok: list[Record], failed: list[Failure]) -> None:
         label = self.steps[step_index].label if step_index >= 0 else "read"
-        if failed:
-            self.metrics.records.labels(label, "error").inc(len(failed))
-            by_job: dict[str, list] = defaultdict(list)
-            for record, kind, message in failed:
-                by_job[record.job].append((record, label, kind, message))
-            for job_name, entries in by_job.items():
-                job = self._live_job(job_name, len(entries))
-                if job is not None and await self._write(job, "errors", job.writer.write_errors, entries):
-                    job.settle(errors=len(entries))
-        ok = await self._route_filtered_and_children(step_index, label, ok)
-        if not ok:
-            return
-        self.metrics.records.labels(label, "ok").inc(len(ok))
-        by_job_ok: dict[str, list[Record]] = defaultdict(list)
-        for record in ok:
-            by_job_ok[record.job].append(record)
-        last = step_index == len(self.steps) - 1
-        going_on: list[Record] = []
-        for job_name, records in by_job_ok.items():
-            job = self._live_job(job_name, len(records))
-            # Two writes, each retried alone: a retry of the results never repeats the step file's lines.
-            if job is None or not await self._write(job, label, job.writer.write_intermediate, label, records):
-                continue
-            if last and not await self._write(job, "results", job.writer.write_results, records):
-                continue
-            if last:
-                job.settle(ok=len(records))
-            else:
-                going_on.extend(records)
+        await self.outcomes.failed(label, failed)
+        going_on = await self.outcomes.passed(label, ok, last=step_index == len(self.steps) - 1)
         for record in going_on:
             await self.queues[step_index + 1].put(record)
-
-    async def _route_filtered_and_children(self, step_index: int, label: str, ok: list[Record]) -> list[Record]:
-        """File the records a stage filtered, fan out the ones it split; return the rest, which go on."""
-        plain = [r for r in ok if r.filtered is None and r.children is None]
-        if len(plain) == len(ok):
-            return ok
-        for record in ok:
-            if record.children == []:  # a split that yields nothing is a filter with that reason
-                record.children = None
-                record.filtered = Filtered(f"{label} produced no output records (e.g. no clip long enough)")
-        filtered = [r for r in ok if r.filtered is not None]
-        parents = [r for r in ok if r.children is not None]
-        if filtered:
-            self.metrics.records.labels(label, "filtered").inc(len(filtered))
-        for job_name, records in _by_job(filtered).items():
-            job = self._live_job(job_name, len(records))
-            entries = [(r, label) for r in records]
-            if job is not None and await self._write(job, "filtered", job.writer.write_filtered, entries):
-                job.settle(filtered=len(records))
-        for job_name, records in _by_job(parents).items():
-            job = self._live_job(job_name, len(records))
-            if job is None or not await self._write(job, label, job.writer.write_expansions, label, records):
-                continue
-            children = [
-                child
-                for parent in records
-                for child in (parent.child(k, own) for k, own in enumerate(parent.children))
-                if job.done is None or child.key not in job.done  # written by an earlier run
-            ]
-            job.expand(len(records), len(children))
-            plain.extend(children)
-        return plain
-
-    def _live_job(self, name: str, count: int) -> JobRun | None:
-        """The job's run, or None when it failed (or ended) meanwhile: its records are dropped."""
-        job = self.jobs.get(name)
-        if job is None or job.failure is not None:
-            if job is not None:
-                job.outstanding -= count
-            return None
-        return job
-
-    async def _write(self, job: JobRun, what: str, write: Callable, *args) -> bool:
-        """One blocking write in a thread, under the failure contract: a transient failure is
-        outlasted (intake paused); a job-level one fails the job (False)."""
-        try:
-            await self.pauses.call(
-                f"job {job.name}: writing {what}", lambda: asyncio.to_thread(write, *args), where=OUTBOX
-            )
-        except Exception as exc:  # OUTBOX: whatever is not transient is the job's
-            path = getattr(exc, "filename", None)
-            where = f" {path}" if path else ""
-            failure = JobFailed(f"cannot write the job's outbox file{where} ({what}): {describe(exc)}")
-            log.error("job %s failed: %s", job.name, failure)
-            job.fail(failure)
-            return False
-        return True

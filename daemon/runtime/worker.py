@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
 from daemon.io.records import Record
@@ -30,10 +31,14 @@ from daemon.runtime.batching import BatchLimits, CallGate
 from daemon.runtime.failures import TRANSIENT, Pauses, classify
 from stages.base import Filtered, StageError
 
+if TYPE_CHECKING:
+    from daemon.config import Step
+
 log = logging.getLogger(__name__)
 
 Failure = tuple[Record, str, str]  # record, error type, message
 Advance = Callable[[int, list[Record], list[Failure]], Awaitable[None]]
+Items = list[tuple[Record, dict]]  # records with their prepared inputs
 
 
 CRASHES_BEFORE_ERROR = 2  # a record that crashes its worker this often, alone on it, goes to errors
@@ -46,18 +51,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in text and ("cuda" in text or "alloc" in text or "device" in text)
 
 
-def _seen(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 class Worker:
     """One resident stage on its step's queue.
 
     Hot reload changes a worker between two records, never in the middle of one: `pause()`
     stops it taking records off the queue, `drain()` waits until every record it took has
-    been handed on (`advance`), then the reloader stops its loops, swaps its stage or its
-    settings (`set_limits` takes effect when `run` starts again) and `resume()`s it.
+    been handed on (`advance`), then the pipeline (Pipeline.reload_worker and friends)
+    stops its loops, swaps its stage or its settings (`set_step` takes effect when `run`
+    starts again) and starts it again. `Worker.for_step` is how the runtime makes one.
     """
 
     def __init__(
@@ -93,6 +94,28 @@ class Worker:
         self._held = 0  # records taken off the queue and not yet handed on
         self._idle = asyncio.Event()
         self._idle.set()
+        self.oom_advice = "use a larger device"  # the stage's own advice (for_step / set_step)
+
+    @staticmethod
+    def name_for(step: Step, n: int, device: str) -> str:
+        """`<step label>/w<n>@<device>`: how logs, metrics and thread names call a worker."""
+        return f"{step.label}/w{n}@{device}"
+
+    @classmethod
+    def for_step(
+        cls, step: Step, host: StageHost, device: str, name: str, *, queue, advance, metrics, pauses, limits, digest
+    ) -> Worker:
+        """A worker of `step` on `device` whose stage lives in `host`: the one way the runtime makes
+        one (the constructor's arguments, plus the stage's own advice for out-of-memory errors)."""
+        worker = cls(step.index, step.label, host, queue, advance, metrics, limits, name, digest, device, pauses)
+        worker.oom_advice = step.stage_cls.out_of_memory_advice(step.config)
+        return worker
+
+    def set_step(self, step: Step, limits: BatchLimits, digest: str | None) -> None:
+        """New settings for the same step (while drained: they take effect when `run` starts again)."""
+        self.set_limits(limits)
+        self.config_digest = digest
+        self.oom_advice = step.stage_cls.out_of_memory_advice(step.config)
 
     def set_limits(self, limits: BatchLimits) -> None:
         self.limits = limits
@@ -124,16 +147,13 @@ class Worker:
 
     async def run(self) -> None:
         self._ready = asyncio.Queue(maxsize=max(1, self.limits.batch_size))  # limits may have changed
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._prefetch(), name=f"{self.name}-prefetch")
-                group.create_task(self._batches(group), name=f"{self.name}-batches")
-        finally:
-            while not self._ready.empty():  # prepares started for records that will not run now
-                _, task = self._ready.get_nowait()
-                task.cancel()
+        # Every task of the worker is in this group: a stop cancels the prepares started for
+        # records that will not run now, with the loops.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._prefetch(group), name=f"{self.name}-prefetch")
+            group.create_task(self._batches(group), name=f"{self.name}-batches")
 
-    async def _prefetch(self) -> None:
+    async def _prefetch(self, group: asyncio.TaskGroup) -> None:
         while True:
             await self._paused.wait()
             record: Record = await self.queue.get()
@@ -144,11 +164,16 @@ class Worker:
             self._idle.clear()
             record.step_digests[self.step_label] = self.config_digest
             self.metrics.inflight.labels(self.step_label).inc()
-            task = asyncio.ensure_future(self.host.prepare(record.fields))
-            # A prepare whose batch is dropped by a stop is never awaited: its error is seen here, not
-            # left for asyncio's "exception was never retrieved". Awaiting it still raises it.
-            task.add_done_callback(_seen)
+            task = group.create_task(self._prepare(record.fields), name=f"{self.name}-prepare")
             await self._ready.put((record, task))
+
+    async def _prepare(self, fields: dict) -> dict | Exception:
+        """A record's prepare, in the worker's task group: its failure is the record's, so it is
+        returned (and raised where the batch awaits it), never left to end the group."""
+        try:
+            return await self.host.prepare(fields)
+        except Exception as exc:
+            return exc
 
     async def _batches(self, group: asyncio.TaskGroup) -> None:
         slots = asyncio.Semaphore(self.limits.concurrency)  # batches in the model at once
@@ -219,7 +244,10 @@ class Worker:
     async def _prepared(self, record: Record, task: asyncio.Future) -> dict:
         """The prepare's result; a transient failure (disk full writing frames) is outlasted, not failed."""
         try:
-            return await task
+            outcome = await task
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         except Exception as exc:
             if classify(exc) != TRANSIENT:
                 raise
@@ -271,11 +299,7 @@ class Worker:
         return await self.pauses.outlast(outputs[waiting[0]], what, again)
 
     async def _call_model(
-        self,
-        items: list[tuple[Record, dict]],
-        ok: list[Record],
-        failed: list[Failure],
-        crashes: Counter[int] | None = None,
+        self, items: Items, ok: list[Record], failed: list[Failure], crashes: Counter[int] | None = None
     ) -> None:
         """`crashes`: for a batch being retried after lost workers, how often each record
         (by id()) was in a lost call; such retries run alone on the host."""
@@ -310,22 +334,11 @@ class Worker:
                 record.children = output  # an empty list: no child; the pipeline files it as filtered
                 ok.append(record)
             else:
-                failed.append(
-                    (
-                        record,
-                        "BadStageOutput",
-                        f"stage returned a {type(output).__name__}; expected a dict of new fields, a StageError, "
-                        "a Filtered or a list of children (dicts)",
-                    )
-                )
+                expected = "expected a dict of new fields, a StageError, a Filtered or a list of children (dicts)"
+                failed.append((record, "BadStageOutput", f"stage returned a {type(output).__name__}; {expected}"))
 
     async def _retry_lost(
-        self,
-        items: list[tuple[Record, dict]],
-        lost: WorkerLost,
-        ok: list[Record],
-        failed: list[Failure],
-        crashes: Counter[int],
+        self, items: Items, lost: WorkerLost, ok: list[Record], failed: list[Failure], crashes: Counter[int]
     ) -> None:
         """The worker died under this batch: retry it in halves, alone on the host, until a
         record that takes the worker down with it has done so twice; that one is an error."""
@@ -334,14 +347,8 @@ class Worker:
         if len(items) == 1:
             record = items[0][0]
             if crashes[id(record)] >= CRASHES_BEFORE_ERROR:
-                failed.append(
-                    (
-                        record,
-                        lost.kind,
-                        f"{lost}; the worker was lost {crashes[id(record)]} times with this record in the call, "
-                        "the last time with it alone, so it is set aside",
-                    )
-                )
+                why = f"the worker was lost {crashes[id(record)]} times with this record in the call, the last time"
+                failed.append((record, lost.kind, f"{lost}; {why} with it alone, so it is set aside"))
                 return
             log.warning("%s: worker lost under record %s (%s); retrying it alone", self.name, record.id, lost)
             await self._call_model(items, ok, failed, crashes)
@@ -356,15 +363,13 @@ class Worker:
         await self._call_model(items[:half], ok, failed, crashes)
         await self._call_model(items[half:], ok, failed, crashes)
 
-    async def _recover(
-        self, items: list[tuple[Record, dict]], exc: Exception, ok: list[Record], failed: list[Failure]
-    ) -> None:
+    async def _recover(self, items: Items, exc: Exception, ok: list[Record], failed: list[Failure]) -> None:
         if len(items) == 1:
             record = items[0][0]
             kind = type(exc).__name__
             message = str(exc) or repr(exc)
             if is_out_of_memory(exc):
-                message = f"out of memory even with a batch of one record: {message}; lower max_pixels/num_frames or use a larger device"
+                message = f"out of memory even with a batch of one record: {message}; {self.oom_advice}"
             failed.append((record, kind, message))
             return
         if is_out_of_memory(exc):

@@ -15,13 +15,16 @@ No socket (not run by systemd) means every call is a no-op. Sends never block th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this often when enabled)
 
 
 class Notifier:
@@ -82,6 +85,25 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={text}")
+
+    async def heartbeat(self, healthy: Callable[[], bool], status: Callable[[], str]) -> None:
+        """WATCHDOG=1 (when systemd asked for it, and only while `healthy()`) and STATUS= lines,
+        from the main loop: a stuck loop sends no WATCHDOG=1, so systemd restarts the daemon."""
+        if not self.enabled:
+            return
+        watchdog = self.watchdog_interval_s
+        period = min(watchdog, STATUS_EVERY_S) if watchdog else STATUS_EVERY_S
+        last_status = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            if watchdog:
+                if healthy():
+                    self.watchdog()
+                else:
+                    log.error("unhealthy (the pipeline or a step's workers are gone): no WATCHDOG=1 sent")
+            if time.monotonic() - last_status >= STATUS_EVERY_S - 0.01:
+                self.status(status())
+                last_status = time.monotonic()
 
     def close(self) -> None:
         if self._socket is not None:

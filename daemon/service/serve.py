@@ -5,7 +5,7 @@ the jobs left in `inbox/.work/`, then claim settled files as they arrive. SIGTER
 stop reading, let in-flight records finish for up to `drain_timeout_s`, exit 0; unfinished
 jobs stay claimed for the next start. A second signal exits at once. SIGHUP (and a change
 of the config file) reloads the config (daemon/service/reload/reloader.py). Under systemd it reports its
-state over sd_notify (daemon/notify.py).
+state over sd_notify (daemon/service/notify.py).
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import time
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.io.inbox import Inbox
+from daemon.io.inbox import DEFAULT_IGNORE, Inbox
 from daemon.io.jobs import (
     DONE,
     WORK,
     JobEntry,
     JobLedger,
+    claimed_files,
     fingerprint,
+    move_unique,
     record_failure,
     remove_state_file,
-    unique_destination,
     write_json_atomic,
 )
 from daemon.io.outbox import STATE_DIR, OutboxLayout
@@ -38,14 +39,17 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.runtime.engine import Engine, FileUnreadable, JobInput
 from daemon.runtime.failures import OUTBOX, PipelineDied, describe
 from daemon.service.notify import Notifier
-from daemon.service.reload.reloader import Reloader, inbox_ignore
+from daemon.service.reload.reloader import Reloader
 
 log = logging.getLogger("reelflow")
 
 MAX_ACTIVE_JOBS = 64
-STATUS_EVERY_S = 5.0  # STATUS= lines to systemd (and WATCHDOG=1 at least this often when enabled)
 ABANDON_GRACE_S = 1.0  # after a drain timeout: how long stages may take to close
 DRAIN_LOG_S = 5.0  # while draining: how often the progress is logged
+
+
+def inbox_ignore(config: Config) -> tuple[str, ...]:
+    return (*DEFAULT_IGNORE, *config.daemon.ignore)
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -56,7 +60,6 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None, log_level_pinned: bool = False):
-        self.config = config
         self.config_path = config_path
         self.log_level_pinned = log_level_pinned  # --log-level given: a reload does not change it
         section = config.daemon
@@ -76,11 +79,18 @@ class Daemon:
         self._interrupted: set[str] = set()  # jobs a stop left unfinished: they resume at the next start
         self._active_jobs = asyncio.Semaphore(MAX_ACTIVE_JOBS)
         self.notifier = Notifier.from_environment()
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(
+            config_path, self.engine.pipeline, self.notifier, self.apply_settings, self.status_line
+        )
         self.inbox: Inbox | None = None
         self.metrics.set_config(config.digest)
         self._throughput = (time.monotonic(), 0.0, 0.0)  # (when, records finished, records/s)
         self._stopping = False
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the pipeline holds it; a reload replaces it there)."""
+        return self.engine.pipeline.config
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -89,7 +99,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request)  # served once ready
-        heartbeat = asyncio.create_task(self._heartbeat(), name="sd-notify")
+        heartbeat = asyncio.create_task(self.notifier.heartbeat(self.healthy, self.status_line), name="sd-notify")
         self.reloader.watch()
         self.notifier.status("loading models")
         try:
@@ -99,12 +109,10 @@ class Daemon:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             self.notifier.close()
-            remove_state_file(self.state_dir / "daemon.json")  # on every way out, errors included
+            await asyncio.to_thread(remove_state_file, self.state_dir / "daemon.json")  # every way out, errors too
 
     async def _serve(self) -> int:
-        for folder in (self.inbox_dir / WORK, self.outbox_dir, self.state_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        self.ledger = JobLedger(self.state_dir, self.inbox_dir)
+        self.ledger = await asyncio.to_thread(self._open_ledger)
         url = await self.server.start()
         log.info("metrics at %s (also /healthz, /readyz)", url)
         try:
@@ -113,10 +121,13 @@ class Daemon:
             await self.server.stop()
             raise
         self.ready = True
-        write_json_atomic(
-            self.state_dir / "daemon.json",
-            {"pid": os.getpid(), "metrics_url": url, "config": str(self.config_path or ""), "started_at": time.time()},
-        )
+        state = {
+            "pid": os.getpid(),
+            "metrics_url": url,
+            "config": str(self.config_path or ""),
+            "started_at": time.time(),
+        }
+        await asyncio.to_thread(write_json_atomic, self.state_dir / "daemon.json", state)
         log.info("ready: watching %s, writing to %s", self.inbox_dir, self.outbox_dir)
         self.reloader.start()
         self.notifier.ready(self.status_line())
@@ -133,6 +144,11 @@ class Daemon:
         if failure is not None:
             raise failure
         return 0
+
+    def _open_ledger(self) -> JobLedger:
+        for folder in (self.inbox_dir / WORK, self.outbox_dir, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return JobLedger(self.state_dir, self.inbox_dir)  # settles what a crash left half-recorded
 
     async def _drain_jobs(self, timeout: float) -> set[asyncio.Task]:
         """Wait for the jobs to finish their records in flight, logging the progress; returns those still running."""
@@ -199,7 +215,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._job_tasks, return_exceptions=True)
         await self.server.stop()
-        (self.state_dir / "daemon.json").unlink(missing_ok=True)
+        await asyncio.to_thread((self.state_dir / "daemon.json").unlink, missing_ok=True)
         if self._interrupted:
             log.info(
                 "stopped; job(s) %s stay claimed in %s and resume at the next start, skipping the records already written",
@@ -266,33 +282,15 @@ class Daemon:
             f"{len(self._job_tasks)} job(s) in progress, config {self.config.digest}"
         )
 
-    async def _heartbeat(self) -> None:
-        """WATCHDOG=1 (when systemd asked for it) and STATUS= lines, from the main loop."""
-        if not self.notifier.enabled:
-            return
-        watchdog = self.notifier.watchdog_interval_s
-        period = min(watchdog, STATUS_EVERY_S) if watchdog else STATUS_EVERY_S
-        last_status = time.monotonic()
-        while True:
-            await asyncio.sleep(period)
-            if watchdog:
-                if self.healthy():
-                    self.notifier.watchdog()
-                else:
-                    log.error("unhealthy (the pipeline or a step's workers are gone): no WATCHDOG=1 sent")
-            if time.monotonic() - last_status >= STATUS_EVERY_S - 0.01:
-                self.notifier.status(self.status_line())
-                last_status = time.monotonic()
-
     # --- intake ----------------------------------------------------------------------------
 
     async def _intake(self) -> None:
-        for path in sorted((self.inbox_dir / WORK).iterdir()):
-            if path.is_file() and not path.name.startswith("."):
-                self._resume(path)
+        for path in await asyncio.to_thread(claimed_files, self.inbox_dir):
+            await self._resume(path)
         section = self.config.daemon
         self.inbox = Inbox(self.inbox_dir, section.settle_ms, section.rescan_s, inbox_ignore(self.config))
-        sources = SourcePoller(section.sources, self.inbox_dir, self.state_dir / "sources.json").start()
+        poller = await asyncio.to_thread(SourcePoller, section.sources, self.inbox_dir, self.state_dir / "sources.json")
+        sources = poller.start()
         try:
             async for path in self.inbox.settled():
                 try:
@@ -302,13 +300,17 @@ class Daemon:
         finally:
             await sources.stop()  # owned by intake: it ends with it
 
-    def _resume(self, path: Path) -> None:
-        entry = self.ledger.entries.get(path.stem)
-        if entry is None:  # claimed just before a crash, before its ledger entry was written
-            entry = JobEntry(path.stem, path.name, path.suffix, fingerprint(path), "claimed", time.time())
-            self.ledger.save(entry)
-        log.info("resuming job %s", entry.name)
-        self._start_job(entry, path)
+    async def _resume(self, path: Path) -> None:
+        def entry() -> JobEntry:
+            found = self.ledger.entries.get(path.stem)
+            if found is None:  # claimed just before a crash, before its ledger entry was written
+                found = JobEntry(path.stem, path.name, path.suffix, fingerprint(path), "claimed", time.time())
+                self.ledger.save(found)
+            return found
+
+        resumed = await asyncio.to_thread(entry)
+        log.info("resuming job %s", resumed.name)
+        self._start_job(resumed, path)
 
     async def _claim(self, path: Path) -> None:
         fmt = input_format(path)
@@ -319,10 +321,9 @@ class Daemon:
             log.warning("%s", message)
             return
         print_ = await asyncio.to_thread(fingerprint, path)
-        known = self.ledger.known(print_)
+        known = await asyncio.to_thread(self.ledger.known, print_)
         if known is not None and known.state in ("done", "claimed"):
-            target = unique_destination(self.inbox_dir / DONE, path.name)
-            os.replace(path, target)
+            target = await asyncio.to_thread(move_unique, path, self.inbox_dir / DONE)
             log.info(
                 "%s has the same content as job %s (%s): nothing to do, moved to %s",
                 path.name,
@@ -331,10 +332,7 @@ class Daemon:
                 target,
             )
             return
-        in_work = {p.stem for p in (self.inbox_dir / WORK).iterdir()}
-        name = known.name if known is not None else self.ledger.new_name(path.stem, in_work)
-        claimed = self.inbox_dir / WORK / f"{name}{path.suffix}"
-        os.replace(path, claimed)
+        name, claimed = await asyncio.to_thread(self.ledger.claim, path, self.inbox_dir, known)
         entry = JobEntry(name, path.name, path.suffix, print_, "claimed", time.time())
         await self._save(entry)
         log.info("claimed %s as job %s", path.name, name)
@@ -367,7 +365,7 @@ class Daemon:
                 if run.interrupted:
                     self._interrupted.add(entry.name)
                     return
-                os.replace(path, unique_destination(self.inbox_dir / DONE, path.name))
+                await asyncio.to_thread(move_unique, path, self.inbox_dir / DONE)
                 entry.state, entry.finished_at = "done", time.time()
                 entry.ok, entry.errors = run.writer.results_written, run.writer.errors_written
                 await self._save(entry)

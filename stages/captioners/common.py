@@ -16,8 +16,8 @@ Flow of one record:
 
 Backends. One stage class serves both; the backend is chosen in `load()` (`backend: auto`
 picks vLLM when it is installed and the stage's device is a GPU, else transformers; the
-choice is logged). The runtime picks sync or async by whether a stage has `aprocess`, which
-a class must decide before it loads, so captioners always define `aprocess`: with the vLLM
+choice is logged). Captioners declare themselves async (`resources`) on either backend, so
+the runtime always awaits `aprocess`: with the vLLM
 backend it submits every record of the batch to the engine at once (continuous batching
 inside vLLM; the runtime keeps max_num_seqs / batch_size batches in flight); with the
 transformers backend it runs the blocking `process` (one batched `generate`, one at a time
@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.base import Stage, StageError, format_prompt
+from stages.base import Resources, Stage, StageError, format_prompt
 from stages.captioners.candidates import Captioned, sample_candidates
 from stages.captioners.config import CaptionerConfig, VideoCost
 from stages.captioners.select import SELECT_FRAME_COUNT, SELECT_FRAMES, CandidateSelector
@@ -53,6 +53,17 @@ class VideoCaptioner(Stage):
     Config: ClassVar[type[CaptionerConfig]] = CaptionerConfig
     config: CaptionerConfig
     accelerated: ClassVar[bool] = True  # one worker per GPU by default, on either backend
+
+    @classmethod
+    def resources(cls, config: CaptionerConfig) -> Resources:
+        # One vLLM engine spans tensor_parallel_size GPUs and keeps max_num_seqs requests in
+        # flight; the transformers backend runs behind the same `aprocess`, in a thread.
+        slots = config.max_num_seqs
+        return Resources(config.tensor_parallel_size, concurrency_slots=slots, asynchronous=True, prepares=True)
+
+    @classmethod
+    def out_of_memory_advice(cls, config: CaptionerConfig) -> str:
+        return "lower max_pixels/num_frames or use a larger device"
 
     # -- hooks -----------------------------------------------------------------------------
     def loaded_cost(self) -> VideoCost:

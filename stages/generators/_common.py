@@ -15,14 +15,13 @@ import hashlib
 import importlib
 import json
 import logging
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 
-from stages.base import StageConfig, StageError, format_prompt
+from stages.base import MODEL_LOADING, StageConfig, StageError, format_prompt
 from stages.engines import torch_dtype as torch_dtype  # re-exported: the generators call common.torch_dtype
 from stages.generators._checkpoints import check_model_path, check_pipeline_class, checkpoint_json, multiple_of
 
@@ -169,7 +168,7 @@ class VideoGeneratorConfig(GeneratorConfig):
 # low_cpu_mem_usage path) patches torch.nn.Module process-wide, so a model built in another
 # thread meanwhile gets meta tensors that its weights are never copied into. Generators hold
 # this lock for all of `load` (and while resolving a class by name).
-LOADING = threading.RLock()
+LOADING = MODEL_LOADING  # the process's one model-loading lock (stages/base.py)
 
 
 def diffusers_class(name: str, *checkpoints: str):

@@ -164,6 +164,12 @@ class GPTTextGenerator(Stage):
             )
         return Resources(accelerators=1, concurrency_slots=1, asynchronous=False)  # one generate at a time
 
+    def loaded_resources(self) -> Resources:
+        # `auto` picks its backend at load, by the worker's device: answer for the one it picked.
+        if self.backend_name == "transformers":
+            return Resources(accelerators=1, concurrency_slots=1, asynchronous=False)
+        return type(self).resources(self.config)
+
     def __init__(self, config: GPTTextGeneratorConfig, device: str = "cpu"):
         super().__init__(config, device)
         self.backend_name = "openai" if config.backend == "openai" else None  # local: chosen at load

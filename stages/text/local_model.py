@@ -246,6 +246,12 @@ class LocalModelGenerator(Stage):
             )
         return Resources(accelerators=1 if gpu else 0, concurrency_slots=1, asynchronous=False)
 
+    def loaded_resources(self) -> Resources:
+        # `auto` picks its backend at load, by the device: answer for the one it picked.
+        if self.backend_name == "transformers":
+            return Resources(accelerators=1 if self.config.device != "cpu" else 0, asynchronous=False)
+        return type(self).resources(self.config)
+
     def load(self) -> None:
         cfg = self.config
         device = resolve_device(cfg.device, self.device)

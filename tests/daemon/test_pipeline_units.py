@@ -7,8 +7,11 @@ import asyncio
 import pytest
 
 from daemon.config import parse_config
+from daemon.hosts.local import LocalHost, worker_devices
 from daemon.metrics import Metrics, MetricsServer
-from daemon.runtime.pipeline import JobRun, worker_devices
+from daemon.runtime.batching import batch_limits
+from daemon.runtime.outcomes import JobRun
+from daemon.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,3 +93,28 @@ async def test_metrics_server():
             await busy.start()
     finally:
         await server.stop()
+
+
+def any_step(kind: str, name: str, **settings):
+    text = f"steps:\n  - type: {kind}\n    name: {name}\n    config: {settings!r}\n".replace("'", '"')
+    return parse_config(text).steps[0]
+
+
+def test_batch_limits_and_placement_come_from_what_the_stage_declares():
+    # An API step: no device, max_num_seqs requests in flight = max_num_seqs / batch_size batches.
+    api = any_step("TextGenerator", "GPTTextGenerator", model="m", max_num_seqs=8, batch_size=2, api_key="k")
+    assert worker_devices(api, gpus=lambda: ["cuda:0"]) == ["cpu"]
+    assert batch_limits(api, api.stage_cls.resources(api.config)).concurrency == 4
+    # The same stage on a local transformers model: one GPU per worker, one generate at a time.
+    local = any_step("TextGenerator", "GPTTextGenerator", model="m", backend="transformers", max_num_seqs=8)
+    assert worker_devices(local, gpus=lambda: ["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1"]
+    assert batch_limits(local, local.stage_cls.resources(local.config)).concurrency == 1
+    host = LocalHost(local.stage_cls, local.config, "cpu", 1, "w")
+    assert Pipeline.limits_for(local, host).concurrency == 1 and not host.resources().asynchronous
+
+
+def test_out_of_memory_advice_is_the_stages_own():
+    caption = any_step("VideoCaptioner", "Qwen2VLCaptioner", model_path="Qwen/Qwen2-VL-2B-Instruct")
+    echo = step("Echo")
+    assert "max_pixels/num_frames" in caption.stage_cls.out_of_memory_advice(caption.config)
+    assert "max_pixels" not in echo.stage_cls.out_of_memory_advice(echo.config)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from daemon.config import parse_config
-from daemon.service.reload.reloader import plan_reload
+from daemon.service.reload import plan as reload_plan
+from daemon.service.reload.plan import Action, plan_reload
 from tests.harness import DaemonProcess, metric_value, write_config
 from tests.ops.stages import ENV, EXTRA_STAGES
 from tests.ops.util import config_in_force, digest_of, jsonl, model_loads, reloads, wait_for, write_atomic
@@ -77,6 +78,21 @@ def test_plan_classifies_each_kind_of_change(parse, tmp_path: Path):
     refused = plan(daemon__inbox="other", daemon__metrics={"port": 9999}, video_key="clip")
     assert [line.split(":")[0] for line in refused.refused] == ["daemon.inbox", "daemon.metrics.port", "video_key"]
     assert all("restart the daemon" in line for line in refused.refused)
+
+
+def test_a_new_reload_rule_is_one_entry_in_plan_py(parse, tmp_path: Path, monkeypatch):
+    """The rules are a table: a key's entry in STEP_RULES changes what its change means."""
+    old = parse({"steps": [tagger(tmp_path / "m")], "daemon": daemon_section()})
+    new = parse({"steps": [tagger(tmp_path / "m", prep_workers=4)], "daemon": daemon_section()})
+    [change] = plan_reload(old, new).steps
+    assert change.changed == {"prep_workers"} and change.action == Action.IN_PLACE
+    monkeypatch.setitem(reload_plan.STEP_RULES, "prep_workers", Action.RELOAD)
+    assert plan_reload(old, new).steps[0].reloads_model
+    monkeypatch.setitem(reload_plan.STEP_RULES, "prep_workers", Action.REFUSE)
+    [line] = plan_reload(old, new).refused
+    assert line.startswith("step_0_Test_Tagger: prep_workers: cannot change while the daemon runs")
+    monkeypatch.setitem(reload_plan.STEP_RULES, "prep_workers", Action.SWAP_GRAPH)
+    assert plan_reload(old, new).rebuild == "prep_workers of step_0_Test_Tagger"
 
 
 # --- through the daemon --------------------------------------------------------------------------
