@@ -3,11 +3,14 @@
 Runs after the config validated and before any port is bound, file claimed or weight loaded
 (and in `reelflow check`). Two things per step, each failure one line naming the step and the fix:
 
-- its optional dependencies are importable (checked with `find_spec`, nothing is imported);
-- every checkpoint setting of a built-in stage (`model_path`; `base_model_path` and
-  `motion_adapter_path` when set; GPTTextGenerator's `model` with a local backend) resolves: a
-  local folder holding the files a loader reads, or a hub id that is in the local hub cache or,
-  unless offline, answers the hub within a short timeout.
+- the packages the stage declares (`Stage.requirements(config).packages`) are importable
+  (checked with `find_spec`, nothing is imported);
+- every checkpoint it declares (`.checkpoints`: `model_path`, a judge's `model`, ...) resolves:
+  a local folder holding the files a loader reads, or a hub id that is in the local hub cache
+  or, unless offline, answers the hub within a short timeout.
+
+Both come from the stage, so a new stage (or a third-party one) is checked by declaring them,
+with no change here.
 
 A hub that cannot be reached otherwise costs minutes of retries inside transformers and ends
 in a traceback that names neither the step nor the path.
@@ -22,20 +25,10 @@ from pathlib import Path
 
 from daemon.config import Config, Step
 
-CHECKPOINT_KEYS = ("model_path", "base_model_path", "motion_adapter_path")
-SECONDARY_KEYS = frozenset(CHECKPOINT_KEYS[1:])  # checked when set: the stage uses their default for some model_paths
 # A loader reads one of these at the top of a checkpoint folder: transformers' config.json,
 # diffusers' model_index.json (pipelines) or config.json (a single model such as a motion adapter).
 CHECKPOINT_FILES = ("config.json", "model_index.json")
 HUB_TIMEOUT_S = 5.0
-
-# What each family needs beyond the base install, and the extra that brings it.
-_FAMILY_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "stages.captioners": (("torch", "torchvision", "transformers"), "captioners"),
-    "stages.generators": (("torch", "diffusers", "transformers"), "generators"),
-}
-_LOCAL_TEXT = (("torch", "transformers"), "text")
-_API_TEXT = (("openai",), "text")
 
 
 @dataclass(frozen=True)
@@ -51,34 +44,22 @@ def _where(step: Step) -> str:
     return f"steps[{step.index}] ({step.type}/{step.name})"
 
 
-def _needs(step: Step) -> tuple[tuple[str, ...], str]:
-    module = step.stage_cls.__module__
-    for prefix, needs in _FAMILY_NEEDS.items():
-        if module.startswith(prefix + "."):
-            return needs
-    if module.startswith("stages.text."):
-        backend = getattr(step.config, "backend", None)
-        if backend == "vllm":
-            return ("vllm", "transformers"), "vllm"
-        if backend in ("transformers", "auto") or "model_path" in type(step.config).model_fields:
-            return _LOCAL_TEXT
-        return _API_TEXT
-    return (), ""
-
-
 def missing_dependencies(step: Step) -> list[Problem]:
-    modules, extra = _needs(step)
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if not missing:
-        return []
-    names = ", ".join(f"`{m}`" for m in missing)
-    return [
-        Problem(
-            _where(step),
-            f"{step.name} needs the {names} package{'s' if len(missing) > 1 else ''}, not installed here; "
-            f"install with: pip install 'reelflow[{extra}]'",
+    by_extra: dict[str, list[str]] = {}
+    for module, extra in step.stage_cls.requirements(step.config).packages:
+        if importlib.util.find_spec(module) is None:
+            by_extra.setdefault(extra, []).append(module)
+    problems = []
+    for extra, missing in by_extra.items():
+        names = ", ".join(f"`{m}`" for m in missing)
+        problems.append(
+            Problem(
+                _where(step),
+                f"{step.name} needs the {names} package{'s' if len(missing) > 1 else ''}, not installed here; "
+                f"install with: pip install 'reelflow[{extra}]'",
+            )
         )
-    ]
+    return problems
 
 
 def _hub_offline() -> bool:
@@ -156,23 +137,11 @@ def check_checkpoint(where: str, key: str, value: str, *, network: bool) -> Prob
 
 
 def checkpoint_problems(step: Step, *, network: bool) -> list[Problem]:
-    if not step.stage_cls.__module__.startswith("stages."):
-        return []  # a third-party stage's `model_path` may mean anything: its own load checks it
     found = []
-    keys = CHECKPOINT_KEYS
-    if (
-        getattr(step.config, "backend", None) in ("transformers", "vllm", "auto")
-        and "model" in type(step.config).model_fields
-    ):
-        keys += ("model",)  # GPTTextGenerator's local backends: `model` names the checkpoint
-    for key in keys:
-        if key in SECONDARY_KEYS and key not in step.config.model_fields_set:
-            continue  # AnimateDiff's other half: its default is used for one kind of model_path only
-        value = getattr(step.config, key, None)
-        if isinstance(value, str) and value:
-            problem = check_checkpoint(_where(step), key, value, network=network)
-            if problem:
-                found.append(problem)
+    for key, value in step.stage_cls.requirements(step.config).checkpoints:
+        problem = check_checkpoint(_where(step), key, value, network=network)
+        if problem:
+            found.append(problem)
     return found
 
 

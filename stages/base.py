@@ -155,6 +155,32 @@ class Resources:
     prepares: bool = False  # the stage has a per-record `prepare` run ahead of the model
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a stage's `load` needs beyond the base install, as the stage declares it for a config:
+    the packages it imports, each with the `reelflow[extra]` that brings it, and the checkpoints
+    it loads (a setting's name, e.g. `model_path` or `judge.model`, and its value: a local folder
+    or a hub id). Start-up's preflight checks both before any port is bound or weight loaded;
+    it reads nothing else of a stage's config."""
+
+    packages: tuple[tuple[str, str], ...] = ()  # (importable module, extra that installs it)
+    checkpoints: tuple[tuple[str, str], ...] = ()  # (setting, folder or hub id)
+
+    @classmethod
+    def of(cls, extra: str, *modules: str, **checkpoints: str | None) -> Requirements:
+        """`of("captioners", "torch", "transformers", model_path=config.model_path)`; empty values are left out."""
+        found = tuple((key, value) for key, value in checkpoints.items() if isinstance(value, str) and value)
+        return cls(tuple((module, extra) for module in modules), found)
+
+    def __or__(self, other: Requirements) -> Requirements:
+        packages = self.packages + tuple(p for p in other.packages if p not in self.packages)
+        return Requirements(packages, self.checkpoints + other.checkpoints)
+
+    def nested(self, prefix: str) -> Requirements:
+        """The same, with each checkpoint setting named under `prefix` (a nested config block)."""
+        return Requirements(self.packages, tuple((f"{prefix}.{key}", value) for key, value in self.checkpoints))
+
+
 class Device(str):
     """A worker's device ("cpu", "cuda:1", a group "cuda:0,cuda:1") as the host that started
     the worker named it, with that host's rule for the processes a stage starts on it.
@@ -228,6 +254,11 @@ class Stage:
         """What this instance needs now that it is loaded: `resources(self.config)`, unless the
         stage chose its backend at load (`backend: auto` picks vLLM or transformers by device)."""
         return type(self).resources(self.config)
+
+    @classmethod
+    def requirements(cls, config: StageConfig) -> Requirements:
+        """Packages and checkpoints `load` needs with this config (default: none beyond the base)."""
+        return Requirements()
 
     @classmethod
     def out_of_memory_advice(cls, config: StageConfig) -> str:

@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.base import Resources, Stage, StageError, format_prompt
+from stages.base import Requirements, Resources, Stage, StageError, format_prompt
 from stages.captioners.candidates import Captioned, sample_candidates
 from stages.captioners.config import CaptionerConfig, VideoCost
 from stages.captioners.select import SELECT_FRAME_COUNT, SELECT_FRAMES, CandidateSelector
@@ -64,6 +64,19 @@ class VideoCaptioner(Stage):
     @classmethod
     def out_of_memory_advice(cls, config: CaptionerConfig) -> str:
         return "lower max_pixels/num_frames or use a larger device"
+
+    @classmethod
+    def requirements(cls, config: CaptionerConfig) -> Requirements:
+        needs = Requirements.of("captioners", "torch", "torchvision", "transformers", model_path=config.model_path)
+        if config.backend == "vllm":
+            needs |= Requirements.of("vllm", "vllm")
+        if config.select == "clip_score":
+            needs |= Requirements.of("captioners", select_model_path=config.select_model_path)
+        if config.judge is not None:
+            from stages.text.gpt import GPTTextGenerator
+
+            needs |= GPTTextGenerator.requirements(config.judge).nested("judge")
+        return needs
 
     # -- hooks -----------------------------------------------------------------------------
     def loaded_cost(self) -> VideoCost:

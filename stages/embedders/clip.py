@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from stages.base import Embedding, FieldKind, InFlight, Stage, StageConfig, StageError
+from stages.base import Embedding, FieldKind, InFlight, Requirements, Stage, StageConfig, StageError
 from stages.engines.clip import DEFAULT_CLIP, ClipEncoder, l2_normalise
 from stages.video.frames import clip_window, record_video, sample_frames
 
@@ -57,6 +57,10 @@ class CLIPEmbedder(Stage):
     Config = CLIPEmbedderConfig
     config: CLIPEmbedderConfig
     accelerated = True
+
+    @classmethod
+    def requirements(cls, config: CLIPEmbedderConfig) -> Requirements:
+        return Requirements.of("captioners", "torch", "transformers", model_path=config.model_path)
 
     def load(self) -> None:
         c = self.config

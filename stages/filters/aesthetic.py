@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from stages.base import FieldKind, Filtered, InFlight, Stage, StageConfig, StageError, require
+from stages.base import FieldKind, Filtered, InFlight, Requirements, Stage, StageConfig, StageError, require
 from stages.embedders.clip import FRAME_EMBEDDINGS
 from stages.engines.clip import DEFAULT_CLIP, ClipEncoder
 from stages.video.frames import clip_window, record_video, sample_frames
@@ -109,6 +109,10 @@ class AestheticFilter(Stage):
     Config = AestheticFilterConfig
     config: AestheticFilterConfig
     accelerated = True
+
+    @classmethod
+    def requirements(cls, config: AestheticFilterConfig) -> Requirements:
+        return Requirements.of("captioners", "torch", "transformers", model_path=config.model_path)
 
     def load(self) -> None:
         self._torch = require("torch", stage="AestheticFilter", extra="captioners")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from stages.base import FieldKind, Filtered, Stage, StageConfig, StageError, require
+from stages.base import FieldKind, Filtered, Requirements, Stage, StageConfig, StageError, require
 from stages.video.frames import clip_window, record_video, sample_frames, uniform_indices
 
 
@@ -49,6 +49,10 @@ class MotionFilter(Stage):
 
     Config = MotionFilterConfig
     config: MotionFilterConfig
+
+    @classmethod
+    def requirements(cls, config: MotionFilterConfig) -> Requirements:
+        return Requirements.of("clips", "cv2") if config.method == "farneback" else Requirements()
 
     def load(self) -> None:
         if self.config.method == "farneback":

@@ -45,6 +45,7 @@ from stages.base import (
     OUTBOX_DIR,
     RECORD_ID,
     Filtered,
+    Requirements,
     Stage,
     StageConfig,
     StageError,
@@ -230,6 +231,10 @@ class NearDuplicateFilter(Stage):
 
     Config = NearDuplicateFilterConfig
     config: NearDuplicateFilterConfig
+
+    @classmethod
+    def requirements(cls, config: NearDuplicateFilterConfig) -> Requirements:
+        return Requirements.of("curation", "faiss")
 
     def load(self) -> None:
         import faiss  # noqa: F401  (fail at load, not at the first batch, when faiss-cpu is missing)

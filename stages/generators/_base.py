@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from stages.base import RECORD_ID, Stage, StageError, require
+from stages.base import RECORD_ID, Requirements, Stage, StageError, require
 from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
 from stages.generators import _media as media
@@ -65,6 +65,10 @@ class DiffusersGenerator(Stage):
     deprecated: ClassVar[bool] = False  # diffusers deprecated the pipeline (no fixes) but it still runs
     vae_switches: ClassVar[bool] = True  # enable_vae_tiling / enable_vae_slicing apply to the model's VAE
     call_keys: ClassVar[tuple[str, ...]] = ()  # config keys the pipeline call takes under the same name
+
+    @classmethod
+    def requirements(cls, config: GeneratorConfig) -> Requirements:
+        return Requirements.of("generators", "torch", "diffusers", "transformers", model_path=config.model_path)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

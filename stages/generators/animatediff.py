@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from stages.base import Requirements
 from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
 from stages.generators._base import DiffusersGenerator, Samples
@@ -125,6 +126,14 @@ class AnimateDiffGenerator(DiffusersGenerator):
     Config = AnimateDiffConfig
     half_dtype = "float16"
     call_keys = ("num_frames", "guidance_scale", "decode_chunk_size", "clip_skip")
+
+    @classmethod
+    def requirements(cls, config: AnimateDiffConfig) -> Requirements:
+        # The other half is checked when set: its default serves one kind of model_path only.
+        halves = {key: getattr(config, key) for key in ("base_model_path", "motion_adapter_path")}
+        return super().requirements(config) | Requirements.of(
+            "generators", **{key: value for key, value in halves.items() if key in config.model_fields_set}
+        )
 
     def load_pipeline(self, dtype):
         config = self.config

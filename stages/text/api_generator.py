@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
+from stages.base import FieldKind, Requirements, Resources, Stage, StageConfig, StageError
 from stages.engines import Generation
 from stages.text.api_client import APIRequest, ChatAPI
 from stages.text.common import ChatBatch, check_json_object, check_template, prompt_inputs
@@ -144,6 +144,10 @@ class APIGenerator(Stage):
     @classmethod
     def resources(cls, config: APIGeneratorConfig) -> Resources:
         return Resources(accelerators=0, concurrency_slots=config.max_num_seqs, asynchronous=True)
+
+    @classmethod
+    def requirements(cls, config: APIGeneratorConfig) -> Requirements:
+        return Requirements.of("text", "openai")
 
     def __init__(self, config: APIGeneratorConfig, device: str = "cpu"):
         super().__init__(config, device)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
+from stages.base import FieldKind, Requirements, Resources, Stage, StageConfig, StageError
 from stages.engines import Generation, choose_backend
 from stages.text.api_client import APIRequest, ChatAPI
 from stages.text.common import ChatBatch, check_json_object, check_template, prompt_inputs
@@ -163,6 +163,14 @@ class GPTTextGenerator(Stage):
                 accelerators=config.tensor_parallel_size, concurrency_slots=config.max_num_seqs, asynchronous=True
             )
         return Resources(accelerators=1, concurrency_slots=1, asynchronous=False)  # one generate at a time
+
+    @classmethod
+    def requirements(cls, config: GPTTextGeneratorConfig) -> Requirements:
+        if config.backend == "openai":
+            return Requirements.of("text", "openai")
+        if config.backend == "vllm":
+            return Requirements.of("vllm", "vllm", "transformers", model=config.model)
+        return Requirements.of("text", "torch", "transformers", model=config.model)  # auto: at least these
 
     def loaded_resources(self) -> Resources:
         # `auto` picks its backend at load, by the worker's device: answer for the one it picked.

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import FieldKind, Resources, Stage, StageConfig, StageError
+from stages.base import FieldKind, Requirements, Resources, Stage, StageConfig, StageError
 from stages.engines import Generation, choose_backend
 from stages.engines.hf_causal import Sampling, resolve_device
 from stages.text.common import ChatBatch, check_template, prompt_inputs
@@ -245,6 +245,12 @@ class LocalModelGenerator(Stage):
                 accelerators=config.tensor_parallel_size, concurrency_slots=config.max_num_seqs, asynchronous=True
             )
         return Resources(accelerators=1 if gpu else 0, concurrency_slots=1, asynchronous=False)
+
+    @classmethod
+    def requirements(cls, config: LocalModelGeneratorConfig) -> Requirements:
+        if config.backend == "vllm":
+            return Requirements.of("vllm", "vllm", "transformers", model_path=config.model_path)
+        return Requirements.of("text", "torch", "transformers", model_path=config.model_path)
 
     def loaded_resources(self) -> Resources:
         # `auto` picks its backend at load, by the device: answer for the one it picked.

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages.base import FieldKind, Filtered, Stage, StageConfig, StageError, require
+from stages.base import FieldKind, Filtered, Requirements, Stage, StageConfig, StageError, require
 
 
 class ShotSplitterConfig(StageConfig):
@@ -158,6 +158,10 @@ def plan_clips(cuts: list[int], total: int, fps: float, config: ShotSplitterConf
 
 class ShotSplitter(Stage):
     Config = ShotSplitterConfig
+
+    @classmethod
+    def requirements(cls, config: ShotSplitterConfig) -> Requirements:
+        return Requirements.of("clips", "scenedetect") if config.detector != "stride" else Requirements()
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         config = self.config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.base import Stage, StageConfig
+from stages.base import Requirements, Stage, StageConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,6 +24,19 @@ class FailingLoad(Stage):
 
     def load(self) -> None:
         raise RuntimeError("weights are corrupt: expected 4 tensors, found 3")
+
+    def process(self, batch):
+        return [{} for _ in batch]
+
+
+class DeclaresNeeds(Stage):
+    """A third-party-style stage that declares a package and a checkpoint of its own."""
+
+    Config = StageConfig
+
+    @classmethod
+    def requirements(cls, config: StageConfig) -> Requirements:
+        return Requirements.of("somextra", "no_such_package_xyz", weights="./no/weights")
 
     def process(self, batch):
         return [{} for _ in batch]
@@ -198,3 +211,48 @@ def test_serve_load_failure_is_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     (failed,) = [line for line in done.stderr.splitlines() if line.startswith("reelflow: failed")]
     assert "Test/FailingLoad" in failed and "weights are corrupt" in failed
+
+
+def test_what_each_stage_declares_is_what_preflight_checks(tmp_path):
+    """Preflight reads `Stage.requirements(config)` alone: a stage from outside stages/, the newer
+    families (embedders, curation filters) and a captioner's nested judge are all checked, each
+    problem one line naming the step, the setting and the fix."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['faiss'] = None\n")  # faiss-cpu uninstalled
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    judged = {
+        "model_path": "./model",
+        "num_candidates": 2,
+        "temperature": 0.7,
+        "select": "judge",
+        "judge": {"backend": "transformers", "model": "./no/judge"},
+    }
+    steps = [
+        {"type": "Test", "name": "DeclaresNeeds", "config": {}},
+        {"type": "VideoEmbedder", "name": "CLIPEmbedder", "config": {"model_path": "./no/clip"}},
+        {"type": "VideoFilter", "name": "NearDuplicateFilter", "config": {}},
+        {"type": "VideoCaptioner", "name": "Qwen2VLCaptioner", "config": judged},
+    ]
+    stages = "Test.DeclaresNeeds=tests.daemon.test_preflight:DeclaresNeeds"
+    done = _reelflow(
+        ["check", "--config", str(_write(tmp_path, steps))],
+        tmp_path,
+        PYTHONPATH=str(shim),
+        REELFLOW_EXTRA_STAGES=stages,
+    )
+    assert done.returncode == 2, done.stderr
+    config_path = str(tmp_path / "c.yaml")
+    lines = [line.removeprefix(f"{config_path}: ") for line in done.stderr.strip().splitlines()]
+    assert len(lines) == 4, done.stderr
+    assert lines[0].startswith("steps[0] (Test/DeclaresNeeds): DeclaresNeeds needs the `no_such_package_xyz` package")
+    assert "pip install 'reelflow[somextra]'" in lines[0]  # a missing package: its checkpoint is not looked at
+    assert lines[1].startswith(
+        "steps[1] (VideoEmbedder/CLIPEmbedder): model_path './no/clip' is not an existing folder"
+    )
+    assert lines[2].startswith("steps[2] (VideoFilter/NearDuplicateFilter): NearDuplicateFilter needs the `faiss`")
+    assert "pip install 'reelflow[curation]'" in lines[2]
+    assert lines[3].startswith(
+        "steps[3] (VideoCaptioner/Qwen2VLCaptioner): judge.model './no/judge' is not an existing"
+    )
