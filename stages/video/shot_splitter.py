@@ -68,6 +68,11 @@ def _decode_small(path: Path, short_side: int):
     av = require("av", stage="ShotSplitter", extra="clips")
     container = av.open(str(path))
     try:
+        if not container.streams.video:
+            raise StageError(
+                f"ShotSplitter: {path.name} has no video stream (audio-only or not a video); expected a video file",
+                error_type="NoVideoStream",
+            )
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         # The deblocking filter smooths 4-8 px block edges that the downscale to
