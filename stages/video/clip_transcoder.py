@@ -261,7 +261,7 @@ def _copy(container, stream, audio, cut: _Cut, partial: Path) -> int:
     try:
         video_out = out.add_stream_from_template(stream)
         container.seek(cut.start_pts, stream=stream, backward=True, any_frame=False)
-        written, audio_open, wanted = 0, audio is not None, cut.count
+        written, audio_open, wanted, last_dts = 0, audio is not None, cut.count, None
         for packet in container.demux(*([stream] + ([audio] if audio is not None else []))):
             if packet.stream is stream:
                 if _well_past(packet, stream, cut):
@@ -271,6 +271,12 @@ def _copy(container, stream, audio, cut: _Cut, partial: Path) -> int:
                     continue
                 packet.pts -= cut.start_pts
                 packet.dts = packet.pts if packet.dts is None else packet.dts - cut.start_pts
+                if last_dts is not None and packet.dts <= last_dts:
+                    # Matroska stores no DTS for the first packets of a stream with B-frames, and
+                    # DTS = PTS for them runs backwards, which mp4 refuses ("Invalid argument"):
+                    # give up the copy; the caller encodes the clip instead.
+                    return -1
+                last_dts = packet.dts
                 packet.stream = video_out
                 out.mux(packet)
                 written += 1

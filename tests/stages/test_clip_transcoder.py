@@ -204,3 +204,15 @@ def test_a_batch_of_clips_of_one_source_shares_one_opening(source, tmp_path):
     for (start, count), out in zip(windows, results, strict=True):
         assert frame_numbers(out["video"]) == list(range(start, start + count)), out
     assert [r["transcode"]["method"] for r in results] == ["copy", "copy", "encode", "copy"]
+
+
+def test_a_matroska_source_with_b_frames_is_encoded_when_its_packets_cannot_be_copied(tmp_path):
+    """Matroska keeps no DTS for a B-frame stream's first packets; copying them into mp4 with DTS
+    taken from PTS runs backwards and the muxer refuses ("Invalid argument"): the clip must come
+    out anyway, encoded, with exactly its frames (the README's curation run hit this on bars.mkv)."""
+    source = numbered(tmp_path / "numbered.mkv", frames=24, fps=FPS)
+    out, used = transcode(child(source, tmp_path, clip(0, start_frame=0, num_frames=24, fps=FPS)))
+    assert not isinstance(out, Exception), out
+    assert used["copy_fallbacks"] == 1 and out["transcode"]["method"] == "encode"
+    assert frame_numbers(out["video"]) == list(range(24))
+    assert first_packet_is_key(out["video"])
