@@ -19,60 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import re
-import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from daemon.config import OutputSpec, WebDatasetOutput
+from daemon.io.remote import RemoteFetchError, RemoteUnavailable, is_remote
+from daemon.io.shard_files import BUCKETS, OpenShard, sample_key
 
 log = logging.getLogger(__name__)
 
 INDEX = "shards.jsonl"
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_:-]")  # webdataset splits keys from extensions at the first dot
-
-
-def sample_key(record_id: str) -> str:
-    """A WebDataset key for an id: readable, no dots or slashes, never the same for two ids."""
-    safe = _KEY_UNSAFE.sub("_", record_id)[:120] or "_"
-    if safe == record_id:
-        return safe
-    return f"{safe}-{hashlib.sha1(record_id.encode()).hexdigest()[:10]}"
-
-
-def resolution_bucket(line: dict) -> str:
-    probe = line.get("probe") if isinstance(line.get("probe"), dict) else {}
-    width, height = probe.get("width"), probe.get("height")
-    if not width or not height:
-        return "unknown-res"
-    short = min(int(width), int(height))
-    for limit, name in ((360, "360p"), (480, "480p"), (720, "720p"), (1080, "1080p")):
-        if short <= limit:
-            return name
-    return "2160p"
-
-
-def duration_bucket(line: dict) -> str:
-    clip = line.get("clip") if isinstance(line.get("clip"), dict) else None
-    probe = line.get("probe") if isinstance(line.get("probe"), dict) else {}
-    if clip and clip.get("end_s") is not None and clip.get("start_s") is not None:
-        seconds = float(clip["end_s"]) - float(clip["start_s"])
-    elif probe.get("duration_s"):
-        seconds = float(probe["duration_s"])
-    else:
-        return "unknown-len"
-    for limit, name in ((5, "0-5s"), (10, "5-10s"), (30, "10-30s")):
-        if seconds < limit:
-            return name
-    return "30s-plus"
-
-
-BUCKETS = {"resolution": resolution_bucket, "duration": duration_bucket}
+__all__ = ["INDEX", "JobSinks", "ShardSink", "sample_key"]
 
 
 def _fsync_append(path: Path, data: bytes) -> None:
@@ -90,73 +52,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-_BLOCK = tarfile.BLOCKSIZE
-_ZEROS = bytes(tarfile.RECORDSIZE)
-
-
-class _OpenShard:
-    """The shard being filled for one bucket. A tar is streamed into its `.tmp` file as samples
-    come (the kernel writes it back meanwhile, so the fsync at the end is short); Parquet rows
-    are kept until the file is written whole."""
-
-    def __init__(self, bucket: str, index: int, final: Path, streamed: bool):
-        self.bucket = bucket
-        self.index = index
-        self.final = final
-        self.temporary = final.with_name(final.name + ".tmp")
-        self.ids: list[str] = []
-        self.lines: list[dict] = []
-        self.bytes = 0
-        self._fd: int | None = None
-        self._written = 0  # bytes of the tar so far
-        if streamed:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            # Open until the shard is sealed (or abandoned), across many calls.
-            self._fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-
-    def add_members(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """One sample's files as USTAR members, in one writev: tarfile.addfile copies each
-        TarInfo and pushes the data through a 16 kB copy loop, which cost more than the
-        exactly-once bookkeeping (bench/shards.py)."""
-        parts: list[bytes] = []
-        for extension, data in members:
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size = len(data)
-            info.mode = 0o644
-            parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data]
-            if len(data) % _BLOCK:
-                parts.append(_ZEROS[: _BLOCK - len(data) % _BLOCK])
-            self.bytes += len(data)
-        self._write(parts)
-
-    def _write(self, parts: list[bytes]) -> None:
-        total = sum(map(len, parts))
-        done = os.writev(self._fd, parts)
-        if done < total:  # a short write (a signal, a nearly full disk): write the rest plainly
-            rest = b"".join(parts)[done:]
-            while rest:
-                rest = rest[os.write(self._fd, rest) :]
-        self._written += total
-
-    def abandon(self) -> None:
-        """The job stopped before this shard was full: leave the `.tmp` for the restart to discard."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def seal_tar(self) -> None:
-        # The end of the archive as tarfile writes it: two zero blocks, padded to a whole record.
-        end = self._written + 2 * _BLOCK
-        self._write([_ZEROS[: 2 * _BLOCK + (-end) % tarfile.RECORDSIZE]])
-        os.fsync(self._fd)
-        self.abandon()
-
-
 class ShardSink:
     """Follows one job's results file and writes its shards for one `daemon.outputs` entry."""
 
-    def __init__(self, spec: OutputSpec, job: str, results: Path, relative_to: Path, video_key: str, text_key: str):
+    def __init__(
+        self,
+        spec: OutputSpec,
+        job: str,
+        results: Path,
+        relative_to: Path,
+        video_key: str,
+        text_key: str,
+        fetch_remote: Callable[[str], Path] | None = None,
+    ):
         self.spec = spec
+        self.fetch_remote = fetch_remote  # a result that names a URL: its file from the media cache
         self.job = job
         self.results = results
         self.relative_to = relative_to
@@ -165,7 +75,7 @@ class ShardSink:
         self.folder = spec.path / job
         self._done: set[str] = set()
         self._next: dict[str, int] = {}
-        self._open: dict[str, _OpenShard] = {}
+        self._open: dict[str, OpenShard] = {}
         self._offset = 0
         self.written_shards = 0
 
@@ -241,7 +151,7 @@ class ShardSink:
             index = self._next.get(bucket, 0)
             stem = "shard" if isinstance(self.spec, WebDatasetOutput) else "part"
             final = (self.folder / bucket if bucket else self.folder) / f"{stem}-{index:06d}{self._suffix()}"
-            shard = self._open[bucket] = _OpenShard(bucket, index, final, isinstance(self.spec, WebDatasetOutput))
+            shard = self._open[bucket] = OpenShard(bucket, index, final, isinstance(self.spec, WebDatasetOutput))
         shard.ids.append(record_id)
         if isinstance(self.spec, WebDatasetOutput):
             shard.add_members(sample_key(record_id), self._members(line))
@@ -258,9 +168,23 @@ class ShardSink:
     def _max_bytes(self) -> float:
         return self.spec.shard_max_bytes if isinstance(self.spec, WebDatasetOutput) else float("inf")
 
-    def _media(self, value: Any) -> Path | None:
+    def _media(self, value: Any, record_id: str = "") -> Path | None:
         if not isinstance(value, str) or not value:
             return None
+        if is_remote(value):  # a row that named a URL and no step wrote a local file for it
+            if self.fetch_remote is None:
+                return None
+            try:
+                return self.fetch_remote(value)  # the cached copy, fetched again if it was evicted
+            except (RemoteFetchError, RemoteUnavailable) as exc:
+                log.warning(
+                    "%s: sample %s: %s is not packed (%s); its .json still names the URL",
+                    self.job,
+                    record_id,
+                    value,
+                    exc,
+                )
+                return None
         path = Path(value)
         path = path if path.is_absolute() else self.relative_to / path
         return path if path.is_file() else None
@@ -276,9 +200,14 @@ class ShardSink:
                 if isinstance(text, str):
                     members.append(("txt", text.encode()))
             elif field == "video":
-                video = self._media(line.get(self.video_key))
+                named = line.get(self.video_key)
+                video = self._media(named, str(line.get("id")))
                 if video is not None:
                     members.append((video.suffix.lstrip(".").lower() or "mp4", video.read_bytes()))
+                elif isinstance(named, str) and named and not is_remote(named):
+                    log.warning(
+                        "%s: sample %s: its video %s is not there; packed without it", self.job, line.get("id"), named
+                    )
             else:  # a result field: its file(s), or its value as json
                 value = line.get(field)
                 paths = value if isinstance(value, list) else [value]
@@ -314,7 +243,7 @@ class ShardSink:
         self._next[bucket] = shard.index + 1
         self.written_shards += 1
 
-    def _write_parquet(self, path: Path, shard: _OpenShard) -> None:
+    def _write_parquet(self, path: Path, shard: OpenShard) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 

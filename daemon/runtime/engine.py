@@ -138,10 +138,7 @@ class Engine:
         ]
         if not wanted:
             return
-        if self._media_cache is None:
-            remote = self.config.file.daemon.remote
-            self._media_cache = MediaCache(remote, remote.cache_dir or self.layout.results_dir / ".reelflow" / "remote")
-        cache = self._media_cache
+        cache = self._cache()
 
         def fetch(checked: Checked, key: str):
             url = checked.record.fields[key]
@@ -220,12 +217,21 @@ class Engine:
                 log.warning("job %s: closing its outbox files: %s", job.name, describe(exc))
         return run
 
+    def _cache(self) -> MediaCache:
+        if self._media_cache is None:
+            remote = self.config.file.daemon.remote
+            self._media_cache = MediaCache(remote, remote.cache_dir or self.layout.results_dir / ".reelflow" / "remote")
+        return self._media_cache
+
+    def _remote_file(self, url: str) -> Path:
+        return self._cache().fetch_blocking(url)
+
     def _sinks(self, job: str, results: Path) -> JobSinks:
         """The job's `daemon.outputs` shard sinks, following its results file."""
         file = self.config.file
         return JobSinks(
             [
-                ShardSink(spec, job, results, self.layout.relative_to, file.video_key, file.text_key)
+                ShardSink(spec, job, results, self.layout.relative_to, file.video_key, file.text_key, self._remote_file)
                 for spec in file.daemon.outputs
             ]
         )

@@ -112,7 +112,9 @@ def test_remote_rows_shards_and_kill_9(tmp_path, clip_server, s3_bucket):  # noq
             {**ECHO, "config": {"sleep_s": 0.1, "batch_size": 2}},  # slow enough to be killed mid-job
         ],
         remote={"allow": allow, "retries": 3, "timeout_s": 10},
-        outputs=[{"format": "webdataset", "path": "shards", "shard_max_samples": 3, "fields": ["json", "probe"]}],
+        outputs=[
+            {"format": "webdataset", "path": "shards", "shard_max_samples": 3, "fields": ["json", "video", "probe"]}
+        ],
     )
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     daemon = DaemonProcess(config, env=env).start()
@@ -167,6 +169,8 @@ def test_remote_rows_shards_and_kill_9(tmp_path, clip_server, s3_bucket):  # noq
         line = json.loads(sample["json"])
         assert sample_key(line["id"]) == sample["__key__"] and line["probe"]["num_frames"] > 0
         assert json.loads(sample["probe.json"]) == line["probe"]
+        # No step wrote a local clip: the sample's video is the remote file itself, from the cache.
+        assert sample["mp4"] == Clips.bunny, f"{line['id']}: the packed video is not the fetched clip"
     assert not list(shard_folder.rglob("*.tmp")), context
     on_disk = sorted(p.relative_to(shard_folder).as_posix() for p in shard_folder.rglob("*.tar"))
     assert on_disk == sorted(e["file"] for e in index), context
