@@ -8,6 +8,10 @@ whose `action` is `fail` raises (a stage error, not a crash). `load` fails while
 `fail_load_if` exists (to make actor replacements fail). With `spawn_child`, each record
 also starts a child process on the stage's device, as a vLLM engine core is started, and
 reports the `CUDA_VISIBLE_DEVICES` the child saw beside the actor's own.
+
+`Preparing` is Crashy with a per-record `prepare` (run in the actor's thread pool): a record
+whose `action` is `bad_prepare` raises there, and a batch holding one whose `action` is
+`drop_one` is answered one slot short.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pydantic import Field
 
 from stages.base import Stage, StageConfig, StageError, spawning
 
-EXTRA_STAGES = "Test.Crashy=tests.ray.stages_for_ray:Crashy"
+EXTRA_STAGES = "Test.Crashy=tests.ray.stages_for_ray:Crashy,Test.Preparing=tests.ray.stages_for_ray:Preparing"
 
 
 class CrashyConfig(StageConfig):
@@ -74,3 +78,15 @@ class Crashy(Stage):
         with spawning(self.device):
             child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True)
         return {"child_mask": child.stdout.strip(), "own_mask": os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")}
+
+
+class Preparing(Crashy):
+    def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        if record.get("action") == "bad_prepare":
+            raise ValueError(f"record {record['id']} cannot be prepared")
+        return {**record, "prepared_in": os.getpid()}
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:
+        out = super().process(batch)
+        assert all("prepared_in" in record for record in batch)
+        return out[:-1] if any(record.get("action") == "drop_one" for record in batch) else out

@@ -1,6 +1,7 @@
-"""Where actors go and what their stages' children see, on the session's cluster (2 logical
-GPUs): placement reads what each stage declares (`Stage.resources`), never a config key by
-name; each actor's child processes see the GPU Ray gave the actor."""
+"""Where actors go and what runs in them, on the session's cluster (2 logical GPUs):
+placement reads what each stage declares (`Stage.resources`), never a config key by name;
+each actor's child processes see the GPU Ray gave the actor; inside the actor a record whose
+prepare fails fails alone, and a stage answering the wrong number of slots is an error."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from daemon.config import parse_config
 from daemon.hosts.ray.cluster import RayCluster
 from daemon.metrics import Metrics
 from daemon.runtime.pipeline import Pipeline
+from stages.base import StageError
 
 pytestmark = pytest.mark.ray
 
@@ -92,3 +94,26 @@ async def test_a_child_process_of_an_actor_sees_the_gpu_ray_gave_the_actor(ray_c
     assert sorted(answer["own_mask"] for answer in answers) == ["0", "1"]  # one GPU each, from Ray
     assert [answer["child_mask"] for answer in answers] == [answer["own_mask"] for answer in answers]
     assert {answer["device"] for answer in answers} == {"cuda:0"}
+
+
+async def test_in_the_actor_a_failed_prepare_fails_its_record_alone(ray_cluster, monkeypatch):
+    from tests.ray.stages_for_ray import EXTRA_STAGES
+
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)
+    workers = ray_cluster.workers_section(count=1, num_gpus=0)
+    text = f"workers: {workers}\nsteps:\n  - type: Test\n    name: Preparing\n    config: {{batch_size: 3}}\n"
+    pipeline = Pipeline(parse_config(text), Metrics())
+    await pipeline.connect()
+    pipeline.build_workers()
+    await pipeline.load()
+    [worker] = pipeline.workers[0]
+    try:
+        batch = [{"id": "a", "_job": "j"}, {"id": "b", "_job": "j", "action": "bad_prepare"}, {"id": "c", "_job": "j"}]
+        first, failed, last = await worker.host.process(batch)
+        assert (first["echo"], last["echo"]) == ("a", "c")
+        assert isinstance(failed, StageError) and failed.error_type == "ValueError"
+        assert failed.message == "record b cannot be prepared"
+        with pytest.raises(RuntimeError, match="stage returned 1 results for 2 records; expected one per record"):
+            await worker.host.process([{"id": "d", "_job": "j", "action": "drop_one"}, {"id": "e", "_job": "j"}])
+    finally:
+        await pipeline.close()
