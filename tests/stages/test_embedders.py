@@ -203,3 +203,40 @@ def test_a_head_for_other_dimensions_is_a_record_error(tiny_clip, clips, tmp_pat
     stage = _aesthetic(tiny_clip, path)
     [out] = stage.process([{"id": "a", "video": clips["s0"]}])
     assert isinstance(out, StageError) and out.error_type == "ModelMismatch" and "768" in out.message
+
+
+def test_reelflow_check_validates_the_steps_keys_and_the_head_file(tmp_path, tiny_clip, head_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.harness import REPO, _env
+
+    def check(steps) -> subprocess.CompletedProcess:
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({"steps": steps}))
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "check", "--offline", "--config", str(config)],
+            cwd=REPO,
+            env=_env(None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    embed = {"type": "VideoEmbedder", "name": "CLIPEmbedder", "config": {"model_path": str(tiny_clip)}}
+    score = {"type": "VideoFilter", "name": "AestheticFilter", "config": {"model_path": str(tiny_clip)}}
+    dedup = {"type": "VideoFilter", "name": "NearDuplicateFilter", "config": {"threshold": 0.99}}
+    good = check([embed, {**score, "config": {**score["config"], "head_path": str(head_path)}}, dedup])
+    assert good.returncode == 0, good.stdout + good.stderr
+    bad = check(
+        [
+            {**embed, "config": {**embed["config"], "num_frame": 4}},
+            {**score, "config": {**score["config"], "head_path": str(tmp_path / "nope.pth")}},
+        ]
+    )
+    assert bad.returncode == 2
+    assert "num_frame" in bad.stderr + bad.stdout and "did you mean 'num_frames'" in bad.stderr + bad.stdout
+    missing = check([{**score, "config": {**score["config"], "head_path": str(tmp_path / "nope.pth")}}])
+    assert missing.returncode == 2 and "head_path" in missing.stdout + missing.stderr
