@@ -7,7 +7,8 @@ Runs after the config validated and before any port is bound, file claimed or we
   (checked with `find_spec`, nothing is imported);
 - every checkpoint it declares (`.checkpoints`: `model_path`, a judge's `model`, ...) resolves:
   a local folder holding the files a loader reads, or a hub id that is in the local hub cache
-  or, unless offline, answers the hub within a short timeout.
+  or, unless offline, answers the hub within a short timeout; every single weights file it
+  declares (`.weight_files`: AestheticFilter's `head_path`) exists.
 
 Both come from the stage, so a new stage (or a third-party one) is checked by declaring them,
 with no change here.
@@ -138,10 +139,16 @@ def check_checkpoint(where: str, key: str, value: str, *, network: bool) -> Prob
 
 def checkpoint_problems(step: Step, *, network: bool) -> list[Problem]:
     found = []
-    for key, value in step.stage_cls.requirements(step.config).checkpoints:
+    needs = step.stage_cls.requirements(step.config)
+    for key, value in needs.checkpoints:
         problem = check_checkpoint(_where(step), key, value, network=network)
         if problem:
             found.append(problem)
+    for key, value in needs.weight_files:
+        if not Path(value).expanduser().is_file():
+            found.append(
+                Problem(_where(step), f"{key} {value!r} is not a file; expected the weights file (.pth/.safetensors)")
+            )
     return found
 
 

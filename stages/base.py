@@ -165,6 +165,7 @@ class Requirements:
 
     packages: tuple[tuple[str, str], ...] = ()  # (importable module, extra that installs it)
     checkpoints: tuple[tuple[str, str], ...] = ()  # (setting, folder or hub id)
+    weight_files: tuple[tuple[str, str], ...] = ()  # (setting, path of a single weights file)
 
     @classmethod
     def of(cls, extra: str, *modules: str, **checkpoints: str | None) -> Requirements:
@@ -174,11 +175,12 @@ class Requirements:
 
     def __or__(self, other: Requirements) -> Requirements:
         packages = self.packages + tuple(p for p in other.packages if p not in self.packages)
-        return Requirements(packages, self.checkpoints + other.checkpoints)
+        return Requirements(packages, self.checkpoints + other.checkpoints, self.weight_files + other.weight_files)
 
     def nested(self, prefix: str) -> Requirements:
         """The same, with each checkpoint setting named under `prefix` (a nested config block)."""
-        return Requirements(self.packages, tuple((f"{prefix}.{key}", value) for key, value in self.checkpoints))
+        named = lambda pairs: tuple((f"{prefix}.{key}", value) for key, value in pairs)  # noqa: E731
+        return Requirements(self.packages, named(self.checkpoints), named(self.weight_files))
 
 
 class Device(str):

@@ -322,6 +322,7 @@ class JobWriter:
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
     def close(self) -> None:
+        """Sync and close the files; then fold the batch-by-batch embedding parts into one file."""
         with self._lock:
             try:
                 for handle in self._files.values():
@@ -330,3 +331,5 @@ class JobWriter:
                 for handle in self._files.values():
                     handle.close()
                 self._files.clear()
+        with self._vectors_lock:
+            self.embeddings.compact()

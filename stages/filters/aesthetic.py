@@ -112,7 +112,8 @@ class AestheticFilter(Stage):
 
     @classmethod
     def requirements(cls, config: AestheticFilterConfig) -> Requirements:
-        return Requirements.of("captioners", "torch", "transformers", model_path=config.model_path)
+        needs = Requirements.of("captioners", "torch", "transformers", model_path=config.model_path)
+        return Requirements(needs.packages, needs.checkpoints, (("head_path", str(config.head_path)),))
 
     def load(self) -> None:
         self._torch = require("torch", stage="AestheticFilter", extra="captioners")

@@ -136,3 +136,44 @@ def test_a_failed_results_append_leaves_no_rows_and_the_retry_writes_them_once(t
 def test_one_shot_writes_the_dataset_beside_the_final_results(tmp_path):
     layout = OutboxLayout.one_shot(tmp_path / "base", tmp_path / "save")
     assert layout.for_job("meta").embeddings == tmp_path / "save" / "meta.embeddings.parquet"
+
+
+def test_close_compacts_the_parts_keeping_every_row_and_index(tmp_path):
+    writer = writer_for(tmp_path)
+    for n in range(0, 12, 2):
+        writer.write_results([record(n), record(n + 1)])
+    folder = tmp_path / "job.embeddings.parquet"
+    assert len(list(folder.glob("part-*.parquet"))) == 6
+    writer.close()
+    assert [p.name for p in folder.iterdir()] == ["part-00000000.parquet"]
+    ids, vectors = dataset(tmp_path)
+    assert ids == [f"r{n}" for n in range(12)] and vectors[5] == [5.0] * DIM
+    # a later run of the job appends after the compacted rows, and compacts again
+    writer = writer_for(tmp_path)
+    writer.write_results([record(12)])
+    writer.write_results([record(13)])
+    writer.close()
+    ids, _ = dataset(tmp_path)
+    assert ids == [f"r{n}" for n in range(14)]
+    assert [line["embedding_index"] for line in read_jsonl(tmp_path / "job.jsonl")] == list(range(14))
+
+
+def test_a_crash_mid_compaction_leaves_no_row_twice(tmp_path):
+    import shutil
+
+    writer = writer_for(tmp_path)
+    for n in range(4):
+        writer.write_results([record(n)])
+    folder = tmp_path / "job.embeddings.parquet"
+    saved = tmp_path / "saved"
+    shutil.copytree(folder, saved)
+    writer.close()  # compacts; then put the covered parts back, as a crash before their removal leaves them
+    for part in sorted(saved.glob("part-*.parquet"))[1:]:
+        shutil.copy(part, folder / part.name)
+    assert len(dataset(tmp_path)[0]) == 7  # without the repair a reader would see rows twice
+    writer = writer_for(tmp_path)
+    assert dataset(tmp_path)[0] == ["r0", "r1", "r2", "r3"]
+    writer.write_results([record(4)])
+    assert sorted(p.name for p in folder.glob("part-*.parquet")) == ["part-00000000.parquet", "part-00000004.parquet"]
+    writer.close()
+    assert dataset(tmp_path)[0] == [f"r{n}" for n in range(5)]

@@ -31,11 +31,17 @@ def embedder(tiny_clip):
 
 
 def test_registered_and_every_key_described():
+    from stages.registry import BUILTIN_STAGES
+
     assert stage_class("VideoEmbedder", "CLIPEmbedder") is CLIPEmbedder
     assert stage_class("VideoFilter", "AestheticFilter") is AestheticFilter
-    for config in (CLIPEmbedderConfig, AestheticFilterConfig):
-        undescribed = [k for k, f in config.model_fields.items() if not f.description]
-        assert not undescribed, f"{config.__name__}: {undescribed}"
+    # every built-in stage's keys, as `reelflow steps NAME` prints them: none without a description
+    undescribed = {
+        f"{t}/{n}": missing
+        for t, n in BUILTIN_STAGES
+        if (missing := [k for k, f in stage_class(t, n).Config.model_fields.items() if not f.description])
+    }
+    assert not undescribed
 
 
 def test_embedding_is_a_unit_vector_and_a_reencode_lands_on_it(embedder, clips):
@@ -203,3 +209,40 @@ def test_a_head_for_other_dimensions_is_a_record_error(tiny_clip, clips, tmp_pat
     stage = _aesthetic(tiny_clip, path)
     [out] = stage.process([{"id": "a", "video": clips["s0"]}])
     assert isinstance(out, StageError) and out.error_type == "ModelMismatch" and "768" in out.message
+
+
+def test_reelflow_check_validates_the_steps_keys_and_the_head_file(tmp_path, tiny_clip, head_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.harness import REPO, _env
+
+    def check(steps) -> subprocess.CompletedProcess:
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({"steps": steps}))
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "check", "--offline", "--config", str(config)],
+            cwd=REPO,
+            env=_env(None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    embed = {"type": "VideoEmbedder", "name": "CLIPEmbedder", "config": {"model_path": str(tiny_clip)}}
+    score = {"type": "VideoFilter", "name": "AestheticFilter", "config": {"model_path": str(tiny_clip)}}
+    dedup = {"type": "VideoFilter", "name": "NearDuplicateFilter", "config": {"threshold": 0.99}}
+    good = check([embed, {**score, "config": {**score["config"], "head_path": str(head_path)}}, dedup])
+    assert good.returncode == 0, good.stdout + good.stderr
+    bad = check(
+        [
+            {**embed, "config": {**embed["config"], "num_frame": 4}},
+            {**score, "config": {**score["config"], "head_path": str(tmp_path / "nope.pth")}},
+        ]
+    )
+    assert bad.returncode == 2
+    assert "num_frame" in bad.stderr + bad.stdout and "did you mean 'num_frames'" in bad.stderr + bad.stdout
+    missing = check([{**score, "config": {**score["config"], "head_path": str(tmp_path / "nope.pth")}}])
+    assert missing.returncode == 2 and "head_path" in missing.stdout + missing.stderr
