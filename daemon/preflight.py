@@ -7,7 +7,8 @@ Runs after the config validated and before any port is bound, file claimed or we
 - every checkpoint setting of a built-in stage (`model_path`; `base_model_path` and
   `motion_adapter_path` when set; GPTTextGenerator's `model` with a local backend) resolves: a
   local folder holding the files a loader reads, or a hub id that is in the local hub cache or,
-  unless offline, answers the hub within a short timeout.
+  unless offline, answers the hub within a short timeout;
+- every weights-file setting (`head_path`: AestheticFilter's head) names an existing file.
 
 A hub that cannot be reached otherwise costs minutes of retries inside transformers and ends
 in a traceback that names neither the step nor the path.
@@ -28,11 +29,13 @@ SECONDARY_KEYS = frozenset(CHECKPOINT_KEYS[1:])  # checked when set: the stage u
 # diffusers' model_index.json (pipelines) or config.json (a single model such as a motion adapter).
 CHECKPOINT_FILES = ("config.json", "model_index.json")
 HUB_TIMEOUT_S = 5.0
+WEIGHT_FILE_KEYS = ("head_path",)  # a single weights file, not a checkpoint folder or hub id
 
 # What each family needs beyond the base install, and the extra that brings it.
 _FAMILY_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "stages.captioners": (("torch", "torchvision", "transformers"), "captioners"),
     "stages.generators": (("torch", "diffusers", "transformers"), "generators"),
+    "stages.embedders": (("torch", "transformers"), "captioners"),
 }
 _LOCAL_TEXT = (("torch", "transformers"), "text")
 _API_TEXT = (("openai",), "text")
@@ -173,6 +176,14 @@ def checkpoint_problems(step: Step, *, network: bool) -> list[Problem]:
             problem = check_checkpoint(_where(step), key, value, network=network)
             if problem:
                 found.append(problem)
+    for key in WEIGHT_FILE_KEYS:
+        value = getattr(step.config, key, None)
+        if value is not None and not Path(value).expanduser().is_file():
+            found.append(
+                Problem(
+                    _where(step), f"{key} {str(value)!r} is not a file; expected the weights file (.pth/.safetensors)"
+                )
+            )
     return found
 
 

@@ -10,14 +10,18 @@ allowed roots), the outputs of earlier steps, and three reserved keys the runtim
 - `"id"`: the record id (str),
 - `"_job"`: the job name (str),
 - `"_media_dir"`: the `Path` of the folder where this job's generated files belong
-  (created on demand by `media_path`).
+  (created on demand by `media_path`),
+- `"_outbox_dir"`: the `Path` of the folder holding the jobs' output files (results,
+  `<job>.embeddings.parquet`), where the runtime knows it.
 
 `process` returns, for each input, a dict of *new fields* to merge into the record (e.g.
 `{"text": "a caption"}`), a `StageError`, a `Filtered` (the record is dropped on purpose),
 or a list of dicts: the record fans out into children (clips of a video), each a dict of
 the child's own new fields on top of its parent's. A `Path` value in an output is written to
 the results relative to the outbox, so stages return absolute `Path`s for the files they
-make.
+make. An `Embedding` value (a vector) travels with the record to later steps, but the outbox
+stores it in `<job>.embeddings.parquet` and the result line holds `<key>_index`, its row
+there; an `InFlight` value is for later steps only and is never written.
 """
 
 from __future__ import annotations
@@ -29,11 +33,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 RECORD_ID = "id"
 JOB = "_job"
 MEDIA_DIR = "_media_dir"
+OUTBOX_DIR = "_outbox_dir"
+EMBEDDINGS_SUFFIX = ".embeddings.parquet"  # <job>.embeddings.parquet: a folder of parquet parts
+
+
+class Embedding(np.ndarray):
+    """A 1-d float32 vector returned as a field: later steps read it as an array; the outbox
+    writes it to the job's `<job>.embeddings.parquet` (`id` + one column per vector field) and
+    puts `<key>_index`, the row's position there, in the result line instead of the floats."""
+
+    @classmethod
+    def of(cls, vector: Any) -> Embedding:
+        return np.ascontiguousarray(vector, dtype=np.float32).reshape(-1).view(cls)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A value for later steps only (e.g. per-frame embeddings a later filter reuses): it travels
+    with the record between steps; no result, filtered or intermediate line ever holds it."""
+
+    value: Any
+
 
 # What a stage needs from the input row, by kind; the reader checks these on the first
 # step and resolves the path kinds against the allowed roots.

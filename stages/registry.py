@@ -28,6 +28,8 @@ BUILTIN_STAGES: dict[tuple[str, str], str] = {
     ("VideoFilter", "MotionFilter"): "stages.filters.motion:MotionFilter",
     ("VideoFilter", "PropertyFilter"): "stages.filters.properties:PropertyFilter",
     ("VideoFilter", "NearDuplicateFilter"): "stages.filters.near_duplicate:NearDuplicateFilter",
+    ("VideoFilter", "AestheticFilter"): "stages.filters.aesthetic:AestheticFilter",
+    ("VideoEmbedder", "CLIPEmbedder"): "stages.embedders.clip:CLIPEmbedder",
     ("ImageGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
     ("VideoGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
     ("ImageGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",

@@ -13,7 +13,7 @@ from typing import Any
 from daemon.io.readers import RowProblem
 from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
 from daemon.io.remote import allowing_rule, is_remote, refusal
-from stages.base import JOB, MEDIA_DIR, RECORD_ID, FieldKind
+from stages.base import JOB, MEDIA_DIR, OUTBOX_DIR, RECORD_ID, FieldKind
 
 PATH_KINDS = ("video", "image")
 
@@ -36,13 +36,16 @@ class Checked:
 
 
 class RowChecker:
-    def __init__(self, job: str, file_name: str, rules: RowRules, done: IdSet, media_dir: Path):
+    def __init__(
+        self, job: str, file_name: str, rules: RowRules, done: IdSet, media_dir: Path, outbox_dir: Path | None = None
+    ):
         self.job = job
         self.file_name = file_name
         self.rules = rules
         self.done = done
         self.seen = IdSet()
         self.media_dir = media_dir
+        self.outbox_dir = outbox_dir
 
     def check(self, row_number: int, row: Any) -> Checked | None:
         """None means: already written by an earlier run, skip it.
@@ -92,6 +95,8 @@ class RowChecker:
         fields[RECORD_ID] = record_id
         fields[JOB] = self.job
         fields[MEDIA_DIR] = self.media_dir
+        if self.outbox_dir is not None:
+            fields[OUTBOX_DIR] = self.outbox_dir
         return Record(id=record_id, job=self.job, row_number=row_number, row=row, fields=fields, key=key)
 
     def _check_fields(self, row_number: int, record: Record) -> RowProblem | None:

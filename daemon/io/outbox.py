@@ -8,6 +8,11 @@ resume ledger: those records are not run again.
 An append that fails half way (disk full, EIO) is cut back to the size the file had before
 it, so retrying the batch (daemon/runtime/failures.py: transient) never duplicates a line.
 Every `OSError` raised here names the file it was about.
+
+Vectors (`stages.base.Embedding` outputs) are not written into the lines: a results batch's
+vectors go to the job's embeddings dataset (daemon/io/embeddings.py) first, then its lines,
+each holding `<key>_index`; filtered and intermediate lines leave them out, and `InFlight`
+values are never written.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 import orjson
 
 from daemon import secrets
+from daemon.io.embeddings import EmbeddingStore
 from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
+from stages.base import EMBEDDINGS_SUFFIX, Embedding, InFlight
 
 STATE_DIR = ".reelflow"
 
@@ -54,6 +61,7 @@ class OutboxLayout:
             results=self.results_dir / f"{job}.jsonl",
             errors=self.errors_dir / f"{job}.errors.jsonl",
             filtered=self.errors_dir / f"{job}.filtered.jsonl",
+            embeddings=self.errors_dir / f"{job}{EMBEDDINGS_SUFFIX}",
             media=media,
             intermediate=intermediate,
         )
@@ -66,6 +74,8 @@ class JobPaths:
     filtered: Path
     media: Path
     intermediate: Path
+    # a folder of parquet parts beside the final results (one-shot: save_folder); default: beside results
+    embeddings: Path | None = None
 
 
 def _truncate_torn_line(path: Path) -> None:
@@ -136,6 +146,8 @@ class JobWriter:
         self.relative_to = relative_to.resolve()
         self.config_digest = config_digest
         self._lock = threading.Lock()
+        self._vectors_lock = threading.Lock()  # a part and its result lines, one batch at a time
+        self.embeddings = EmbeddingStore(paths.embeddings or paths.results.with_name(f"{job}{EMBEDDINGS_SUFFIX}"))
         self._files: dict[Path, Any] = {}
         self.results_written = 0
         self.errors_written = 0
@@ -156,6 +168,7 @@ class JobWriter:
         self.errors_written = _keys_in(self.paths.errors, True, done)
         self.filtered_written = _keys_in(self.paths.filtered, False, done)
         self._settled_parents(done)
+        self.embeddings.open(done)
         return done
 
     def _settled_parents(self, done: IdSet) -> None:
@@ -201,16 +214,43 @@ class JobWriter:
         except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits: the stdlib encoder takes it
             return json.dumps(entry, default=self._default, ensure_ascii=False).encode() + b"\n"
 
-    def result_line(self, record: Record) -> dict:
-        line = {**record.row, "id": record.id, **record.outputs}
+    def result_line(self, record: Record, embedding_row: int | None = None) -> dict:
+        """The line for a record; its vectors become `<key>_index` (= `embedding_row`) or are left out."""
+        outputs = {}
+        for key, value in record.outputs.items():
+            if isinstance(value, Embedding):
+                if embedding_row is not None:
+                    outputs[f"{key}_index"] = embedding_row
+            elif not isinstance(value, InFlight):
+                outputs[key] = value
+        line = {**record.row, "id": record.id, **outputs}
         if self.config_digest:
             line.update(config_hash_fields(record, self.config_digest))
         return line
 
     def write_results(self, records: list[Record]) -> None:
-        data = b"".join(self._dump(self.result_line(r)) for r in records)
-        self._append(self.paths.results, data, sync=True)
-        self.results_written += len(records)
+        keys = list(dict.fromkeys(k for r in records for k, v in r.outputs.items() if isinstance(v, Embedding)))
+        if not keys:
+            data = b"".join(self._dump(self.result_line(r)) for r in records)
+            self._append(self.paths.results, data, sync=True)
+            self.results_written += len(records)
+            return
+        with self._vectors_lock:
+            with_vectors = [r for r in records if any(isinstance(r.outputs.get(k), Embedding) for k in keys)]
+            columns = {
+                k: [r.outputs.get(k) if isinstance(r.outputs.get(k), Embedding) else None for r in with_vectors]
+                for k in keys
+            }
+            first, part = self.embeddings.append([str(r.id) for r in with_vectors], columns)
+            rows = {id(r): first + n for n, r in enumerate(with_vectors)}
+            data = b"".join(self._dump(self.result_line(r, rows.get(id(r)))) for r in records)
+            try:
+                self._append(self.paths.results, data, sync=True)
+            except OSError:
+                # no line points at the part: drop it, so the retried batch writes its rows once
+                self.embeddings.discard(part, len(with_vectors))
+                raise
+            self.results_written += len(records)
 
     def write_errors(self, entries: list[tuple[Record, str, str, str]]) -> None:
         """`entries`: (record, step label, error type, message)."""
@@ -282,6 +322,7 @@ class JobWriter:
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
     def close(self) -> None:
+        """Sync and close the files; then fold the batch-by-batch embedding parts into one file."""
         with self._lock:
             try:
                 for handle in self._files.values():
@@ -290,3 +331,5 @@ class JobWriter:
                 for handle in self._files.values():
                     handle.close()
                 self._files.clear()
+        with self._vectors_lock:
+            self.embeddings.compact()

@@ -165,7 +165,7 @@ class Engine:
         self.pipeline.open_job(run)
         if self._task is not None and self._task.done():  # died before this job began: fail it at once
             self._pipeline_ended(self._task)
-        checker = RowChecker(job.name, job.display_name, self._rules(job), done, paths.media)
+        checker = RowChecker(job.name, job.display_name, self._rules(job), done, paths.media, paths.embeddings.parent)
         feed = asyncio.create_task(self._feed(job, run, checker), name=f"read-{job.name}")
         self._feeds.add(feed)
         if self._intake_stopped:

@@ -1,13 +1,21 @@
 """NearDuplicateFilter: drop a clip whose embedding is within `threshold` cosine of one kept.
 
-The embedding comes from the record (`embedding_key`): a list of floats, or the path of a
-`.npy` file (relative paths are read against the outbox, where results keep them). Vectors
+The embedding comes from the in-flight record (`embedding_key`): the `Embedding` a preceding
+CLIPEmbedder left there, a list of floats, or the path of a `.npy` file (relative paths are
+read against the outbox, where results keep them). Vectors
 are L2-normalised, so inner product is cosine. The kept vectors live in a faiss index: exact
 (`IndexFlatIP`) up to `exact_up_to` vectors, then an `IndexIVFFlat` trained on the first
 vectors (approximate: `nprobe` of `nlist` lists are searched).
 
 `scope: job` compares a clip with what was kept in its own job; `scope: outbox` with
-everything this stage kept, across jobs.
+everything kept across jobs. Ids are per job, so decisions are keyed by (job, id), and a
+filtered line names the kept clip's id (`duplicate_of`) and, across jobs, its job.
+
+At first use a scope also takes in the vectors already in the outbox's embeddings datasets
+(`<job>.embeddings.parquet`, column `embedding_key`; every job's for `scope: outbox`, the
+record's own job's for `scope: job`) that its state file does not know: results written by
+an earlier run without this step, or with its state file removed. Its own kept clips are
+in the state file already (written before their results), so a restart reads them once.
 
 Exactly-once across a crash: every decision (kept with its vector, or filtered with its
 reason) is appended to a state file and fsynced BEFORE `process` returns. At first use the
@@ -30,7 +38,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from stages.base import JOB, MEDIA_DIR, RECORD_ID, Filtered, Stage, StageConfig, StageError, safe_file_stem
+from stages.base import (
+    EMBEDDINGS_SUFFIX,
+    JOB,
+    MEDIA_DIR,
+    OUTBOX_DIR,
+    RECORD_ID,
+    Filtered,
+    Stage,
+    StageConfig,
+    StageError,
+    safe_file_stem,
+)
 
 KEPT, DROPPED = 1, 2
 # kind, id length, payload length; then id, payload, CRC32 of all before it
@@ -73,14 +92,29 @@ class NearDuplicateFilterConfig(StageConfig):
 class _Scope:
     """One index and its state file: the decisions so far, in order."""
 
-    def __init__(self, path: Path, config: NearDuplicateFilterConfig):
+    def __init__(self, path: Path, config: NearDuplicateFilterConfig, seeds: list[Path] = ()):
         self.path = path
         self.config = config
-        self.ids: list[str] = []  # kept ids, by index row
+        self.ids: list[str] = []  # kept keys (`job\0id`), by index row
         self.decisions: dict[str, dict[str, Any] | Filtered] = {}
         self.index = None
         self.dim: int | None = None
         self._load()
+        for dataset in seeds:
+            self._seed(dataset)
+
+    def _seed(self, dataset: Path) -> None:
+        """Index the vectors of one job's embeddings dataset whose keys the state file lacks."""
+        job = dataset.name[: -len(EMBEDDINGS_SUFFIX)]
+        ids, vectors = read_vectors(dataset, self.config.embedding_key)
+        fresh = [n for n, rid in enumerate(ids) if f"{job}\0{rid}" not in self.decisions]
+        if not fresh or (self.dim is not None and vectors.shape[1] != self.dim):
+            return  # another embedder's vectors (other dimensions) are not comparable
+        vectors = vectors[fresh]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        usable = np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)
+        self.ids.extend(f"{job}\0{ids[n]}" for n, ok in zip(fresh, usable, strict=True) if ok)
+        self._add(vectors[usable] / norms[usable])
 
     def _load(self) -> None:
         if not self.path.exists():
@@ -149,12 +183,14 @@ class _Scope:
                     best, of = float(within[i, j]), ids[j]
             if of is not None and best >= threshold:
                 s = round(best, 6)
-                out.append(
-                    Filtered(
-                        f"near duplicate of {of!r}: cosine {s} >= threshold {threshold}",
-                        {"similarity": s, "duplicate_of": of},
-                    )
-                )
+                job, _, of_id = of.partition("\0")
+                here = ids[i].partition("\0")[0]
+                scores: dict[str, Any] = {"similarity": s, "duplicate_of": of_id}
+                where = ""
+                if job != here:
+                    scores["duplicate_of_job"] = job
+                    where = f" in job {job!r}"
+                out.append(Filtered(f"near duplicate of {of_id!r}{where}: cosine {s} >= threshold {threshold}", scores))
             else:
                 kept_here.append(i)
                 out.append({})
@@ -208,7 +244,7 @@ class NearDuplicateFilter(Stage):
         for i, record in enumerate(batch):
             try:
                 scope = self._scope(record)
-                rid = str(record[RECORD_ID])
+                rid = f"{record.get(JOB, '')}\0{record[RECORD_ID]}"
                 if rid in scope.decisions:  # decided before a restart: the same decision again
                     results[i] = scope.decisions[rid]
                     continue
@@ -219,7 +255,8 @@ class NearDuplicateFilter(Stage):
             group = groups.setdefault(scope.path, [])
             if group and group[0][2].shape != vector.shape:
                 results[i] = StageError(
-                    f"record {rid!r}: embedding has {vector.shape[0]} dimensions, {group[0][1]!r} in the same "
+                    f"record {record[RECORD_ID]!r}: embedding has {vector.shape[0]} dimensions, "
+                    f"{group[0][1].partition(chr(0))[2]!r} in the same "
                     f"batch has {group[0][2].shape[0]}; use one embedder per scope or a separate state_dir",
                     error_type="BadEmbedding",
                 )
@@ -260,7 +297,14 @@ class NearDuplicateFilter(Stage):
         path = Path(folder) / name
         scope = self._scopes.get(path)
         if scope is None:
-            scope = self._scopes[path] = _Scope(path, c)
+            seeds: list[Path] = []
+            outbox = record.get(OUTBOX_DIR)
+            if outbox is not None and Path(outbox).is_dir():
+                pattern = (
+                    f"*{EMBEDDINGS_SUFFIX}" if c.scope == "outbox" else f"{record.get(JOB, '')}{EMBEDDINGS_SUFFIX}"
+                )
+                seeds = sorted(p for p in Path(outbox).glob(pattern) if p.is_dir())
+            scope = self._scopes[path] = _Scope(path, c, seeds)
         return scope
 
     def _vector(self, record: dict[str, Any], scope: _Scope) -> np.ndarray:
@@ -301,3 +345,25 @@ class NearDuplicateFilter(Stage):
                 error_type="BadEmbedding",
             )
         return vector / norm
+
+
+def read_vectors(dataset: Path, key: str) -> tuple[list[str], np.ndarray]:
+    """(ids, N x D float32) of one vector column of an embeddings dataset (a folder of parquet parts),
+    read column-wise (no Python float per value); rows without the column or the vector are left out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(dataset, columns=["id", key])
+    except (pa.ArrowInvalid, KeyError, OSError):  # no such column in this job's vectors, or no parts yet
+        return [], np.zeros((0, 0), dtype=np.float32)
+    column = table.column(key).combine_chunks()
+    present = pc.invert(pc.is_null(column)).to_numpy(zero_copy_only=False)
+    ids = [rid for rid, ok in zip(table.column("id").to_pylist(), present, strict=True) if ok]
+    column = column.filter(pa.array(present))
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) == 0 or (lengths != lengths[0]).any():
+        return [], np.zeros((0, 0), dtype=np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return ids, values.reshape(len(lengths), int(lengths[0]))

@@ -197,3 +197,57 @@ def test_kill_9_then_rerun_decides_as_an_uninterrupted_run(tmp_path):
     assert sum(v is not None for v in straight.values()) > 0
     for stop in (0, 4):  # the first batch, and one mid-stream
         assert _run(tmp_path, f"killed{stop}", stop) == straight, f"killed after batch {stop}"
+
+
+def _write_outbox_job(outbox: Path, job: str, vectors: dict[str, np.ndarray]) -> None:
+    """Results of an earlier run, written by the daemon's own JobWriter (vectors in <job>.embeddings.parquet)."""
+    from daemon.io.outbox import JobWriter, OutboxLayout
+    from daemon.io.records import Record
+    from stages.base import Embedding
+
+    writer = JobWriter(job, OutboxLayout.daemon(outbox).for_job(job), outbox)
+    writer.open()
+    records = []
+    for rid, vector in vectors.items():
+        record = Record(id=rid, job=job, row_number=1, row={"id": rid}, fields={}, key=rid)
+        record.outputs["embedding"] = Embedding.of(vector)
+        records.append(record)
+    writer.write_results(records)
+    writer.close()
+
+
+def test_outbox_scope_starts_from_the_embeddings_already_in_the_outbox(tmp_path, vectors):
+    from stages.base import OUTBOX_DIR
+    from stages.filters.near_duplicate import read_vectors
+
+    outbox = tmp_path / "outbox"
+    _write_outbox_job(outbox, "earlier", {"a": vectors[0], "b": vectors[1]})
+    ids, rows = read_vectors(outbox / "earlier.embeddings.parquet", "embedding")
+    assert ids == ["a", "b"] and rows.shape == (2, DIM)
+    stage = _stage(tmp_path, scope="outbox", state_dir=tmp_path / "state")
+
+    def rec(rid, vector, job="now"):
+        return {**_record(rid, vector, job=job), OUTBOX_DIR: outbox}
+
+    out = stage.process([rec("a", vectors[0] * 2), rec("x", vectors[2]), rec("y", vectors[1] + 1e-3)])
+    assert out[1] == {}
+    for dropped, original in ((out[0], "a"), (out[2], "b")):
+        assert isinstance(dropped, Filtered)
+        assert dropped.scores["duplicate_of"] == original and dropped.scores["duplicate_of_job"] == "earlier"
+    # scope: job reads only the record's own job's dataset
+    job_stage = _stage(tmp_path, scope="job", state_dir=tmp_path / "job-state")
+    assert job_stage.process([rec("a", vectors[0])]) == [{}]
+    assert isinstance(job_stage.process([rec("z", vectors[1], job="earlier")])[0], Filtered)
+
+
+def test_same_id_in_two_jobs_is_two_records_in_outbox_scope(tmp_path, vectors):
+    stage = _stage(tmp_path, scope="outbox", state_dir=tmp_path / "state")
+    assert stage.process([_record("1", vectors[0], job="one")]) == [{}]
+    # row-number ids repeat across jobs: job two's "1" is not job one's "1" replayed
+    assert stage.process([_record("1", vectors[1], job="two")]) == [{}]
+    again = stage.process([_record("2", vectors[1], job="three")])
+    assert isinstance(again[0], Filtered) and again[0].scores == {
+        "similarity": again[0].scores["similarity"],
+        "duplicate_of": "1",
+        "duplicate_of_job": "two",
+    }
