@@ -244,7 +244,9 @@ class VideoCaptioner(Stage):
         if self.backend_name != "vllm" or not self._plain():
             return await asyncio.to_thread(self.process, batch)
         prepared: list[Any] = (
-            await asyncio.to_thread(self._prepared_records, batch) if any(PREPARED not in r for r in batch) else batch
+            await asyncio.to_thread(self._prepared_records, batch)
+            if any(PREPARED not in r for r in batch)
+            else list(batch)  # a copy: the answers replace its items, the runtime's batch stays as it is
         )
         ready = [i for i, p in enumerate(prepared) if not isinstance(p, StageError)]
         if ready:

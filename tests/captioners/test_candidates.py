@@ -234,3 +234,14 @@ def test_clip_score_after_a_real_clip_embedder(make_captioner, clips, tiny_clip)
     )
     (result,) = stage.process([{**source, **embedded}])
     assert "5 frames embedded by CLIPEmbedder" in result[SELECTION]["reason"]
+
+
+def test_aprocess_gives_what_process_gives(make_captioner, clips):
+    """The runtime awaits aprocess: candidates run in a worker thread, same seeds, same answers."""
+    import asyncio
+
+    stage = make_captioner("qwen2_vl", **SAMPLED, num_candidates=2, select="longest")
+    prepared = [stage.prepare(r) for r in _records(clips)]
+    batch = list(prepared)
+    assert asyncio.run(stage.aprocess(batch)) == stage.process(prepared)
+    assert batch == prepared  # the runtime's batch is not rewritten
