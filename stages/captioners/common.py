@@ -12,7 +12,9 @@ Flow of one record:
   decode only those frames with `stages.video.frames.sample_frames` at the size the model's
   processor wants, then (transformers backend) run the processor, or (vLLM backend) hand
   frames plus metadata to vLLM. A record whose tokens do not fit `max_model_len` fails here.
-- `process` / `aprocess`: caption the batch.
+- `process` / `aprocess`: caption the batch. With `num_candidates: 1` and text output that is
+  one generate call; otherwise candidates are sampled in rounds (seed + k, re-sampling answers
+  that fail `json_schema`: candidates.py, structured.py) and one is chosen (select.py).
 
 Backends. One stage class serves both; the backend is chosen in `load()` (`backend: auto`
 picks vLLM when it is installed and the stage's device is a GPU, else transformers; the
@@ -266,7 +268,9 @@ class VideoCaptioner(Stage):
         if self.backend_name != "vllm" or not self._plain():
             return await asyncio.to_thread(self.process, batch)
         prepared: list[Any] = (
-            await asyncio.to_thread(self._prepared_records, batch) if any(PREPARED not in r for r in batch) else batch
+            await asyncio.to_thread(self._prepared_records, batch)
+            if any(PREPARED not in r for r in batch)
+            else list(batch)  # a copy: the answers replace its items, the runtime's batch stays as it is
         )
         ready = [i for i, p in enumerate(prepared) if not isinstance(p, StageError)]
         if ready:

@@ -4,7 +4,9 @@
 Config subclass says what a video costs its model in tokens (`video_cost`), read from the
 checkpoint's JSON files when `model_path` is a local folder, else the released checkpoints'
 sizes. The validator refuses a `num_frames` that cannot fit `max_model_len` together with the
-prompt and `max_new_tokens`, and says how many would.
+prompt and `max_new_tokens`, and says how many would. It also refuses candidate and
+structured-caption settings that cannot work together (sampled candidates under greedy
+decoding, a `select` with one candidate, `judge` without its config, JSON without a schema).
 """
 
 from __future__ import annotations

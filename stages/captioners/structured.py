@@ -107,7 +107,11 @@ def caption_text(value: str | dict[str, Any]) -> str:
 
 
 def vllm_structured_params(schema: dict[str, Any]) -> dict[str, Any]:
-    """SamplingParams kwargs that constrain decoding to `schema` (vLLM >= 0.11; older: guided_decoding)."""
+    """SamplingParams kwargs that constrain decoding to `schema` (vLLM >= 0.11; older: guided_decoding).
+
+    JSON's grammar allows any whitespace between tokens, and a weak model can spend
+    max_new_tokens on it; vLLM turns that off per engine, not per request: engine_args
+    `structured_outputs_config: {backend: xgrammar, disable_any_whitespace: true}`."""
     try:
         from vllm.sampling_params import StructuredOutputsParams
     except ImportError:

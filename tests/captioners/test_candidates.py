@@ -199,13 +199,10 @@ def test_clip_score_reuses_a_clip_embedders_frame_embeddings(make_captioner, cli
     them; the frames are not embedded again (one from another model is ignored)."""
     import numpy as np
 
+    from stages.base import InFlight as in_flight
     from stages.captioners.select import FRAME_EMBEDDINGS
     from stages.engines.clip import ClipEncoder, l2_normalise
 
-    base = pytest.importorskip("stages.base")
-    in_flight = getattr(base, "InFlight", None)
-    if in_flight is None:
-        pytest.skip("stages.base.InFlight comes with the CLIPEmbedder branch (d-embed)")
     stage = make_captioner(
         "qwen2_vl", **SAMPLED, num_candidates=2, select="clip_score", select_model_path=str(tiny_clip)
     )
@@ -220,3 +217,31 @@ def test_clip_score_reuses_a_clip_embedders_frame_embeddings(make_captioner, cli
     clip = ClipEncoder(str(tiny_clip)).load()
     expected = clip.text_embeddings(reused[CANDIDATES]) @ l2_normalise(vectors.mean(axis=0))
     assert reused[SELECTION]["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_clip_score_after_a_real_clip_embedder(make_captioner, clips, tiny_clip):
+    """CLIPEmbedder then the captioner, as the runtime chains them (the step's result merged
+    into the record): the captioner scores with the embedder's frame embeddings."""
+    from stages.embedders.clip import CLIPEmbedder, CLIPEmbedderConfig
+
+    embedder = CLIPEmbedder(CLIPEmbedderConfig(model_path=str(tiny_clip), num_frames=5), "cpu")
+    embedder.load()
+    source = record(clips["moving_h264"])
+    (embedded,) = embedder.process([embedder.prepare(source)])
+    embedder.close()
+    stage = make_captioner(
+        "qwen2_vl", **SAMPLED, num_candidates=2, select="clip_score", select_model_path=str(tiny_clip)
+    )
+    (result,) = stage.process([{**source, **embedded}])
+    assert "5 frames embedded by CLIPEmbedder" in result[SELECTION]["reason"]
+
+
+def test_aprocess_gives_what_process_gives(make_captioner, clips):
+    """The runtime awaits aprocess: candidates run in a worker thread, same seeds, same answers."""
+    import asyncio
+
+    stage = make_captioner("qwen2_vl", **SAMPLED, num_candidates=2, select="longest")
+    prepared = [stage.prepare(r) for r in _records(clips)]
+    batch = list(prepared)
+    assert asyncio.run(stage.aprocess(batch)) == stage.process(prepared)
+    assert batch == prepared  # the runtime's batch is not rewritten
