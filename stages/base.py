@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 RECORD_ID = "id"
@@ -44,16 +43,6 @@ JOB = "_job"
 MEDIA_DIR = "_media_dir"
 OUTBOX_DIR = "_outbox_dir"
 EMBEDDINGS_SUFFIX = ".embeddings.parquet"  # <job>.embeddings.parquet: a folder of parquet parts
-
-
-class Embedding(np.ndarray):
-    """A 1-d float32 vector returned as a field: later steps read it as an array; the outbox
-    writes it to the job's `<job>.embeddings.parquet` (`id` + one column per vector field) and
-    puts `<key>_index`, the row's position there, in the result line instead of the floats."""
-
-    @classmethod
-    def of(cls, vector: Any) -> Embedding:
-        return np.ascontiguousarray(vector, dtype=np.float32).reshape(-1).view(cls)
 
 
 @dataclass(frozen=True)

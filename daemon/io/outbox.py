@@ -30,7 +30,8 @@ import orjson
 from daemon import secrets
 from daemon.io.embeddings import EmbeddingStore
 from daemon.io.records import IdSet, Record, duplicate_key, unreadable_row_key
-from stages.base import EMBEDDINGS_SUFFIX, Embedding, InFlight
+from stages.base import EMBEDDINGS_SUFFIX, InFlight
+from stages.embedding import Embedding
 
 STATE_DIR = ".reelflow"
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from stages.base import Embedding, FieldKind, InFlight, Requirements, Stage, StageConfig, StageError
+from stages.base import FieldKind, InFlight, Requirements, Stage, StageConfig, StageError
+from stages.embedding import Embedding
 from stages.engines.clip import DEFAULT_CLIP, ClipEncoder, l2_normalise
 from stages.video.frames import clip_window, record_video, sample_frames
 

@@ -14,7 +14,8 @@ import pytest
 
 from daemon.io.outbox import JobWriter, OutboxLayout
 from daemon.io.records import Record
-from stages.base import Embedding, InFlight
+from stages.base import InFlight
+from stages.embedding import Embedding
 from tests.harness import read_jsonl
 
 DIM = 8

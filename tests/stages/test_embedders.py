@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.base import Embedding, Filtered, InFlight, StageError
+from stages.base import Filtered, InFlight, StageError
 from stages.embedders.clip import FRAME_EMBEDDINGS, CLIPEmbedder, CLIPEmbedderConfig
+from stages.embedding import Embedding
 from stages.filters.aesthetic import AestheticFilter, AestheticFilterConfig, load_head
 from stages.registry import stage_class
 from tests.stages.clip_media import clip, write_video

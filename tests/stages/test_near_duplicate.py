@@ -203,7 +203,7 @@ def _write_outbox_job(outbox: Path, job: str, vectors: dict[str, np.ndarray]) ->
     """Results of an earlier run, written by the daemon's own JobWriter (vectors in <job>.embeddings.parquet)."""
     from daemon.io.outbox import JobWriter, OutboxLayout
     from daemon.io.records import Record
-    from stages.base import Embedding
+    from stages.embedding import Embedding
 
     writer = JobWriter(job, OutboxLayout.daemon(outbox).for_job(job), outbox)
     writer.open()
