@@ -3,15 +3,14 @@ expanded key stays a secret in the parsed config."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from daemon.config import ConfigError, load_config
 from stages.registry import known_stages
-from tests.text.conftest import SECRET
+from tests.harness import REPO
+from tests.stages.text.conftest import SECRET
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = REPO / "configs"
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.generators.conftest import IMAGE_TO_VIDEO, TINY, read_png, read_video, stage_config
 from tests.harness import REPO, DaemonProcess, metric_value, run_oneshot, write_config
+from tests.stages.generators.conftest import IMAGE_TO_VIDEO, TINY, read_png, read_video, stage_config
 from tests.tiny.diffusers_pipelines import place_in_hub_cache
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -9,7 +9,7 @@ from stages.base import StageError
 from stages.video.frames import clip_window, sample_frames
 from stages.video.probe import VideoProbe
 from stages.video.sampler import FrameSampler, FrameSamplerConfig
-from tests.captioners.conftest import make_captioner, tiny_models  # noqa: F401 (fixtures used below)
+from tests.stages.captioners.conftest import make_captioner, tiny_models  # noqa: F401 (fixtures used below)
 from tests.stages.clip_media import child, clip, numbered
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,8 +11,8 @@ import pytest
 
 from stages.base import StageError
 from stages.registry import stage_class
-from tests.text.conftest import SECRET
-from tests.text.fault_proxy import Fault
+from tests.stages.text.conftest import SECRET
+from tests.stages.text.fault_proxy import Fault
 
 GPT = stage_class("TextGenerator", "GPTTextGenerator")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stages.registry import stage_class
-from tests.generators.conftest import IMAGE_TO_VIDEO, TINY, make_record, read_png, read_video, stage_config
+from tests.stages.generators.conftest import IMAGE_TO_VIDEO, TINY, make_record, read_png, read_video, stage_config
 
 torch = pytest.importorskip("torch")
 pytestmark = [

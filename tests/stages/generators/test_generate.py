@@ -11,7 +11,7 @@ import pytest
 from stages.base import StageError, safe_file_stem
 from stages.generators._common import record_seed
 from stages.registry import stage_class
-from tests.generators.conftest import IMAGE_TO_VIDEO, TINY, make_record, read_png, read_video, stage_config
+from tests.stages.generators.conftest import IMAGE_TO_VIDEO, TINY, make_record, read_png, read_video, stage_config
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ A re-encode (same frames, another bitrate) is dropped naming the clip it copies;
 clip is kept; the embeddings dataset holds exactly the kept ids, at the rows their result lines
 name. Then the same stream with kill -9 at random moments and restarts: the same decisions.
 The threshold (0.995) sits between what the tiny random-weight CLIP gives a re-encode (>0.999)
-and two different scenes (<0.96 for these seeds); tests/stages/test_embedders.py checks both.
+and two different scenes (<0.96 for these seeds); tests/stages/embedders/test_embedders.py checks both.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+from tests.harness import REPO
 from tests.tiny.diffusers_pipelines import place_in_hub_cache
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 
 SCRIPT = r"""
 import json, sys

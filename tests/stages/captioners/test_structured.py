@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from stages.base import StageError
 from stages.captioners.structured import Invalid, StructuredCaptions, caption_text
 from stages.registry import stage_class
-from tests.captioners.conftest import FAMILIES, record
+from tests.stages.captioners.conftest import FAMILIES, record
 
 SCHEMA = {
     "type": "object",

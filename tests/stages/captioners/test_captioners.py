@@ -10,7 +10,7 @@ import pytest
 from stages.base import StageError, is_async
 from stages.captioners.common import PREPARED, choose_backend
 from stages.registry import stage_class
-from tests.captioners.conftest import FAMILIES, record
+from tests.stages.captioners.conftest import FAMILIES, record
 
 GOOD = ["bigbuckbunny", "bikes", "moving_h264", "portrait_vp9", "five_frames_mpeg4"]
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from stages.registry import known_stages, stage_class
-from tests.generators.conftest import TINY, stage_config
+from tests.stages.generators.conftest import TINY, stage_config
 
 GENERATORS = {name: step_type for name, (step_type, _, _) in TINY.items()}
 

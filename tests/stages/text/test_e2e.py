@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from tests.harness import DaemonProcess, metric_value, read_jsonl, run_oneshot, sample_video, write_config
-from tests.text.conftest import SECRET
-from tests.text.fault_proxy import Fault
+from tests.stages.text.conftest import SECRET
+from tests.stages.text.fault_proxy import Fault
 
 CAPTIONS = [
     "a rabbit wakes up under a tree",

@@ -10,7 +10,7 @@ import pytest
 from daemon.demo import encode_clip
 from daemon.demo.tiny_qwen2vl import build_qwen2_vl
 from stages.registry import stage_class
-from tests.captioners.conftest import TINY_CONFIG, record
+from tests.stages.captioners.conftest import TINY_CONFIG, record
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from stages.base import Filtered, StageError
 from stages.filters.near_duplicate import NearDuplicateFilter, NearDuplicateFilterConfig
 from stages.registry import stage_class
+from tests.harness import REPO
 
 DIM = 16
 
@@ -178,7 +179,7 @@ def _run(tmp_path: Path, name: str, stop_after: int) -> dict[str, str | None]:
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     results = tmp_path / f"{name}.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = [sys.executable, str(script), str(tmp_path / f"{name}-state"), str(results)]
     if stop_after >= 0:
         child = subprocess.Popen([*args, str(stop_after)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)

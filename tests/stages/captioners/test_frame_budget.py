@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from stages.base import StageError
 from stages.captioners.common import PREPARED
 from stages.registry import stage_class
-from tests.captioners.conftest import FAMILIES, TINY_CONFIG, record
+from tests.stages.captioners.conftest import FAMILIES, TINY_CONFIG, record
 
 # What one frame (group) of the tiny models costs: 112 px frames (LLaVA-NeXT-Video 224), 14 px patches.
 TINY_COST = {

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.captioners.conftest import FAMILIES, TINY_CONFIG
 from tests.harness import REPO, DaemonProcess, metric_value, run_oneshot, write_config
+from tests.stages.captioners.conftest import FAMILIES, TINY_CONFIG
 from tests.tiny.diffusers_pipelines import place_in_hub_cache
 
 ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

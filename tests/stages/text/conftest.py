@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.text.fault_proxy import FaultProxy
+from tests.stages.text.fault_proxy import FaultProxy
 from tests.tiny.text_lm import build_text_lm
 
 SECRET = "sk-reelflow-test-9f8e7d6c5b4a39281706"  # never a real key; tests grep for it

@@ -7,7 +7,7 @@ import pytest
 
 from stages.base import StageError
 from stages.registry import stage_class
-from tests.captioners.conftest import FAMILIES, TINY_CONFIG, record
+from tests.stages.captioners.conftest import FAMILIES, TINY_CONFIG, record
 
 torch = pytest.importorskip("torch")
 pytestmark = [

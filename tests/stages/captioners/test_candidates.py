@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from stages.base import StageError
 from stages.captioners.candidates import CANDIDATES, SELECTION
 from stages.registry import stage_class
-from tests.captioners.conftest import FAMILIES, record
-from tests.text.conftest import lm_server, proxy, text_lm_dir  # noqa: F401 (fixtures: the real test server)
+from tests.stages.captioners.conftest import FAMILIES, record
+from tests.stages.text.conftest import lm_server, proxy, text_lm_dir  # noqa: F401 (fixtures: the real test server)
 
 SAMPLED = dict(temperature=1.0, seed=7, max_new_tokens=12)
 
@@ -116,7 +116,7 @@ def test_judge_over_the_openai_compatible_server(make_captioner, clips, lm_serve
 
 
 def test_judge_failure_is_the_records_error(make_captioner, clips, lm_server, proxy):  # noqa: F811
-    from tests.text.fault_proxy import Fault
+    from tests.stages.text.fault_proxy import Fault
 
     judge = dict(backend="openai", model=lm_server.model, base_url=proxy.url, max_retries=0, temperature=0)
     stage = _judge_stage(make_captioner, judge)
