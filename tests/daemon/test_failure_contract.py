@@ -22,10 +22,17 @@ from daemon.io.outbox import JobPaths, JobWriter
 from daemon.io.records import Record
 from daemon.runtime.failures import FATAL, JOB, OUTBOX, RECORD, STAGE, TRANSIENT, classify, transient_reason
 from stages.base import StageError
-from tests.harness import DaemonProcess, metric_value, read_jsonl, run_oneshot, write_config
+from tests.harness import (
+    ECHO,
+    DaemonProcess,
+    daemon_config,
+    metric_value,
+    read_jsonl,
+    run_oneshot,
+    wait_until,
+    write_config,
+)
 from tests.stages_for_tests import ENV
-
-from .util import ECHO, daemon_config, wait_until
 
 FRAMES = "step_0_VideoProcessor_FrameSampler"
 

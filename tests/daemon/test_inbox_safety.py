@@ -9,10 +9,8 @@ import os
 
 import pytest
 
-from tests.harness import DaemonProcess
+from tests.harness import ECHO, DaemonProcess, daemon_config
 from tests.stages_for_tests import ENV
-
-from .util import ECHO, daemon_config
 
 pytestmark = pytest.mark.timeout(180)
 

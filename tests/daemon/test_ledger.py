@@ -17,10 +17,8 @@ from daemon.io.jobs import DONE, JobEntry, JobLedger, fingerprint, unique_destin
 from daemon.io.outbox import OutboxLayout
 from daemon.metrics import Metrics
 from daemon.runtime.engine import Engine, JobInput
-from tests.harness import DaemonProcess
+from tests.harness import ECHO, DaemonProcess, daemon_config
 from tests.stages_for_tests import ENV
-
-from .util import ECHO, daemon_config
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,10 +12,8 @@ from daemon.io.outbox import OutboxLayout
 from daemon.io.readers import RowProblem, read_rows
 from daemon.metrics import Metrics
 from daemon.runtime.engine import Engine, JobInput
-from tests.harness import DaemonProcess, read_jsonl
+from tests.harness import ECHO, DaemonProcess, daemon_config, read_jsonl
 from tests.stages_for_tests import ENV
-
-from .util import ECHO, daemon_config
 
 pytestmark = pytest.mark.timeout(120)
 

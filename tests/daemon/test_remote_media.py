@@ -242,8 +242,7 @@ def test_a_source_prefix_feeds_the_inbox_of_a_running_daemon(tmp_path, s3_bucket
 
     import boto3
 
-    from tests.daemon.util import ECHO, daemon_config, wait_until
-    from tests.harness import DaemonProcess
+    from tests.harness import ECHO, DaemonProcess, daemon_config, wait_until
 
     endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")

@@ -20,8 +20,7 @@ import webdataset as wds
 
 from daemon.io.sinks import sample_key
 from tests.daemon.test_remote_media import s3_bucket  # noqa: F401  (the moto fixture)
-from tests.daemon.util import ECHO, daemon_config, wait_until
-from tests.harness import DaemonProcess, read_jsonl, sample_video
+from tests.harness import ECHO, DaemonProcess, daemon_config, read_jsonl, sample_video, wait_until
 
 pytest.importorskip("s3fs")
 pytestmark = pytest.mark.timeout(420)

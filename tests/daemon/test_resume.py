@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DaemonProcess, read_jsonl
+from tests.harness import ECHO, DaemonProcess, daemon_config, read_jsonl, wait_until
 from tests.stages_for_tests import ENV
-
-from .util import ECHO, daemon_config, wait_until
 
 
 def echo_steps(batch_log: Path | None = None, sleep_s: float = 0.0, **first) -> list[dict]:

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DaemonProcess, metric_value
+from tests.harness import DaemonProcess, daemon_config, metric_value, wait_until
 from tests.stages_for_tests import ENV
-
-from .util import daemon_config, wait_until
 
 PROBE = "step_0_VideoProcessor_VideoProbe"
 FRAMES = "step_1_VideoProcessor_FrameSampler"

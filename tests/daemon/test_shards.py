@@ -18,8 +18,7 @@ from daemon.io.outbox import OutboxLayout
 from daemon.io.sinks import sample_key
 from daemon.metrics import Metrics
 from daemon.runtime.engine import Engine, JobInput
-from tests.daemon.util import ECHO, daemon_config, wait_until
-from tests.harness import DaemonProcess, read_jsonl
+from tests.harness import ECHO, DaemonProcess, daemon_config, read_jsonl, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

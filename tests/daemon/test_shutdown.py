@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DaemonProcess, read_jsonl
+from tests.harness import ECHO, DaemonProcess, daemon_config, read_jsonl, wait_until
 from tests.stages_for_tests import ENV
-
-from .util import ECHO, daemon_config, wait_until
 
 ROWS = "".join(json.dumps({"id": f"r{n}"}) + "\n" for n in range(60))
 ALL = {f"r{n}" for n in range(60)}

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import DaemonProcess, write_config
-from tests.ops.stages import ENV
-from tests.ops.util import jsonl, model_loads, reloads, wait_for, write_atomic
+from tests.harness import DaemonProcess, jsonl, model_loads, reloads, wait_for, write_atomic, write_config
+from tests.stages_for_tests import RELOAD_ENV
 
 pytestmark = pytest.mark.gpu
 
@@ -36,7 +35,7 @@ def test_heavy_reload_on_a_gpu_swaps_models_one_worker_at_a_time(tmp_path: Path)
         "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 50, "metrics": {"port": 0}},
     }
     path = write_config(tmp_path, config)
-    with DaemonProcess(path, env=ENV) as daemon:
+    with DaemonProcess(path, env=RELOAD_ENV) as daemon:
         assert model_loads(daemon.metrics()) == 2
         for round_ in range(3):
             daemon.drop_text(f"r{round_}.jsonl", jsonl([{"id": f"{round_}-{i}"} for i in range(3000)]))

@@ -17,9 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import REPO, DaemonProcess, metric_value, write_config
-from tests.ops.stages import ENV
-from tests.ops.util import free_port, jsonl, reloads, wait_for, write_atomic
+from tests.harness import (
+    REPO,
+    DaemonProcess,
+    free_port,
+    jsonl,
+    metric_value,
+    reloads,
+    wait_for,
+    write_atomic,
+    write_config,
+)
+from tests.stages_for_tests import RELOAD_ENV
 
 PROMETHEUS = REPO / "configs" / "prometheus"
 DASHBOARD = REPO / "configs" / "grafana" / "reelflow.json"
@@ -54,7 +63,7 @@ def daemon(tmp_path_factory):
         "daemon": {"inbox": "inbox", "outbox": "outbox", "settle_ms": 50, "metrics": {"port": 0}},
     }
     path = write_config(folder, config)
-    process = DaemonProcess(path, env=ENV).start()
+    process = DaemonProcess(path, env=RELOAD_ENV).start()
     try:
         rows = [{"id": i} for i in range(30)] + [{"id": 3}]  # the second id 3 is a DuplicateId error
         process.drop_text("first.jsonl", jsonl(rows))

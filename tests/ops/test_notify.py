@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from daemon.service.notify import Notifier
-from tests.harness import DaemonProcess, write_config
-from tests.ops.stages import ENV
-from tests.ops.util import jsonl, reloads, wait_for
+from tests.harness import DaemonProcess, jsonl, reloads, wait_for, write_config
+from tests.stages_for_tests import RELOAD_ENV
 
 WATCHDOG_USEC = 1_000_000  # WatchdogSec=1: pings every 0.5 s
 
@@ -120,7 +119,7 @@ def test_daemon_notifies_systemd_in_order(tmp_path: Path, abstract_address: str)
     model.write_text("m\n")
     path = _config(tmp_path, model)
     listener = Listener(abstract_address)
-    env = {**ENV, "NOTIFY_SOCKET": abstract_address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    env = {**RELOAD_ENV, "NOTIFY_SOCKET": abstract_address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     try:
         with DaemonProcess(path, env=env) as daemon:
             listener.wait(lambda f: f.get("READY") == "1", 30, "READY=1")
@@ -167,7 +166,7 @@ def test_watchdog_stops_when_a_step_has_no_worker_left(tmp_path: Path, abstract_
     model.write_text("m\n")
     path = _config(tmp_path, model)
     listener = Listener(abstract_address)
-    env = {**ENV, "NOTIFY_SOCKET": abstract_address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    env = {**RELOAD_ENV, "NOTIFY_SOCKET": abstract_address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     try:
         with DaemonProcess(path, env=env) as daemon:
             listener.wait(lambda f: f.get("READY") == "1", 30, "READY=1")

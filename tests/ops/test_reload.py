@@ -14,9 +14,19 @@ import yaml
 from daemon.config import parse_config
 from daemon.service.reload import plan as reload_plan
 from daemon.service.reload.plan import Action, plan_reload
-from tests.harness import DaemonProcess, metric_value, write_config
-from tests.ops.stages import ENV, EXTRA_STAGES
-from tests.ops.util import config_in_force, digest_of, jsonl, model_loads, reloads, wait_for, write_atomic
+from tests.harness import (
+    DaemonProcess,
+    config_in_force,
+    digest_of,
+    jsonl,
+    metric_value,
+    model_loads,
+    reloads,
+    wait_for,
+    write_atomic,
+    write_config,
+)
+from tests.stages_for_tests import RELOAD_ENV, RELOAD_STAGES
 
 
 def tagger(model: Path, name: str = "Tagger", **settings) -> dict:
@@ -32,7 +42,7 @@ def daemon_section(**settings) -> dict:
 
 @pytest.fixture
 def parse(monkeypatch, tmp_path):
-    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", RELOAD_STAGES)
 
     def parse_dict(config: dict):
         return parse_config(yaml.safe_dump(config))
@@ -103,7 +113,7 @@ def test_sighup_reloads_and_refusals_name_the_key(tmp_path: Path):
     model.write_text("m\n")
     config = {"steps": [tagger(model, suffix="-a")], "daemon": daemon_section(watch_config=False)}
     path = write_config(tmp_path, config)
-    with DaemonProcess(path, env=ENV) as daemon:
+    with DaemonProcess(path, env=RELOAD_ENV) as daemon:
         config["steps"][0]["config"]["suffix"] = "-b"
         write_atomic(path, yaml.safe_dump(config))
         time.sleep(1.0)
@@ -147,7 +157,7 @@ def test_heavy_rollout_keeps_the_other_worker_serving(tmp_path: Path):
     step = tagger(old, batch_size=2, max_wait_ms=1, sleep_s=0.02, workers_per_device=2)
     config = {"steps": [step], "daemon": daemon_section()}
     path = write_config(tmp_path, config)
-    with DaemonProcess(path, env=ENV) as daemon:
+    with DaemonProcess(path, env=RELOAD_ENV) as daemon:
         first_digest = digest_of(path.read_text())
         daemon.drop_text("big.jsonl", jsonl([{"id": i} for i in range(600)]))
         wait_for(
@@ -203,7 +213,7 @@ def test_step_graph_changes_keep_loaded_stages_and_fall_back_on_failure(tmp_path
         wait_for(lambda: reloads(daemon) == expect, 20, f"reload {expect}", daemon)
         return before, model_loads(daemon.metrics())
 
-    with DaemonProcess(path, env=ENV) as daemon:
+    with DaemonProcess(path, env=RELOAD_ENV) as daemon:
         assert {r["tag"] for r in run_job(daemon, "a")} == {"one"}
         # Append a step: only the new step loads.
         loads = reload_to(daemon, [tagger(m1), tagger(m2, "Tagger2", output_key="second")], (1, 0))

@@ -12,9 +12,19 @@ from pathlib import Path
 
 import yaml
 
-from tests.harness import DaemonProcess, write_config
-from tests.ops.stages import ENV
-from tests.ops.util import config_in_force, digest_of, dump, jsonl, model_loads, reloads, wait_for, write_atomic
+from tests.harness import (
+    DaemonProcess,
+    config_in_force,
+    digest_of,
+    dump,
+    jsonl,
+    model_loads,
+    reloads,
+    wait_for,
+    write_atomic,
+    write_config,
+)
+from tests.stages_for_tests import RELOAD_ENV
 
 RECORDS_PER_FILE = 40
 
@@ -132,7 +142,7 @@ def test_fifty_reloads_while_files_stream(tmp_path: Path):
     kinds = ["light", "heavy", "invalid", "light", "heavy", "invalid", "light", "heavy", "invalid", "light"] * 5
     log: list[tuple[int, str, str, float, float]] = []  # (n, kind, expected digest, loads before, after)
 
-    with DaemonProcess(path, env=ENV) as daemon:
+    with DaemonProcess(path, env=RELOAD_ENV) as daemon:
         dropped: list[str] = []
         streaming = threading.Event()
         streaming.set()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO
-from tests.ray.stages_for_ray import EXTRA_STAGES
+from tests.stages_for_tests import RAY_STAGES
 
 RAY = str(Path(sys.executable).parent / "ray")
 NAMESPACE = "reelflow-tests"
@@ -37,7 +37,7 @@ def ray_env() -> dict[str, str]:
     env["RAY_AUTH_MODE"] = "disabled"  # token auth is on by default in Ray 2.60
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["REELFLOW_EXTRA_STAGES"] = EXTRA_STAGES
+    env["REELFLOW_EXTRA_STAGES"] = RAY_STAGES
     return env
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import DaemonProcess, metric_value, write_config
 from tests.ray.conftest import NAMESPACE, ray_env
-from tests.ray.stages_for_ray import EXTRA_STAGES
+from tests.stages_for_tests import RAY_STAGES
 
 pytestmark = pytest.mark.ray
 
@@ -65,7 +65,7 @@ def crashy_config(folder: Path, cluster, drain_timeout_s: float = 60, **workers)
 
 
 def daemon_env() -> dict[str, str]:
-    return {"RAY_AUTH_MODE": "disabled", "REELFLOW_EXTRA_STAGES": EXTRA_STAGES, "PYTHONPATH": ray_env()["PYTHONPATH"]}
+    return {"RAY_AUTH_MODE": "disabled", "REELFLOW_EXTRA_STAGES": RAY_STAGES, "PYTHONPATH": ray_env()["PYTHONPATH"]}
 
 
 @pytest.fixture(scope="module")

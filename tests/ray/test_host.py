@@ -18,9 +18,9 @@ pytestmark = pytest.mark.ray
 
 
 def crashy_pipeline(cluster, monkeypatch) -> Pipeline:
-    from tests.ray.stages_for_ray import EXTRA_STAGES
+    from tests.stages_for_tests import RAY_STAGES
 
-    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", RAY_STAGES)
     workers = cluster.workers_section(count=1, num_gpus=0.5)
     text = f"""
 workers: {workers}

@@ -78,9 +78,9 @@ async def test_a_child_process_of_an_actor_sees_the_gpu_ray_gave_the_actor(ray_c
     """Ray starts each actor with CUDA_VISIBLE_DEVICES set to its GPU and names it cuda:0 in
     there; what the stage starts on cuda:0 (a vLLM engine core) must land on that GPU, not on
     the node's GPU 0."""
-    from tests.ray.stages_for_ray import EXTRA_STAGES
+    from tests.stages_for_tests import RAY_STAGES
 
-    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", RAY_STAGES)
     workers = ray_cluster.workers_section(count=2, num_gpus=1)
     text = f"workers: {workers}\nsteps:\n  - type: Test\n    name: Crashy\n    config: {{spawn_child: true}}\n"
     pipeline = Pipeline(parse_config(text), Metrics())
@@ -97,9 +97,9 @@ async def test_a_child_process_of_an_actor_sees_the_gpu_ray_gave_the_actor(ray_c
 
 
 async def test_in_the_actor_a_failed_prepare_fails_its_record_alone(ray_cluster, monkeypatch):
-    from tests.ray.stages_for_ray import EXTRA_STAGES
+    from tests.stages_for_tests import RAY_STAGES
 
-    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)
+    monkeypatch.setenv("REELFLOW_EXTRA_STAGES", RAY_STAGES)
     workers = ray_cluster.workers_section(count=1, num_gpus=0)
     text = f"workers: {workers}\nsteps:\n  - type: Test\n    name: Preparing\n    config: {{batch_size: 3}}\n"
     pipeline = Pipeline(parse_config(text), Metrics())

@@ -8,8 +8,7 @@ import signal
 import pytest
 import yaml
 
-from tests.harness import DaemonProcess, metric_value
-from tests.ops.util import reloads, wait_for, write_atomic
+from tests.harness import DaemonProcess, metric_value, reloads, wait_for, write_atomic
 from tests.ray.test_failures import STEP, crashy_config, daemon_env, drop_job, finish
 
 pytestmark = pytest.mark.ray

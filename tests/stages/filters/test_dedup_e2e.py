@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.daemon.util import daemon_config
-from tests.harness import DaemonProcess, read_jsonl
+from tests.harness import DaemonProcess, daemon_config, read_jsonl
 from tests.stages.embed_media import reencode, scene
 from tests.stages_for_tests import EXTRA_STAGES
 

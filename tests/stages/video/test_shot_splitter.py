@@ -170,8 +170,7 @@ def test_kill_9_while_splitting_then_restart_every_clip_exactly_once(tmp_path, m
     """The real daemon (ShotSplitter -> a slow Echo), SIGKILLed at random moments, restarted."""
     import time
 
-    from tests.daemon.util import daemon_config
-    from tests.harness import DaemonProcess
+    from tests.harness import DaemonProcess, daemon_config
     from tests.stages_for_tests import EXTRA_STAGES
 
     monkeypatch.setenv("REELFLOW_EXTRA_STAGES", EXTRA_STAGES)  # Test/Echo
