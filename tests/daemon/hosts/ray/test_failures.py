@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon.hosts.ray.conftest import NAMESPACE, ray_env
 from tests.harness import DaemonProcess, metric_value, write_config
-from tests.ray.conftest import NAMESPACE, ray_env
 from tests.stages_for_tests import RAY_STAGES
 
 pytestmark = pytest.mark.ray

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DaemonProcess
-from tests.ray.conftest import start_node
-from tests.ray.test_failures import (
+from tests.daemon.hosts.ray.conftest import start_node
+from tests.daemon.hosts.ray.test_failures import (
     ACTORS,
     NAMESPACE,
     crashy_config,
@@ -22,6 +21,7 @@ from tests.ray.test_failures import (
     restarts,
     wait_for_results,
 )
+from tests.harness import DaemonProcess
 
 pytestmark = pytest.mark.ray
 

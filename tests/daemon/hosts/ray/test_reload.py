@@ -8,8 +8,8 @@ import signal
 import pytest
 import yaml
 
+from tests.daemon.hosts.ray.test_failures import STEP, crashy_config, daemon_env, drop_job, finish
 from tests.harness import DaemonProcess, metric_value, reloads, wait_for, write_atomic
-from tests.ray.test_failures import STEP, crashy_config, daemon_env, drop_job, finish
 
 pytestmark = pytest.mark.ray
 

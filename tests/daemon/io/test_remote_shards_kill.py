@@ -19,7 +19,7 @@ import pytest
 import webdataset as wds
 
 from daemon.io.sinks import sample_key
-from tests.daemon.test_remote_media import s3_bucket  # noqa: F401  (the moto fixture)
+from tests.daemon.io.test_remote_media import s3_bucket  # noqa: F401  (the moto fixture)
 from tests.harness import ECHO, DaemonProcess, daemon_config, read_jsonl, sample_video, wait_until
 
 pytest.importorskip("s3fs")

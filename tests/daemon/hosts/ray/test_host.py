@@ -11,8 +11,8 @@ import pytest
 from daemon.config import parse_config
 from daemon.metrics import Metrics
 from daemon.runtime.pipeline import Pipeline
+from tests.daemon.hosts.ray.conftest import NAMESPACE
 from tests.harness import metric_value
-from tests.ray.conftest import NAMESPACE
 
 pytestmark = pytest.mark.ray
 

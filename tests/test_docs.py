@@ -4,9 +4,10 @@ systemd unit lands on a file or a README section that is there."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.harness import REPO
+
+ROOT = REPO
 SOURCES = [
     *sorted((ROOT / "configs").rglob("*.yaml")),
     *sorted((ROOT / "configs").rglob("*.service")),
