@@ -4,6 +4,7 @@ helpers the end-to-end and operations tests share (waiting, configs, reload coun
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -299,3 +300,18 @@ def free_port() -> int:
 
 def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+# --- faults ---
+def fill(folder: Path, leave_kb: int = 0, name: str = "ballast.bin") -> Path:
+    """Fill the file system under `folder` with a ballast file, then give back `leave_kb`."""
+    ballast = folder / name
+    with ballast.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    if leave_kb:
+        os.truncate(ballast, max(0, ballast.stat().st_size - leave_kb * 1024))
+    return ballast

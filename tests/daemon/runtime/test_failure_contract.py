@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +24,7 @@ from tests.harness import (
     ECHO,
     DaemonProcess,
     daemon_config,
+    fill,
     metric_value,
     read_jsonl,
     run_oneshot,
@@ -35,40 +34,6 @@ from tests.harness import (
 from tests.stages_for_tests import ENV
 
 FRAMES = "step_0_VideoProcessor_FrameSampler"
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount a tiny tmpfs (tests run as root in CI); skip with the reason when that is not allowed."""
-    mounted: list[Path] = []
-
-    def mount(folder: Path, size_kb: int) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in reversed(mounted):
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path, leave_kb: int = 0, name: str = "ballast.bin") -> Path:
-    """Fill the file system under `folder` with a ballast file, then give back `leave_kb`."""
-    ballast = folder / name
-    with ballast.open("wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    if leave_kb:
-        os.truncate(ballast, max(0, ballast.stat().st_size - leave_kb * 1024))
-    return ballast
 
 
 def record(n: int) -> Record:

@@ -12,7 +12,6 @@ from stages.base import StageError
 from stages.captioners.candidates import CANDIDATES, SELECTION
 from stages.registry import stage_class
 from tests.stages.captioners.conftest import FAMILIES, record
-from tests.stages.text.conftest import lm_server, proxy, text_lm_dir  # noqa: F401 (fixtures: the real test server)
 
 SAMPLED = dict(temperature=1.0, seed=7, max_new_tokens=12)
 

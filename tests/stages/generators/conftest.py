@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.daemon.runtime.test_failure_contract import tmpfs  # noqa: F401  (the real tmpfs fixture, for disk-full tests)
 from tests.tiny import diffusers_pipelines as tiny
 
 # Stage settings that fit each tiny model (see tests/tiny/diffusers_pipelines.py), by registry name.

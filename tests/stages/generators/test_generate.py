@@ -173,7 +173,7 @@ def test_a_full_disk_is_not_the_records_fault_a_bad_path_is(loaded, tmp_path, tm
     there is space the same call writes it. A directory where the file goes is the record's own
     problem: record-level."""
     from daemon.runtime.failures import RECORD, TRANSIENT, classify
-    from tests.daemon.runtime.test_failure_contract import fill
+    from tests.harness import fill
 
     stage = loaded("FLUXGenerator")
     media = tmpfs(tmp_path / "media", 64)

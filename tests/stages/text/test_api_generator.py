@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from stages.base import StageError
 from stages.registry import stage_class
 from stages.text.api_client import backoff_delay, parse_retry_after
-from tests.stages.text.conftest import SECRET
+from tests.stages.conftest import SECRET
 from tests.stages.text.fault_proxy import Fault
 
 API = stage_class("TextGenerator", "APIGenerator")

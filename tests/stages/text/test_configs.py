@@ -8,7 +8,7 @@ import pytest
 from daemon.config import ConfigError, load_config
 from stages.registry import known_stages
 from tests.harness import REPO
-from tests.stages.text.conftest import SECRET
+from tests.stages.conftest import SECRET
 
 CONFIGS = REPO / "configs"
 

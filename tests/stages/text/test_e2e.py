@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from tests.harness import DaemonProcess, metric_value, read_jsonl, run_oneshot, sample_video, write_config
-from tests.stages.text.conftest import SECRET
+from tests.stages.conftest import SECRET
 from tests.stages.text.fault_proxy import Fault
 
 CAPTIONS = [

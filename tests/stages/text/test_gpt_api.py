@@ -11,7 +11,7 @@ import pytest
 
 from stages.base import StageError
 from stages.registry import stage_class
-from tests.stages.text.conftest import SECRET
+from tests.stages.conftest import SECRET
 from tests.stages.text.fault_proxy import Fault
 
 GPT = stage_class("TextGenerator", "GPTTextGenerator")

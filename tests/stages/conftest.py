@@ -1,5 +1,6 @@
-"""Fixtures for the text steps: a tiny LM built offline, a real `transformers serve` on
-127.0.0.1 serving it (started once per session), and a fault-injecting proxy in front of it."""
+"""Fixtures for the stages that call a model server (the text steps, the captioners' candidate
+judge): a tiny LM built offline, a real `transformers serve` on 127.0.0.1 serving it (started
+once per session), and a fault-injecting proxy in front of it."""
 
 from __future__ import annotations
 
