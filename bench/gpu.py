@@ -189,7 +189,7 @@ def caption_family(family: str, args, root: Path) -> dict:
     from caption import make_videos, seed_loop, write_rows
 
     from stages.registry import stage_class
-    from tests.captioners.conftest import FAMILIES
+    from tests.stages.captioners.conftest import FAMILIES
 
     model = root / family
     if args.smoke:

@@ -34,7 +34,7 @@ from daemon.config import parse_config  # noqa: E402
 from daemon.io.outbox import OutboxLayout  # noqa: E402
 from daemon.metrics import Metrics  # noqa: E402
 from daemon.runtime.engine import Engine, JobInput  # noqa: E402
-from tests.ray.stages_for_ray import EXTRA_STAGES  # noqa: E402
+from tests.stages_for_tests import RAY_STAGES  # noqa: E402
 
 
 def step_for(stage: str, spin: int) -> dict:
@@ -100,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
     records = args.records or (120 if args.stage == "spin" else 60)
 
-    os.environ["REELFLOW_EXTRA_STAGES"] = EXTRA_STAGES
+    os.environ["REELFLOW_EXTRA_STAGES"] = RAY_STAGES
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     import ray

@@ -1,16 +1,21 @@
 """Drive reelflow as a user does: write a config, run `reelflow run`, or start `reelflow serve`
-as a subprocess, drop files into its inbox and read its outbox and /metrics."""
+as a subprocess, drop files into its inbox and read its outbox and /metrics; plus the small
+helpers the end-to-end and operations tests share (waiting, configs, reload counters)."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +205,113 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+# --- shared by the daemon's end-to-end tests ---
+ECHO = {"type": "Test", "name": "Echo"}
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 60, what: str = "condition", log: Callable[[], str] | None = None
+):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached after {timeout} s" + (f"\n{log()[-4000:]}" if log else ""))
+
+
+def daemon_config(folder: Path, steps: list[dict], *, meta_folder: Path | None = None, **daemon: Any) -> Path:
+    """A serve config writing to folder/inbox and folder/outbox, metrics on a free port."""
+    section = {"inbox": "inbox", "outbox": "outbox", "settle_ms": 200, "rescan_s": 2, "metrics": {"port": 0}}
+    section.update(daemon)
+    config: dict[str, Any] = {"steps": steps, "daemon": section}
+    if meta_folder is not None:
+        config["meta_folder"] = str(meta_folder)
+    return write_config(folder, config)
+
+
+# --- shared by the operations tests (reload, sd_notify, monitoring) ---
+def digest_of(text: str) -> str:
+    """What the daemon records as `_config_hash` for a config file with this text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a config the way the docs ask (temporary name, then rename into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def dump(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def reloads(daemon: DaemonProcess) -> tuple[float, float]:
+    text = daemon.metrics()
+    return (
+        metric_value(text, "reelflow_config_reloads_total", result="ok"),
+        metric_value(text, "reelflow_config_reloads_total", result="error"),
+    )
+
+
+def model_loads(text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "reelflow_model_loads_total"
+    )
+
+
+def config_in_force(text: str) -> str | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "reelflow_config_info" and sample.value == 1:
+                return sample.labels["digest"]
+    return None
+
+
+def wait_for(predicate, timeout: float, what: str, daemon: DaemonProcess | None = None, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if daemon is not None and daemon.process.poll() is not None:
+            raise AssertionError(f"daemon died while waiting for {what}:\n{daemon.log()[-4000:]}")
+        time.sleep(poll)
+    log = daemon.log()[-4000:] if daemon is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{log}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+# --- faults ---
+def fill(folder: Path, leave_kb: int = 0, name: str = "ballast.bin") -> Path:
+    """Fill the file system under `folder` with a ballast file, then give back `leave_kb`."""
+    ballast = folder / name
+    with ballast.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    if leave_kb:
+        os.truncate(ballast, max(0, ballast.stat().st_size - leave_kb * 1024))
+    return ballast

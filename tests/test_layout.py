@@ -248,3 +248,16 @@ def test_the_layout_design_md_names_exists():
         entry for entry in LAYOUT if not ((REPO / entry).is_dir() if entry.endswith("/") else (REPO / entry).is_file())
     ]
     assert not missing, f"missing from DESIGN.md's Layout: {missing}"
+
+
+def test_test_folders_mirror_the_code_folders():
+    """tests/<path>/test_x.py tests the code in <path>/ (tests/daemon/hosts/ray -> daemon/hosts/ray),
+    so a test is found where its code is, and a new folder beside the mirrored ones is caught."""
+    tests = REPO / "tests"
+    folders = {path.parent.relative_to(tests) for path in tests.rglob("test_*.py")}
+    assert len(folders) > 10  # the walk found the tree
+    astray = sorted(str(folder) for folder in folders if folder.parts and not (REPO / folder).is_dir())
+    assert not astray, (
+        f"test folders with no code folder of the same path: {astray}; move each under the path of "
+        "the code it tests (tests/daemon/<io|runtime|hosts|service>/..., tests/stages/<family>/)"
+    )

@@ -9,8 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.efficiency import GpuCollector, TokenRate
-from tests.harness import DaemonProcess, metric_value, write_config
-from tests.ops.util import jsonl
+from tests.harness import DaemonProcess, jsonl, metric_value, write_config
 
 ENV = {"REELFLOW_EXTRA_STAGES": "Test.Echo=tests.stages_for_tests:Echo"}
 

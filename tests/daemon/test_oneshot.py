@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from daemon.io.readers import RowProblem, read_rows
-from tests.harness import PYTHON, REPO, read_jsonl, run_oneshot, write_config
+from tests.harness import ECHO, PYTHON, REPO, read_jsonl, run_oneshot, write_config
 from tests.stages_for_tests import ENV
-
-from .util import ECHO
 
 pytestmark = pytest.mark.timeout(120)
 

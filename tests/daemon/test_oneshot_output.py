@@ -9,10 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from daemon.oneshot import row_total
-from tests.harness import read_jsonl, run_oneshot, write_config
+from tests.harness import ECHO, read_jsonl, run_oneshot, write_config
 from tests.stages_for_tests import ENV
-
-from .util import ECHO
 
 
 def test_summary_paths_are_absolute_and_results_carry_the_config_hash(tmp_path):
