@@ -15,8 +15,6 @@ window no longer applies (the file *is* the clip).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +22,10 @@ from typing import Literal
 import numpy as np
 
 from stages.base import StageError
+from stages.video.decoders import Facts, TorchCodecVideo, choose
+from stages.video.plan import FramePlan, SizeRule, fps_indices, out_size, uniform_indices
+
+__all__ = ["fps_indices", "uniform_indices"]  # re-exported: stages and tests import them from here
 
 
 @dataclass(frozen=True)
@@ -197,29 +199,6 @@ def _duration_s(container, stream, index: _PacketIndex, fps: float) -> float:
     return len(index.pts) / fps if fps else 0.0
 
 
-def uniform_indices(total: int, count: int) -> list[int]:
-    """`count` frame numbers spread evenly over `total` frames (centres of equal segments)."""
-    if total <= 0 or count <= 0:
-        return []
-    count = min(count, total)
-    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
-
-
-def fps_indices(total: int, video_fps: float, sample_fps: float, max_frames: int | None = None) -> list[int]:
-    """Frame numbers taken every 1/sample_fps seconds, evenly thinned to `max_frames`."""
-    if total <= 0 or video_fps <= 0 or sample_fps <= 0:
-        return []
-    step = video_fps / sample_fps
-    indices = sorted({min(total - 1, int(i * step)) for i in range(max(1, math.floor(total / step)))})
-    if max_frames and len(indices) > max_frames:
-        indices = [indices[i] for i in uniform_indices(len(indices), max_frames)]
-    return indices
-
-
-# Maps the upright frame size (width, height) to the size to decode at (width, height).
-SizeRule = Callable[[int, int], tuple[int, int]]
-
-
 def sample_frames(
     path: str | Path,
     num_frames: int | None = None,
@@ -231,6 +210,8 @@ def sample_frames(
     over_max_frames: Literal["thin", "error"] = "thin",
     window: ClipWindow | None = None,
     at: list[int] | None = None,
+    decoder: str = "pyav",
+    device: str = "cpu",
 ) -> SampledFrames:
     """Decode the frames chosen by `num_frames` (uniform) or `fps` (every 1/fps s).
 
@@ -242,6 +223,8 @@ def sample_frames(
     `TooManyFrames` before anything is decoded. `window` restricts everything (the count,
     the spacing, the limit) to one clip of the video; indices and timestamps stay the video's.
     `at` (instead of `num_frames`/`fps`) names the frames to take, counted from the window's start.
+    `decoder` (`pyav`, `torchcodec`, `auto`; see stages/video/decoders.py) picks the library;
+    the frame numbers are planned here, the same for all; `device` lets TorchCodec use NVDEC.
     """
     import av
 
@@ -249,10 +232,14 @@ def sample_frames(
         raise ValueError("give exactly one of num_frames, fps or at")
     if size is not None and max_side is not None:
         raise ValueError("give at most one of max_side or size")
+    plan = FramePlan(num_frames, fps, max_frames, over_max_frames, at, window is not None)
     container = _open(path)
     name = Path(path).name
     try:
         stream = container.streams.video[0]
+        chosen, on = choose(decoder, _header_facts(stream), device)
+        if chosen == "torchcodec":
+            return _sample_torchcodec(path, container, plan, window, out_size(max_side, size), on, name)
         stream.thread_type = "AUTO"
         index = _index_packets(container, stream)
         total = len(index.pts)
@@ -263,23 +250,7 @@ def sample_frames(
         video_fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
         time_base = float(stream.time_base or 0)
         first, span = _window_frames(index, time_base, video_fps, window, name)
-        if at is not None:
-            wanted = sorted({i for i in at if 0 <= i < span})
-        elif num_frames:
-            wanted = uniform_indices(span, num_frames)
-        else:
-            limit = None if over_max_frames == "error" else max_frames
-            wanted = fps_indices(span, video_fps, fps, limit)
-            if max_frames and len(wanted) > max_frames:
-                what = "its clip" if window else "it"
-                raise StageError(
-                    f"{name} lasts {span / video_fps:.1f} s: sampling {what} at {fps:g} fps takes {len(wanted)} "
-                    f"frames, more than the {max_frames} allowed",
-                    error_type="TooManyFrames",
-                )
-        if not wanted:
-            raise StageError(f"{name}: no frames to sample (asked for {at})", error_type="EmptyVideo")
-        wanted = [first + i for i in wanted]
+        wanted = [first + i for i in plan.frames(span, video_fps, name)]
         wanted_pts = [index.pts[i] for i in wanted]
         if _seeking_is_cheaper(index, len(wanted), span):
             decoded = _decode_by_seeking(container, stream, wanted_pts)
@@ -309,6 +280,34 @@ def sample_frames(
         ) from None
     finally:
         container.close()
+
+
+def _header_facts(stream):
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if round(_rotation_of(stream) / 90) % 2:
+        width, height = height, width
+    return Facts(width, height, int(stream.frames or 0))
+
+
+def _sample_torchcodec(
+    path, container, plan: FramePlan, window: ClipWindow | None, out_size, device: str, name: str
+) -> SampledFrames:
+    stream = container.streams.video[0]
+    video = TorchCodecVideo(str(path), out_size, device, name)
+    total = video.num_frames
+    if total == 0:
+        raise StageError(f"{name} has a video stream with no frames (empty or truncated file)", error_type="EmptyVideo")
+    if window is not None and window.start_frame is None:
+        # A window in seconds: PyAV's packet index maps it to frames exactly as the PyAV path does.
+        index = _index_packets(container, stream)
+        first, span = _window_frames(index, float(stream.time_base or 0), video.fps, window, name)
+    elif window is not None:
+        first, span = _window_frames(_PacketIndex(list(range(total)), []), 0.0, video.fps, window, name)
+    else:
+        first, span = 0, total
+    wanted = [first + i for i in plan.frames(span, video.fps, name)]
+    frames, times = video.read(wanted)
+    return SampledFrames(frames, wanted, video.fps, span, times, first)
 
 
 def _window_frames(

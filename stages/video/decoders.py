@@ -1,0 +1,144 @@
+"""Which library decodes a video's frames (the `decoder` key), and TorchCodec's reader.
+
+Every frame-reading stage takes `decoder: auto | pyav | torchcodec` through `DecoderKey`
+and hands it to `stages.video.frames.sample_frames`, which plans the frame numbers once and
+asks the chosen decoder for exactly those frames, so every decoder returns the same frame
+indices; at the native size the pixels are identical (both use ffmpeg's yuv->rgb swscale
+path). Resized frames differ by the resize filter: PyAV scales in YUV (AREA), TorchCodec's
+`Resize` scales the RGB frame (bilinear, antialiased); a mean of ~1-4 grey levels on the
+sharp-edged test patterns.
+
+- `pyav`: today's sampler (stages/video/frames.py): a Python demux pass for the index, then
+  seeks or one straight decode, whichever decodes fewer frames.
+- `torchcodec`: TorchCodec's `VideoDecoder` in exact mode (its C++ scan gives the same
+  pts-ordered frame numbers), `get_frames_at` for the batch, the resize done by the decoder.
+  On a CUDA device (`cuda:N`) it decodes with NVDEC (TorchCodec's default CUDA backend) and
+  resizes on the GPU; written against TorchCodec 0.17's API, never run here (no GPU).
+- `auto`: per video, by the rule in `choose` (measured by bench/decode.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+
+from stages.base import StageError
+
+DecoderName = Literal["auto", "pyav", "torchcodec"]
+INSTALL_HINT = "pip install 'reelflow[decode]' (or pip install torchcodec)"
+
+
+@functools.cache
+def torchcodec_available() -> bool:
+    """TorchCodec imports here (it also loads ffmpeg's shared libraries at import)."""
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+class DecoderKey(BaseModel):
+    """The `decoder` key, mixed into every frame-reading stage's Config."""
+
+    decoder: DecoderName = Field(
+        "auto",
+        description="Frame decoder: pyav, torchcodec (CPU, or NVDEC on a cuda device), or auto: per video, "
+        "whichever bench/decode.py measured fastest for its size (see stages/video/decoders.py).",
+    )
+
+    @field_validator("decoder")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        if value == "torchcodec" and not torchcodec_available():
+            raise ValueError(f"decoder: torchcodec needs the torchcodec package, which does not import; {INSTALL_HINT}")
+        return value
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the container header says, before any frame is decoded."""
+
+    width: int  # upright
+    height: int
+    frames: int  # the header's count (0 when it has none)
+
+
+# Measured by bench/decode.py (2-core CPU, libx264 yuv420p, 8 and 32 uniform frames; see
+# bench/RESULTS.md): TorchCodec was faster than PyAV in every case at or above 640x360
+# (x1.3-x2.2: its index scan and frame selection run in C++, PyAV's demux pass is a Python
+# loop over every packet), and PyAV only won on tiny clips (< ~0.1 MP), where opening
+# TorchCodec's decoder (and its ffmpeg codec context) costs more than the decoding saved.
+AUTO_MIN_PIXELS = 320 * 180
+
+
+def choose(choice: DecoderName, facts: Facts, device: str = "cpu") -> tuple[str, str]:
+    """(decoder, device to decode on) for one video."""
+    if choice == "pyav":
+        return "pyav", "cpu"
+    gpu = device if device.startswith("cuda") else "cpu"
+    if choice == "torchcodec":
+        return "torchcodec", gpu
+    if not torchcodec_available():
+        return "pyav", "cpu"
+    if gpu != "cpu":
+        return "torchcodec", gpu  # NVDEC takes decoding off the CPU, which is what starves the GPU
+    return ("torchcodec", "cpu") if facts.width * facts.height >= AUTO_MIN_PIXELS else ("pyav", "cpu")
+
+
+# Maps the upright frame size (width, height) to the size to decode at (width, height); None: as is.
+OutSize = Callable[[int, int], "tuple[int, int] | None"]
+
+
+class TorchCodecVideo:
+    """One opened video: exact frame count, frame rate and keyframes from TorchCodec's scan."""
+
+    def __init__(self, path: str, out_size: OutSize, device: str, name: str, threads: int = 0):
+        from torchcodec.decoders import VideoDecoder
+        from torchcodec.transforms import Resize
+
+        self.name, self.device = name, device
+        try:
+            header = VideoDecoder(path, seek_mode="approximate", device="cpu").metadata
+            self.size = out_size(int(header.width), int(header.height))  # TorchCodec's sizes are upright
+            transforms = [Resize((self.size[1], self.size[0]))] if self.size and device == "cpu" else None
+            # On CUDA, TorchCodec 0.17 applies no decoder transforms: resize after decoding (`read`).
+            self.decoder = VideoDecoder(
+                path, seek_mode="exact", device=device, num_ffmpeg_threads=threads, transforms=transforms
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise StageError(
+                f"{name} could not be decoded by TorchCodec ({exc}); the file is corrupt or truncated",
+                error_type="VideoDecodeError",
+            ) from None
+        meta = self.decoder.metadata
+        self.num_frames = int(meta.num_frames or 0)
+        self.fps = float(meta.average_fps or 0) or 25.0
+        self.begin_s = float(meta.begin_stream_seconds or 0.0)
+
+    def keyframes(self) -> list[int]:
+        return list(self.decoder._get_key_frame_indices())
+
+    def read(self, indices: list[int]) -> tuple[np.ndarray, list[float]]:
+        """Frames (T x H x W x 3 uint8 RGB, upright) at these frame numbers, and their times (s from the start)."""
+        try:
+            batch = self.decoder.get_frames_at(indices)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise StageError(
+                f"{self.name} could not be decoded by TorchCodec ({exc}); the file is corrupt or truncated",
+                error_type="VideoDecodeError",
+            ) from None
+        data = batch.data  # N x C x H x W
+        if self.device != "cpu" and self.size:
+            import torch.nn.functional as F
+
+            data = F.interpolate(data.float(), size=(self.size[1], self.size[0]), mode="bilinear", antialias=True)
+            data = data.round().clamp(0, 255).to(dtype=batch.data.dtype)
+        frames = np.ascontiguousarray(data.permute(0, 2, 3, 1).cpu().numpy())
+        times = [round(float(t) - self.begin_s, 4) for t in batch.pts_seconds]
+        return frames, times
