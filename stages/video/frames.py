@@ -156,14 +156,23 @@ def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=quarter_turns)) if quarter_turns else image
 
 
-def probe(path: str | Path, window: ClipWindow | None = None) -> VideoInfo:
-    """Container and stream facts; with a `window`, the duration and frame count are the clip's."""
+def probe(path: str | Path, window: ClipWindow | None = None, decoder: str = "pyav") -> VideoInfo:
+    """Container and stream facts; with a `window`, the duration and frame count are the clip's.
+
+    The frame count comes from a demux pass: PyAV's, or (`decoder` picks TorchCodec) TorchCodec's
+    scan in C++, unless a window in seconds needs every frame's time (PyAV's index has them).
+    """
     import av
 
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        index = _index_packets(container, stream)
+        chosen, _ = choose(decoder, _header_facts(stream))
+        if chosen == "torchcodec" and (window is None or window.start_frame is not None):
+            frames = TorchCodecVideo(str(path), lambda w, h: None, "cpu", Path(path).name).num_frames
+            index = _PacketIndex(list(range(frames)), [])  # a count only: nothing below reads the pts
+        else:
+            index = _index_packets(container, stream)
         container.seek(0)
         first = None
         try:
