@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 from stages.base import StageError
 
 DecoderName = Literal["auto", "pyav", "torchcodec"]
-INSTALL_HINT = "pip install 'reelflow[decode]' (or pip install torchcodec)"
+INSTALL_HINT = "pip install 'reelflow[captioners]' (or pip install torchcodec)"
 
 
 @functools.cache
