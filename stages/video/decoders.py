@@ -14,7 +14,8 @@ sharp-edged test patterns.
   pts-ordered frame numbers), `get_frames_at` for the batch, the resize done by the decoder.
   On a CUDA device (`cuda:N`) it decodes with NVDEC (TorchCodec's default CUDA backend) and
   resizes on the GPU; written against TorchCodec 0.17's API, never run here (no GPU).
-- `auto`: per video, by the rule in `choose` (measured by bench/decode.py).
+- `auto`: per video and device, by the rule in `choose` (measured by bench/decode.py): PyAV on
+  the CPU, TorchCodec's NVDEC on a GPU.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class DecoderKey(BaseModel):
 
     decoder: DecoderName = Field(
         "auto",
-        description="Frame decoder: pyav, torchcodec (CPU, or NVDEC on a cuda device), or auto: per video, "
-        "whichever bench/decode.py measured fastest for its size (see stages/video/decoders.py).",
+        description="Frame decoder: pyav, torchcodec (CPU, or NVDEC on a cuda device), or auto: what "
+        "bench/decode.py measured fastest (PyAV on the CPU, TorchCodec on a GPU; stages/video/decoders.py).",
     )
 
     @field_validator("decoder")
@@ -69,12 +70,19 @@ class Facts:
     frames: int  # the header's count (0 when it has none)
 
 
-# Measured by bench/decode.py (2-core CPU, libx264 yuv420p, 8 and 32 uniform frames; see
-# bench/RESULTS.md): TorchCodec was faster than PyAV in every case at or above 640x360
-# (x1.3-x2.2: its index scan and frame selection run in C++, PyAV's demux pass is a Python
-# loop over every packet), and PyAV only won on tiny clips (< ~0.1 MP), where opening
-# TorchCodec's decoder (and its ffmpeg codec context) costs more than the decoding saved.
-AUTO_MIN_PIXELS = 320 * 180
+# `auto`, from bench/decode.py (2-core CPU shared with other work, load ~11; libx264 yuv420p,
+# 30 fps, 5 s, keyframes every 15 or 250 frames, 8 and 32 uniform frames; bench/RESULTS.md):
+# on the CPU TorchCodec costs what PyAV costs at the native size (CPU time 0.96-1.06x PyAV's
+# at 360p, 720p and 1080p: both run the same libavcodec decoder and swscale conversion; the
+# index scan, C++ vs PyAV's Python demux loop, is a few ms) and 1.06-1.23x PyAV's when the
+# frames are scaled down as the captioners and MotionFilter read them (its Resize scales the
+# full RGB frame; PyAV scales the YUV planes inside the one conversion). Frame count and
+# keyframe density moved neither ratio out of that band. So on the CPU `auto` keeps PyAV for
+# every size; on a CUDA device it takes TorchCodec's NVDEC decoder, which takes decoding off
+# the CPU that starves the GPU (not measured here: no GPU). AUTO_MIN_PIXELS is the frame size
+# from which TorchCodec would win on the CPU: none measured, so none (kept as a setting for a
+# machine where bench/decode.py says otherwise).
+AUTO_MIN_PIXELS: int | None = None
 
 
 def choose(choice: DecoderName, facts: Facts, device: str = "cpu") -> tuple[str, str]:
@@ -87,8 +95,10 @@ def choose(choice: DecoderName, facts: Facts, device: str = "cpu") -> tuple[str,
     if not torchcodec_available():
         return "pyav", "cpu"
     if gpu != "cpu":
-        return "torchcodec", gpu  # NVDEC takes decoding off the CPU, which is what starves the GPU
-    return ("torchcodec", "cpu") if facts.width * facts.height >= AUTO_MIN_PIXELS else ("pyav", "cpu")
+        return "torchcodec", gpu
+    if AUTO_MIN_PIXELS is not None and facts.width * facts.height >= AUTO_MIN_PIXELS:
+        return "torchcodec", "cpu"
+    return "pyav", "cpu"
 
 
 # Maps the upright frame size (width, height) to the size to decode at (width, height); None: as is.
