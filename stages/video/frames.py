@@ -354,6 +354,16 @@ def _seeking_is_cheaper(index: _PacketIndex, targets: int, span: int | None = No
     return targets * (average_gop / 2 + 1) < span
 
 
+def _decoded(container, stream, wanted: set[int]):
+    """Frames in presentation order; a frame that is neither wanted nor a reference for other frames
+    (a non-reference B-frame: about half of x264's default output) is dropped by the decoder unread,
+    which leaves every other frame bit-identical: nothing predicts from it."""
+    context = stream.codec_context
+    for packet in container.demux(stream):
+        context.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+        yield from packet.decode()
+
+
 def _decode_straight(container, stream, wanted_pts: list[int], from_pts: int | None = None) -> dict:
     wanted, found = set(wanted_pts), {}
     last_wanted = max(wanted_pts)
@@ -361,7 +371,7 @@ def _decode_straight(container, stream, wanted_pts: list[int], from_pts: int | N
         container.seek(0)
     else:
         container.seek(from_pts, stream=stream, backward=True, any_frame=False)
-    for frame in container.decode(stream):
+    for frame in _decoded(container, stream, wanted):
         if frame.pts in wanted:
             found[frame.pts] = frame
         if frame.pts is not None and frame.pts >= last_wanted and len(found) == len(wanted):
@@ -375,7 +385,7 @@ def _decode_by_seeking(container, stream, wanted_pts: list[int]) -> dict:
         if target in found:
             continue
         container.seek(target, stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
+        for frame in _decoded(container, stream, {target}):
             if frame.pts is None:
                 continue
             if frame.pts >= target:
