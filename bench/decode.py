@@ -9,8 +9,9 @@ with sparse keyframes (one per 250 frames, x264's default). Each case samples N 
 the file to RGB arrays in memory, and (pyav@448, torchcodec@448) scaled by the decoder to 448 px
 on the long side, as the captioners and MotionFilter read them:
 
-- pyav: `sample_frames(decoder="pyav")`, the sampler as it was (Python demux pass for the
-  index, then seeks or one straight decode, whichever decodes fewer frames);
+- pyav: `sample_frames(decoder="pyav")`, the sampler (Python demux pass for the index, then
+  seeks or one straight decode, whichever decodes fewer frames; unreferenced frames that are
+  not wanted are dropped by the decoder unread);
 - torchcodec: `sample_frames(decoder="torchcodec")` (TorchCodec's exact-mode scan and
   `get_frames_at`);
 - opencv: `cv2.VideoCapture`, frame count from CAP_PROP_FRAME_COUNT, then per target a seek

@@ -70,18 +70,18 @@ class Facts:
     frames: int  # the header's count (0 when it has none)
 
 
-# `auto`, from bench/decode.py (2-core CPU shared with other work, load ~11; libx264 yuv420p,
-# 30 fps, 5 s, keyframes every 15 or 250 frames, 8 and 32 uniform frames; bench/RESULTS.md):
-# on the CPU TorchCodec costs what PyAV costs at the native size (CPU time 0.96-1.06x PyAV's
-# at 360p, 720p and 1080p: both run the same libavcodec decoder and swscale conversion; the
-# index scan, C++ vs PyAV's Python demux loop, is a few ms) and 1.06-1.23x PyAV's when the
-# frames are scaled down as the captioners and MotionFilter read them (its Resize scales the
-# full RGB frame; PyAV scales the YUV planes inside the one conversion). Frame count and
-# keyframe density moved neither ratio out of that band. So on the CPU `auto` keeps PyAV for
-# every size; on a CUDA device it takes TorchCodec's NVDEC decoder, which takes decoding off
-# the CPU that starves the GPU (not measured here: no GPU). AUTO_MIN_PIXELS is the frame size
-# from which TorchCodec would win on the CPU: none measured, so none (kept as a setting for a
-# machine where bench/decode.py says otherwise).
+# `auto`, from bench/decode.py (2-core CPU shared with other work, load ~9; libx264 yuv420p,
+# 30 fps, 5 s, keyframes every 15 or 250 frames, 8 and 32 uniform frames; bench/RESULTS.md).
+# Before PyAV's sampler skipped unreferenced frames, TorchCodec cost what PyAV cost at the
+# native size (CPU time 0.96-1.06x PyAV's at 360p, 720p and 1080p: the same libavcodec and
+# swscale work) and 1.06-1.23x when scaling to 448 px (its Resize scales the full RGB frame;
+# PyAV scales the YUV planes inside the one conversion). With the skip (frames.py `_decoded`),
+# TorchCodec costs 1.22-1.76x PyAV's CPU time native and 1.29-1.86x scaled, in every one of
+# the 12 cases; frame count and keyframe density moved the ratio inside that band, never
+# below 1. So on the CPU `auto` keeps PyAV at every size; on a CUDA device it takes
+# TorchCodec's NVDEC decoder, which moves decoding off the CPU that starves the GPU (not
+# measured: no GPU here). AUTO_MIN_PIXELS is the frame size from which TorchCodec would win
+# on the CPU: none measured, so none (a setting for a machine where bench/decode.py differs).
 AUTO_MIN_PIXELS: int | None = None
 
 
