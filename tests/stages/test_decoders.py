@@ -127,6 +127,7 @@ FRAME_READERS = [
     ("VideoProcessor", "FrameSampler", {}),
     ("VideoProcessor", "VideoProbe", {}),
     ("VideoFilter", "MotionFilter", {}),
+    ("VideoProcessor", "ShotSplitter", {}),
     ("VideoCaptioner", "Qwen2VLCaptioner", {"model_path": "Qwen/Qwen2-VL-2B-Instruct"}),
     ("VideoCaptioner", "LLaVANeXTVideoCaptioner", {"model_path": "llava-hf/LLaVA-NeXT-Video-7B-hf"}),
     ("VideoCaptioner", "LLaVAOVCaptioner", {"model_path": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"}),
@@ -166,6 +167,17 @@ def test_motion_filter_scores_alike_with_either_decoder(clips):
         scores.append(stage.score({"video": str(clips["360p dense"])}))
     # Frames are decoded small (analysis_short_side): the two resize filters move the score a little.
     assert scores[0] > 1.0 and scores[1] == pytest.approx(scores[0], rel=0.1), scores
+
+
+def test_shot_splitter_finds_the_same_cuts_with_either_decoder(tmp_path):
+    from tests.stages.test_shot_splitter import shots_video, split
+
+    video = shots_video(tmp_path / "cuts.mp4", [30, 45, 36])
+    clips = {
+        decoder: [c["clip"]["start_frame"] for c in split(video, min_clip_s=0.5, decoder=decoder)]
+        for decoder in ("pyav", "torchcodec")
+    }
+    assert clips["pyav"] == clips["torchcodec"] == [0, 30, 75], clips
 
 
 def _cuda() -> bool:
