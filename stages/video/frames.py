@@ -1,10 +1,12 @@
-"""Probe videos and sample frames with PyAV: the one frame sampler every video stage reuses.
+"""Probe videos and sample frames: the one frame sampler every video stage reuses.
 
-Sampling decodes each chosen frame once. The packet index (demux only, no decoding) gives
+The frames to take are planned here (stages/video/plan.py) and read by PyAV or, with the
+`decoder` key, TorchCodec (stages/video/decoders.py): same frame numbers either way.
+PyAV sampling decodes each chosen frame once. The packet index (demux only, no decoding) gives
 the exact frame count and the keyframe positions; when keyframes are dense the sampler
 seeks to each target, when they are sparse it decodes straight through and keeps only the
-targets, whichever decodes fewer frames. Frames come out upright (display rotation applied)
-as uint8 RGB arrays, T x H x W x 3.
+targets, whichever decodes fewer frames, and frames nothing refers to are skipped unread.
+Frames come out upright (display rotation applied) as uint8 RGB arrays, T x H x W x 3.
 
 Clip windows. A record made by ShotSplitter carries `clip: {start_s, end_s, start_frame,
 num_frames, ...}` while its `video_key` still names the whole source; every frame-reading

@@ -1,4 +1,5 @@
-"""VideoProbe: container and stream facts of each video, read with PyAV (no frames decoded but one)."""
+"""VideoProbe: container and stream facts of each video, read with PyAV (no frames decoded but one);
+the frame count from PyAV's demux pass or, with the `decoder` key, TorchCodec's scan."""
 
 from __future__ import annotations
 

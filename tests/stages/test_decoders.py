@@ -147,6 +147,24 @@ def test_every_frame_reading_stage_takes_the_decoder_key(kind, name, settings):
     assert "decoder" in message and "ffmpeg" in message and "torchcodec" in message, message
 
 
+def test_torchcodec_that_does_not_import_is_refused_at_check_with_the_install_line(tmp_path):
+    # A real import failure in a fresh interpreter (the module is blocked before anything imports it).
+    script = (
+        "import sys; sys.modules['torchcodec'] = None\n"
+        "from daemon.config import ConfigError, parse_config\n"
+        "try:\n"
+        "    parse_config('steps: [{type: VideoProcessor, name: FrameSampler, config: {decoder: torchcodec}}]')\n"
+        "except ConfigError as error:\n"
+        "    print(error)\n"
+        "print(parse_config('steps: [{type: VideoProcessor, name: FrameSampler, config: {}}]').steps[0].config.decoder)\n"
+    )
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "decoder" in out and "pip install 'reelflow[captioners]'" in out, out
+    assert out.strip().endswith("auto"), out  # auto still loads: it falls back to PyAV
+
+
 def test_frame_sampler_writes_the_same_frames_with_either_decoder(clips, tmp_path):
     cls = stage_class("VideoProcessor", "FrameSampler")
     got = {}
