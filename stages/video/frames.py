@@ -25,9 +25,21 @@ import numpy as np
 
 from stages.base import StageError
 from stages.video.decoders import Facts, TorchCodecVideo, choose
-from stages.video.plan import FramePlan, SizeRule, fps_indices, out_size, uniform_indices
+from stages.video.plan import (
+    CLIP_FILE_KEY,
+    CLIP_KEY,
+    ClipWindow,
+    FramePlan,
+    SizeRule,
+    clip_window,
+    fps_indices,
+    out_size,
+    record_video,
+    uniform_indices,
+)
 
-__all__ = ["fps_indices", "uniform_indices"]  # re-exported: stages and tests import them from here
+# Re-exported: the stages and tests import these from here.
+__all__ = ["CLIP_FILE_KEY", "CLIP_KEY", "ClipWindow", "clip_window", "fps_indices", "record_video", "uniform_indices"]
 
 
 @dataclass(frozen=True)
@@ -45,52 +57,6 @@ class VideoInfo:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class ClipWindow:
-    """The part of a video a record stands for: frames [start_frame, start_frame + num_frames)
-    when ShotSplitter gave frame numbers (exact), else the seconds [start_s, end_s)."""
-
-    start_s: float
-    end_s: float
-    start_frame: int | None = None
-    num_frames: int | None = None
-
-
-CLIP_KEY = "clip"
-CLIP_FILE_KEY = "clip_file"  # set by ClipTranscoder: video_key names the clip's own file
-
-
-def record_video(record: dict, video_key: str, stage: str):
-    """The record's video path (its `video_key` field), or a MissingField error naming the fields it has."""
-    path = record.get(video_key)
-    if path is None:
-        raise StageError(
-            f"{stage}: the record has no {video_key!r} field (video_key); fields: "
-            f"{sorted(k for k in record if not k.startswith('_'))}",
-            error_type="MissingField",
-        )
-    return path
-
-
-def clip_window(record: dict) -> ClipWindow | None:
-    """The window to sample for this record, or None (the whole file)."""
-    clip = record.get(CLIP_KEY)
-    if not isinstance(clip, dict) or record.get(CLIP_FILE_KEY):
-        return None
-    try:
-        start_s, end_s = float(clip["start_s"]), float(clip["end_s"])
-    except (KeyError, TypeError, ValueError):
-        raise StageError(
-            f"record {record.get('id')!r}: `clip` must hold numeric start_s and end_s (as ShotSplitter writes "
-            f"them), got {clip!r}",
-            error_type="BadClip",
-        ) from None
-    start_frame, num_frames = clip.get("start_frame"), clip.get("num_frames")
-    if isinstance(start_frame, int) and isinstance(num_frames, int):
-        return ClipWindow(start_s, end_s, start_frame, num_frames)
-    return ClipWindow(start_s, end_s)
 
 
 @dataclass

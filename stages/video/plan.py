@@ -1,4 +1,5 @@
-"""Which frames a sampler takes and at what size: planned once, whatever decoder then reads them."""
+"""Which frames a sampler takes and at what size (a record's clip window, the frame plan, the output
+size): planned once, whatever decoder then reads them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,52 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stages.base import StageError
+
+
+@dataclass(frozen=True)
+class ClipWindow:
+    """The part of a video a record stands for: frames [start_frame, start_frame + num_frames)
+    when ShotSplitter gave frame numbers (exact), else the seconds [start_s, end_s)."""
+
+    start_s: float
+    end_s: float
+    start_frame: int | None = None
+    num_frames: int | None = None
+
+
+CLIP_KEY = "clip"
+CLIP_FILE_KEY = "clip_file"  # set by ClipTranscoder: video_key names the clip's own file
+
+
+def record_video(record: dict, video_key: str, stage: str):
+    """The record's video path (its `video_key` field), or a MissingField error naming the fields it has."""
+    path = record.get(video_key)
+    if path is None:
+        raise StageError(
+            f"{stage}: the record has no {video_key!r} field (video_key); fields: "
+            f"{sorted(k for k in record if not k.startswith('_'))}",
+            error_type="MissingField",
+        )
+    return path
+
+
+def clip_window(record: dict) -> ClipWindow | None:
+    """The window to sample for this record, or None (the whole file)."""
+    clip = record.get(CLIP_KEY)
+    if not isinstance(clip, dict) or record.get(CLIP_FILE_KEY):
+        return None
+    try:
+        start_s, end_s = float(clip["start_s"]), float(clip["end_s"])
+    except (KeyError, TypeError, ValueError):
+        raise StageError(
+            f"record {record.get('id')!r}: `clip` must hold numeric start_s and end_s (as ShotSplitter writes "
+            f"them), got {clip!r}",
+            error_type="BadClip",
+        ) from None
+    start_frame, num_frames = clip.get("start_frame"), clip.get("num_frames")
+    if isinstance(start_frame, int) and isinstance(num_frames, int):
+        return ClipWindow(start_s, end_s, start_frame, num_frames)
+    return ClipWindow(start_s, end_s)
 
 
 def uniform_indices(total: int, count: int) -> list[int]:
