@@ -260,7 +260,8 @@ def sample_frames(
 
 
 def _header_facts(stream):
-    width, height = stream.codec_context.width, stream.codec_context.height
+    context = stream.codec_context  # None for a stream ffmpeg has no decoder for: the decode step says so
+    width, height = (context.width, context.height) if context is not None else (0, 0)
     if round(_rotation_of(stream) / 90) % 2:
         width, height = height, width
     return Facts(width, height, int(stream.frames or 0))
@@ -270,8 +271,14 @@ def _sample_torchcodec(
     path, container, plan: FramePlan, window: ClipWindow | None, out_size, device: str, name: str
 ) -> SampledFrames:
     stream = container.streams.video[0]
-    video = TorchCodecVideo(str(path), out_size, device, name)
-    total = video.num_frames
+    try:
+        video = TorchCodecVideo(str(path), out_size, device, name)
+    except StageError:
+        if _index_packets(container, stream).pts:
+            raise
+        total = 0  # TorchCodec refuses a stream without frames; say what PyAV's path says
+    else:
+        total = video.num_frames
     if total == 0:
         raise StageError(f"{name} has a video stream with no frames (empty or truncated file)", error_type="EmptyVideo")
     if window is not None and window.start_frame is None:

@@ -102,12 +102,30 @@ def test_probe_reads_the_same_facts_with_both(clips):
             assert probe(clips[name], window, decoder="torchcodec") == probe(clips[name], window)
 
 
-@pytest.mark.parametrize("name", ["truncated", "empty", "garbage", "audio_only"])
-def test_broken_files_fail_the_same_way(videos, name):
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, videos):
+    """tests/media.py's broken files, plus an mp4 cut right after its index and one zeroed in the middle."""
+    folder = tmp_path_factory.mktemp("broken")
+    whole = ffmpeg_clip(folder / "whole.mp4", "160x96", gop=12, seconds=2)
+    faststart = folder / "faststart.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", whole, "-c", "copy", "-movflags", "faststart", faststart], check=True
+    )
+    data = bytearray(faststart.read_bytes())
+    (folder / "header_only.mp4").write_bytes(data[: len(data) // 50])  # the index survives, the frames do not
+    third = len(data) // 3
+    data[third : 2 * third] = bytes(third)
+    (folder / "zeroed_middle.mp4").write_bytes(bytes(data))
+    made = {name: folder / f"{name}.mp4" for name in ("header_only", "zeroed_middle")}
+    return {**{name: videos[name] for name in ("truncated", "empty", "garbage", "audio_only")}, **made}
+
+
+@pytest.mark.parametrize("name", ["truncated", "empty", "garbage", "audio_only", "header_only", "zeroed_middle"])
+def test_broken_files_fail_the_same_way(broken, name):
     kinds = []
     for decoder in ("pyav", "torchcodec"):
         with pytest.raises(StageError) as failed:
-            sample_frames(videos[name], num_frames=4, decoder=decoder)
+            sample_frames(broken[name], num_frames=4, decoder=decoder)
         kinds.append(failed.value.error_type)
     assert kinds[0] == kinds[1] and kinds[0] in {"VideoDecodeError", "NoVideoStream", "EmptyVideo"}, kinds
 
