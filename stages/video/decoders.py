@@ -8,8 +8,8 @@ path). Resized frames differ by the resize filter: PyAV scales in YUV (AREA), To
 `Resize` scales the RGB frame (bilinear, antialiased); a mean of ~1-4 grey levels on the
 sharp-edged test patterns.
 
-- `pyav`: today's sampler (stages/video/frames.py): a Python demux pass for the index, then
-  seeks or one straight decode, whichever decodes fewer frames.
+- `pyav`: the sampler in stages/video/frames.py: a Python demux pass for the index, then seeks
+  or one straight decode, whichever decodes fewer frames, skipping unreferenced frames unread.
 - `torchcodec`: TorchCodec's `VideoDecoder` in exact mode (its C++ scan gives the same
   pts-ordered frame numbers), `get_frames_at` for the batch, the resize done by the decoder.
   On a CUDA device (`cuda:N`) it decodes with NVDEC (TorchCodec's default CUDA backend) and
@@ -106,7 +106,7 @@ OutSize = Callable[[int, int], "tuple[int, int] | None"]
 
 
 class TorchCodecVideo:
-    """One opened video: exact frame count, frame rate and keyframes from TorchCodec's scan."""
+    """One opened video: exact frame count and frame rate from TorchCodec's scan, frames by number."""
 
     def __init__(self, path: str, out_size: OutSize, device: str, name: str, threads: int = 0):
         from torchcodec.decoders import VideoDecoder
@@ -130,9 +130,6 @@ class TorchCodecVideo:
         self.num_frames = int(meta.num_frames or 0)
         self.fps = float(meta.average_fps or 0) or 25.0
         self.begin_s = float(meta.begin_stream_seconds or 0.0)
-
-    def keyframes(self) -> list[int]:
-        return list(self.decoder._get_key_frame_indices())
 
     def read(self, indices: list[int]) -> tuple[np.ndarray, list[float]]:
         """Frames (T x H x W x 3 uint8 RGB, upright) at these frame numbers, and their times (s from the start)."""
