@@ -182,6 +182,7 @@ class VideoCaptioner(Stage):
             )
         try:
             window = clip_window(record)  # a clip of the source (ShotSplitter): caption only the clip
+            sample_frames = partial(sample_frames, decoder=c.decoder, device=self.device)  # the `decoder` key
             if c.fps is not None:
                 sampled = sample_frames(
                     path, fps=c.fps, max_frames=fits, size=self.decode_size, over_max_frames="error", window=window

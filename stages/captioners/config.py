@@ -21,12 +21,13 @@ from pydantic import Field, field_validator, model_validator
 
 from stages.base import StageConfig
 from stages.text.gpt import GPTTextGeneratorConfig
+from stages.video.decoders import DecoderKey
 
 TEMPLATE_TOKENS = 40  # chat-template tokens (roles, system turn) assumed before the model is loaded
 MIN_PIXELS_FLOOR = 28 * 28
 
 
-class CaptionerConfig(StageConfig):
+class CaptionerConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` key (frame decoding)
     """The seed's captioner keys, with their meaning, plus the backend and frame settings."""
 
     model_path: str = Field(description="Local model folder or hub id, loaded with from_pretrained.")

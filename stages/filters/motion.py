@@ -19,10 +19,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from stages.base import FieldKind, Filtered, Requirements, Stage, StageConfig, StageError, require
+from stages.video.decoders import DecoderKey
 from stages.video.frames import clip_window, record_video, sample_frames, uniform_indices
 
 
-class MotionFilterConfig(StageConfig):
+class MotionFilterConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` key
     method: Literal["farneback", "diff"] = Field(
         "farneback", description="farneback: mean optical-flow magnitude; diff: mean absolute frame difference."
     )
@@ -75,12 +76,14 @@ class MotionFilter(Stage):
         if span is None:
             from stages.video.frames import probe
 
-            span = probe(path, window).num_frames
+            span = probe(path, window, decoder=c.decoder).num_frames
         if span < 2:
             return 0.0  # one frame: nothing moves
         starts = uniform_indices(span - 1, c.pairs)
         at = sorted({i for s in starts for i in (s, s + 1)})
-        sampled = sample_frames(path, at=at, window=window, size=self._analysis_size)
+        sampled = sample_frames(
+            path, at=at, window=window, size=self._analysis_size, decoder=c.decoder, device=self.device
+        )
         grey = {i - sampled.first_frame: _grey(f) for i, f in zip(sampled.indices, sampled.frames, strict=True)}
         measure = _flow_magnitude if c.method == "farneback" else _mean_difference
         values = [measure(grey[s], grey[s + 1]) for s in starts if s in grey and s + 1 in grey]

@@ -1,10 +1,12 @@
-"""Probe videos and sample frames with PyAV: the one frame sampler every video stage reuses.
+"""Probe videos and sample frames: the one frame sampler every video stage reuses.
 
-Sampling decodes each chosen frame once. The packet index (demux only, no decoding) gives
+The frames to take are planned here (stages/video/plan.py) and read by PyAV or, with the
+`decoder` key, TorchCodec (stages/video/decoders.py): same frame numbers either way.
+PyAV sampling decodes each chosen frame once. The packet index (demux only, no decoding) gives
 the exact frame count and the keyframe positions; when keyframes are dense the sampler
 seeks to each target, when they are sparse it decodes straight through and keeps only the
-targets, whichever decodes fewer frames. Frames come out upright (display rotation applied)
-as uint8 RGB arrays, T x H x W x 3.
+targets, whichever decodes fewer frames, and frames nothing refers to are skipped unread.
+Frames come out upright (display rotation applied) as uint8 RGB arrays, T x H x W x 3.
 
 Clip windows. A record made by ShotSplitter carries `clip: {start_s, end_s, start_frame,
 num_frames, ...}` while its `video_key` still names the whole source; every frame-reading
@@ -15,8 +17,6 @@ window no longer applies (the file *is* the clip).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +24,22 @@ from typing import Literal
 import numpy as np
 
 from stages.base import StageError
+from stages.video.decoders import Facts, TorchCodecVideo, choose
+from stages.video.plan import (
+    CLIP_FILE_KEY,
+    CLIP_KEY,
+    ClipWindow,
+    FramePlan,
+    SizeRule,
+    clip_window,
+    fps_indices,
+    out_size,
+    record_video,
+    uniform_indices,
+)
+
+# Re-exported: the stages and tests import these from here.
+__all__ = ["CLIP_FILE_KEY", "CLIP_KEY", "ClipWindow", "clip_window", "fps_indices", "record_video", "uniform_indices"]
 
 
 @dataclass(frozen=True)
@@ -41,52 +57,6 @@ class VideoInfo:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class ClipWindow:
-    """The part of a video a record stands for: frames [start_frame, start_frame + num_frames)
-    when ShotSplitter gave frame numbers (exact), else the seconds [start_s, end_s)."""
-
-    start_s: float
-    end_s: float
-    start_frame: int | None = None
-    num_frames: int | None = None
-
-
-CLIP_KEY = "clip"
-CLIP_FILE_KEY = "clip_file"  # set by ClipTranscoder: video_key names the clip's own file
-
-
-def record_video(record: dict, video_key: str, stage: str):
-    """The record's video path (its `video_key` field), or a MissingField error naming the fields it has."""
-    path = record.get(video_key)
-    if path is None:
-        raise StageError(
-            f"{stage}: the record has no {video_key!r} field (video_key); fields: "
-            f"{sorted(k for k in record if not k.startswith('_'))}",
-            error_type="MissingField",
-        )
-    return path
-
-
-def clip_window(record: dict) -> ClipWindow | None:
-    """The window to sample for this record, or None (the whole file)."""
-    clip = record.get(CLIP_KEY)
-    if not isinstance(clip, dict) or record.get(CLIP_FILE_KEY):
-        return None
-    try:
-        start_s, end_s = float(clip["start_s"]), float(clip["end_s"])
-    except (KeyError, TypeError, ValueError):
-        raise StageError(
-            f"record {record.get('id')!r}: `clip` must hold numeric start_s and end_s (as ShotSplitter writes "
-            f"them), got {clip!r}",
-            error_type="BadClip",
-        ) from None
-    start_frame, num_frames = clip.get("start_frame"), clip.get("num_frames")
-    if isinstance(start_frame, int) and isinstance(num_frames, int):
-        return ClipWindow(start_s, end_s, start_frame, num_frames)
-    return ClipWindow(start_s, end_s)
 
 
 @dataclass
@@ -154,14 +124,23 @@ def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=quarter_turns)) if quarter_turns else image
 
 
-def probe(path: str | Path, window: ClipWindow | None = None) -> VideoInfo:
-    """Container and stream facts; with a `window`, the duration and frame count are the clip's."""
+def probe(path: str | Path, window: ClipWindow | None = None, decoder: str = "pyav") -> VideoInfo:
+    """Container and stream facts; with a `window`, the duration and frame count are the clip's.
+
+    The frame count comes from a demux pass: PyAV's, or (`decoder` picks TorchCodec) TorchCodec's
+    scan in C++, unless a window in seconds needs every frame's time (PyAV's index has them).
+    """
     import av
 
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        index = _index_packets(container, stream)
+        chosen, _ = choose(decoder, _header_facts(stream))
+        if chosen == "torchcodec" and (window is None or window.start_frame is not None):
+            frames = TorchCodecVideo(str(path), lambda w, h: None, "cpu", Path(path).name).num_frames
+            index = _PacketIndex(list(range(frames)), [])  # a count only: nothing below reads the pts
+        else:
+            index = _index_packets(container, stream)
         container.seek(0)
         first = None
         try:
@@ -197,29 +176,6 @@ def _duration_s(container, stream, index: _PacketIndex, fps: float) -> float:
     return len(index.pts) / fps if fps else 0.0
 
 
-def uniform_indices(total: int, count: int) -> list[int]:
-    """`count` frame numbers spread evenly over `total` frames (centres of equal segments)."""
-    if total <= 0 or count <= 0:
-        return []
-    count = min(count, total)
-    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
-
-
-def fps_indices(total: int, video_fps: float, sample_fps: float, max_frames: int | None = None) -> list[int]:
-    """Frame numbers taken every 1/sample_fps seconds, evenly thinned to `max_frames`."""
-    if total <= 0 or video_fps <= 0 or sample_fps <= 0:
-        return []
-    step = video_fps / sample_fps
-    indices = sorted({min(total - 1, int(i * step)) for i in range(max(1, math.floor(total / step)))})
-    if max_frames and len(indices) > max_frames:
-        indices = [indices[i] for i in uniform_indices(len(indices), max_frames)]
-    return indices
-
-
-# Maps the upright frame size (width, height) to the size to decode at (width, height).
-SizeRule = Callable[[int, int], tuple[int, int]]
-
-
 def sample_frames(
     path: str | Path,
     num_frames: int | None = None,
@@ -231,6 +187,8 @@ def sample_frames(
     over_max_frames: Literal["thin", "error"] = "thin",
     window: ClipWindow | None = None,
     at: list[int] | None = None,
+    decoder: str = "pyav",
+    device: str = "cpu",
 ) -> SampledFrames:
     """Decode the frames chosen by `num_frames` (uniform) or `fps` (every 1/fps s).
 
@@ -242,6 +200,8 @@ def sample_frames(
     `TooManyFrames` before anything is decoded. `window` restricts everything (the count,
     the spacing, the limit) to one clip of the video; indices and timestamps stay the video's.
     `at` (instead of `num_frames`/`fps`) names the frames to take, counted from the window's start.
+    `decoder` (`pyav`, `torchcodec`, `auto`; see stages/video/decoders.py) picks the library;
+    the frame numbers are planned here, the same for all; `device` lets TorchCodec use NVDEC.
     """
     import av
 
@@ -249,10 +209,14 @@ def sample_frames(
         raise ValueError("give exactly one of num_frames, fps or at")
     if size is not None and max_side is not None:
         raise ValueError("give at most one of max_side or size")
+    plan = FramePlan(num_frames, fps, max_frames, over_max_frames, at, window is not None)
     container = _open(path)
     name = Path(path).name
     try:
         stream = container.streams.video[0]
+        chosen, on = choose(decoder, _header_facts(stream), device)
+        if chosen == "torchcodec":
+            return _sample_torchcodec(path, container, plan, window, out_size(max_side, size), on, name)
         stream.thread_type = "AUTO"
         index = _index_packets(container, stream)
         total = len(index.pts)
@@ -263,23 +227,7 @@ def sample_frames(
         video_fps = float(stream.average_rate or stream.base_rate or 0) or 25.0
         time_base = float(stream.time_base or 0)
         first, span = _window_frames(index, time_base, video_fps, window, name)
-        if at is not None:
-            wanted = sorted({i for i in at if 0 <= i < span})
-        elif num_frames:
-            wanted = uniform_indices(span, num_frames)
-        else:
-            limit = None if over_max_frames == "error" else max_frames
-            wanted = fps_indices(span, video_fps, fps, limit)
-            if max_frames and len(wanted) > max_frames:
-                what = "its clip" if window else "it"
-                raise StageError(
-                    f"{name} lasts {span / video_fps:.1f} s: sampling {what} at {fps:g} fps takes {len(wanted)} "
-                    f"frames, more than the {max_frames} allowed",
-                    error_type="TooManyFrames",
-                )
-        if not wanted:
-            raise StageError(f"{name}: no frames to sample (asked for {at})", error_type="EmptyVideo")
-        wanted = [first + i for i in wanted]
+        wanted = [first + i for i in plan.frames(span, video_fps, name)]
         wanted_pts = [index.pts[i] for i in wanted]
         if _seeking_is_cheaper(index, len(wanted), span):
             decoded = _decode_by_seeking(container, stream, wanted_pts)
@@ -309,6 +257,41 @@ def sample_frames(
         ) from None
     finally:
         container.close()
+
+
+def _header_facts(stream):
+    context = stream.codec_context  # None for a stream ffmpeg has no decoder for: the decode step says so
+    width, height = (context.width, context.height) if context is not None else (0, 0)
+    if round(_rotation_of(stream) / 90) % 2:
+        width, height = height, width
+    return Facts(width, height, int(stream.frames or 0))
+
+
+def _sample_torchcodec(
+    path, container, plan: FramePlan, window: ClipWindow | None, out_size, device: str, name: str
+) -> SampledFrames:
+    stream = container.streams.video[0]
+    try:
+        video = TorchCodecVideo(str(path), out_size, device, name)
+    except StageError:
+        if _index_packets(container, stream).pts:
+            raise
+        total = 0  # TorchCodec refuses a stream without frames; say what PyAV's path says
+    else:
+        total = video.num_frames
+    if total == 0:
+        raise StageError(f"{name} has a video stream with no frames (empty or truncated file)", error_type="EmptyVideo")
+    if window is not None and window.start_frame is None:
+        # A window in seconds: PyAV's packet index maps it to frames exactly as the PyAV path does.
+        index = _index_packets(container, stream)
+        first, span = _window_frames(index, float(stream.time_base or 0), video.fps, window, name)
+    elif window is not None:
+        first, span = _window_frames(_PacketIndex(list(range(total)), []), 0.0, video.fps, window, name)
+    else:
+        first, span = 0, total
+    wanted = [first + i for i in plan.frames(span, video.fps, name)]
+    frames, times = video.read(wanted)
+    return SampledFrames(frames, wanted, video.fps, span, times, first)
 
 
 def _window_frames(
@@ -346,6 +329,16 @@ def _seeking_is_cheaper(index: _PacketIndex, targets: int, span: int | None = No
     return targets * (average_gop / 2 + 1) < span
 
 
+def _decoded(container, stream, wanted: set[int]):
+    """Frames in presentation order; a frame that is neither wanted nor a reference for other frames
+    (a non-reference B-frame: about half of x264's default output) is dropped by the decoder unread,
+    which leaves every other frame bit-identical: nothing predicts from it."""
+    context = stream.codec_context
+    for packet in container.demux(stream):
+        context.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+        yield from packet.decode()
+
+
 def _decode_straight(container, stream, wanted_pts: list[int], from_pts: int | None = None) -> dict:
     wanted, found = set(wanted_pts), {}
     last_wanted = max(wanted_pts)
@@ -353,7 +346,7 @@ def _decode_straight(container, stream, wanted_pts: list[int], from_pts: int | N
         container.seek(0)
     else:
         container.seek(from_pts, stream=stream, backward=True, any_frame=False)
-    for frame in container.decode(stream):
+    for frame in _decoded(container, stream, wanted):
         if frame.pts in wanted:
             found[frame.pts] = frame
         if frame.pts is not None and frame.pts >= last_wanted and len(found) == len(wanted):
@@ -367,7 +360,7 @@ def _decode_by_seeking(container, stream, wanted_pts: list[int]) -> dict:
         if target in found:
             continue
         container.seek(target, stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
+        for frame in _decoded(container, stream, {target}):
             if frame.pts is None:
                 continue
             if frame.pts >= target:

@@ -1,4 +1,5 @@
-"""VideoProbe: container and stream facts of each video, read with PyAV (no frames decoded but one)."""
+"""VideoProbe: container and stream facts of each video, read with PyAV (no frames decoded but one);
+the frame count from PyAV's demux pass or, with the `decoder` key, TorchCodec's scan."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ from typing import Any
 from pydantic import Field
 
 from stages.base import FieldKind, Stage, StageConfig, StageError
+from stages.video.decoders import DecoderKey
 from stages.video.frames import ClipWindow, clip_window, probe
 
 
-class VideoProbeConfig(StageConfig):
+class VideoProbeConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` key
     output_key: str = Field("probe", description="Record field that receives the probe result.")
 
     def input_fields(self) -> dict[str, FieldKind]:
         return {self.video_key: "video"}
 
 
-def probe_fields(video: Any, window: ClipWindow | None = None) -> dict[str, Any]:
+def probe_fields(video: Any, window: ClipWindow | None = None, decoder: str = "pyav") -> dict[str, Any]:
     """The probe result: `width`/`height` as coded (stored), `display_width`/`display_height` as the
     frames come out of the samplers (upright: a 90 or 270 degree `rotation` swaps them)."""
-    info = probe(video, window).as_dict()
+    info = probe(video, window, decoder=decoder).as_dict()
     quarter = info["rotation"] % 180 == 90
     info["display_width"], info["display_height"] = (
         (info["height"], info["width"]) if quarter else (info["width"], info["height"])
@@ -43,7 +45,9 @@ class VideoProbe(Stage):
         for record in batch:
             try:
                 window = clip_window(record)
-                results.append({self.config.output_key: probe_fields(record[self.config.video_key], window)})
+                results.append(
+                    {self.config.output_key: probe_fields(record[self.config.video_key], window, self.config.decoder)}
+                )
             except StageError as error:
                 results.append(error)
         return results

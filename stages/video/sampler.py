@@ -8,10 +8,11 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from stages.base import MEDIA_DIR, RECORD_ID, FieldKind, Stage, StageConfig, StageError, safe_file_stem
+from stages.video.decoders import DecoderKey
 from stages.video.frames import clip_window, sample_frames
 
 
-class FrameSamplerConfig(StageConfig):
+class FrameSamplerConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` key
     num_frames: int | None = Field(None, ge=1, le=1024, description="Frames spaced evenly over the video.")
     fps: float | None = Field(
         None, gt=0, le=120, description="Frames per second of video to take instead of num_frames."
@@ -50,6 +51,8 @@ class FrameSampler(Stage):
             max_frames=config.max_frames,
             max_side=config.max_side,
             window=clip_window(record),  # a clip of the source: only its frames
+            decoder=config.decoder,
+            device=self.device,
         )
         folder = Path(record[MEDIA_DIR]) / safe_file_stem(str(record[RECORD_ID]))  # one folder per id, never shared
         folder.mkdir(parents=True, exist_ok=True)

@@ -24,12 +24,14 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from stages.base import FieldKind, Filtered, Requirements, Stage, StageConfig, StageError, require
+from stages.video.decoders import DecoderKey, Facts, TorchCodecVideo, choose
 
 
-class ShotSplitterConfig(StageConfig):
+class ShotSplitterConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` key
     detector: Literal["content", "adaptive", "stride"] = Field(
         "content", description="content / adaptive: PySceneDetect's detectors; stride: fixed-length pieces."
     )
@@ -63,7 +65,7 @@ class ShotSplitterConfig(StageConfig):
         return {self.video_key: "video"}
 
 
-def _decode_small(path: Path, short_side: int):
+def _decode_small(path: Path, short_side: int, decoder: str = "pyav", device: str = "cpu"):
     """Yield (frame number, BGR ndarray at the analysis size); and the fps, via the first item."""
     av = require("av", stage="ShotSplitter", extra="clips")
     container = av.open(str(path))
@@ -84,6 +86,10 @@ def _decode_small(path: Path, short_side: int):
         scale = short_side / max(1, min(width, height))
         size = (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)) if scale < 1 else None
         yield fps
+        chosen, on = choose(decoder, Facts(width, height, int(stream.frames or 0)), device)
+        if chosen == "torchcodec":
+            yield from _small_by_torchcodec(path, short_side, on)
+            return
         # One reformatter for the whole video: frame.to_ndarray(width=...) builds a new swscale
         # context per frame, which cost more than decoding the frame (profiled in bench/split.py).
         from av.video.reformatter import VideoReformatter
@@ -96,14 +102,28 @@ def _decode_small(path: Path, short_side: int):
         container.close()
 
 
-def detect_cuts(path: Path, config: ShotSplitterConfig) -> tuple[list[int], int, float]:
+def _small_by_torchcodec(path: Path, short_side: int, device: str):
+    """The same frames through TorchCodec, 64 at a time (upright, and scaled by its bilinear Resize)."""
+
+    def small(width: int, height: int) -> tuple[int, int] | None:
+        scale = short_side / max(1, min(width, height))
+        return (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)) if scale < 1 else None
+
+    video = TorchCodecVideo(str(path), small, device, path.name)
+    for start in range(0, video.num_frames, 64):
+        frames, _ = video.read(list(range(start, min(start + 64, video.num_frames))))
+        for offset, image in enumerate(frames):
+            yield start + offset, np.ascontiguousarray(image[..., ::-1])  # RGB -> BGR, as PySceneDetect takes
+
+
+def detect_cuts(path: Path, config: ShotSplitterConfig, device: str = "cpu") -> tuple[list[int], int, float]:
     """The first frame of every shot after the first, the number of frames, and the fps."""
     if config.detector == "stride":
         return [], *_count_frames(path)
     scenedetect = require("scenedetect", stage="ShotSplitter", extra="clips")
     from scenedetect.common import FrameTimecode
 
-    frames = _decode_small(path, config.analysis_short_side)
+    frames = _decode_small(path, config.analysis_short_side, config.decoder, device)
     fps = next(frames)
     if config.detector == "content":
         detector = scenedetect.ContentDetector(
@@ -172,7 +192,7 @@ class ShotSplitter(Stage):
         config = self.config
         path = record[config.video_key]
         try:
-            cuts, total, fps = detect_cuts(Path(path), config)
+            cuts, total, fps = detect_cuts(Path(path), config, self.device)
         except StageError:
             raise
         except Exception as exc:  # PyAV's decode errors name the file; say what was expected
