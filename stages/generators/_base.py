@@ -198,7 +198,9 @@ class DiffusersGenerator(Stage):
         config = self.config
         video = isinstance(config, VideoGeneratorConfig)
         key = config.output_key or (config.video_key if video else config.image_key)
-        paths = media.output_paths(record, "mp4" if video else "png", _filename(config, video), len(outputs))
+        paths = media.output_paths(
+            record, "mp4" if video else "png", config.filename, len(outputs), _tag(config, video)
+        )
         for output, path in zip(outputs, paths, strict=True):
             if video:
                 media.write_video(output, path, config.fps)  # each video config declares its fps
@@ -209,12 +211,10 @@ class DiffusersGenerator(Stage):
         return {key: paths[0] if len(paths) == 1 else paths}
 
 
-def _filename(config: GeneratorConfig, video: bool) -> str | None:
-    """The file name template: `filename`, else `{id}`, else `{id}_<output_key>` when the step
-    writes under its own output_key (so two generator steps of a pipeline do not overwrite
-    each other's `<id>.mp4`)."""
-    if config.filename:
-        return config.filename
-    if config.output_key and config.output_key != (config.video_key if video else config.image_key):
-        return "{id}_" + config.output_key.replace("{", "{{").replace("}", "}}")
+def _tag(config: GeneratorConfig, video: bool) -> str | None:
+    """Without a `filename`, a step writing under an output_key of its own names its files
+    `<id>~<output_key>` (so two generator steps of a pipeline do not overwrite each other's
+    `<id>.mp4`); None when it writes the default key, or names its files itself."""
+    if config.filename is None and config.output_key not in (None, config.video_key if video else config.image_key):
+        return config.output_key
     return None

@@ -92,7 +92,7 @@ class GeneratorConfig(StageConfig):
     filename: str | None = Field(
         None,
         description="File name template without extension, with {id}, {job} and record fields; default `{id}`, "
-        "or `{id}_<output_key>` when output_key is set to a key of its own.",
+        "or `{id}~<output_key>` when output_key is set to a key of its own.",
     )
 
     @field_validator("scheduler")

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.base import HASH_MARK, MEDIA_DIR, StageError, media_path
+from stages.base import HASH_MARK, MEDIA_DIR, StageError, media_path, safe_file_stem
 
 
 def to_uint8(array):
@@ -22,7 +22,9 @@ def to_uint8(array):
     return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255).round(), dtype=np.uint8)
 
 
-def output_paths(record: dict[str, Any], extension: str, template: str | None, count: int) -> list[Path]:
+def output_paths(
+    record: dict[str, Any], extension: str, template: str | None, count: int, tag: str | None = None
+) -> list[Path]:
     """The record's file, or with several outputs one file per output index: `<stem>~<index>`.
 
     The index goes after `~`, which no plain stem holds (see stages.base.safe_file_stem): so
@@ -34,6 +36,8 @@ def output_paths(record: dict[str, Any], extension: str, template: str | None, c
     if MEDIA_DIR not in record:
         raise StageError("the record has no media folder (_media_dir); the runtime sets it", error_type="NoMediaDir")
     base = media_path(record, extension, template)
+    if tag:
+        base = base.with_name(f"{base.stem}{HASH_MARK}{safe_file_stem(tag)}{base.suffix}")
     if count == 1:
         return [base]
     return [base.with_name(f"{base.stem}{HASH_MARK}{index}{base.suffix}") for index in range(count)]

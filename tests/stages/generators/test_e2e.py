@@ -121,7 +121,7 @@ def test_shipped_chained_config_through_the_daemon(tiny_models, tmp_path):
     assert len(results) == len(prompts.read_text().splitlines()) == 3
     for line in results:
         assert (line["first_frame"], line["video"]) == (
-            f"media/{prompts.stem}/{line['id']}_first_frame.png",
+            f"media/{prompts.stem}/{line['id']}~first_frame.png",
             f"media/{prompts.stem}/{line['id']}.mp4",
         )
         first = read_png(daemon.outbox / line["first_frame"])

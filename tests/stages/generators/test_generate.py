@@ -167,6 +167,26 @@ def test_several_outputs_never_share_a_file_with_another_record(loaded, tmp_path
     assert paths[4].name.startswith("a_0~") and len(paths[4].stem) == len("a_0~") + 16  # `a~0` is hashed
 
 
+def test_a_step_with_its_own_output_key_never_takes_another_records_file(loaded, tmp_path):
+    """A step writing under `output_key: first_frame` names record `a`'s file after it; the
+    default file of a record whose id is `a_first_frame` (what the old `{id}_<output_key>` gave
+    `a`) must be another file, each holding its own image."""
+    stage = loaded("FLUXGenerator")
+    media = tmp_path / "media"
+    baseline = stage.config
+    try:
+        stage.config = baseline.model_copy(update={"output_key": "first_frame"})
+        [tagged] = stage.process([make_record("a", media, text="a fox")])
+        [made_for_a] = stage._generate([stage.prepare(make_record("a", media, text="a fox"))])
+        stage.config = baseline
+        [plain] = stage.process([make_record("a_first_frame", media, text="a heron")])
+    finally:
+        stage.config = baseline
+    assert tagged["first_frame"].name == "a~first_frame.png" and plain["image"].name == "a_first_frame.png"
+    assert sorted(media.glob("*.png")) == sorted([tagged["first_frame"], plain["image"]])
+    assert np.array_equal(read_png(tagged["first_frame"]), made_for_a[0])  # not written over by the heron
+
+
 def test_a_full_disk_is_not_the_records_fault_a_bad_path_is(loaded, tmp_path, tmpfs):
     """A PNG that does not fit on a full tmpfs raises out of `process` with its errno (the
     failure contract: transient, the batch is asked again later and no record is failed); once
