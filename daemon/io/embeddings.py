@@ -37,7 +37,8 @@ _PART = re.compile(r"^part-(\d{8})\.parquet$")
 COVERS = b"reelflow_covers"  # metadata of a compacted part: "<first>-<last>" part numbers it holds
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in `folder` durable (the entry, not only the file's data)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -81,7 +82,7 @@ class EmbeddingStore:
         for number in sorted(held):
             (self.folder / f"part-{number:08d}.parquet").unlink()
         if held:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         return highest
 
     def open(self, done: IdSet) -> None:
@@ -112,7 +113,7 @@ class EmbeddingStore:
             part.unlink()
         else:
             self._write(table.take(keep), part)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def _write(self, table, target: Path) -> None:
         import pyarrow.parquet as pq
@@ -138,7 +139,7 @@ class EmbeddingStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         part = self.folder / f"part-{self._next:08d}.parquet"
         self._write(pa.table(arrays), part)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         first = self.rows
         self.rows += len(ids)
         self._next += 1
@@ -167,13 +168,13 @@ class EmbeddingStore:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             tmp.replace(parts[0])
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except (OSError, pa.ArrowException) as exc:
             tmp.unlink(missing_ok=True)
             raise OSError(getattr(exc, "errno", None), f"compacting the parts: {exc}", str(self.folder)) from exc
         for part in parts[1:]:
             part.unlink()
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def discard(self, part: Path, count: int) -> None:
         """Undo the last `append` (its result lines could not be written); the retry appends again."""

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from daemon.config import OutputSpec, WebDatasetOutput
+from daemon.io.embeddings import fsync_dir
 from daemon.io.remote import RemoteFetchError, RemoteUnavailable, is_remote
 from daemon.io.shard_files import BUCKETS, OpenShard, sample_key
 
@@ -42,14 +43,6 @@ def _fsync_append(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardSink:
@@ -230,7 +223,7 @@ class ShardSink:
             self._write_parquet(shard.temporary, shard)
         size = shard.temporary.stat().st_size
         os.replace(shard.temporary, shard.final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         entry = {
             "file": str(shard.final.relative_to(self.folder)),
             "bucket": bucket or None,
