@@ -56,7 +56,9 @@ def user_message(prompt: str | None, record: dict[str, Any], text_key: str, *, w
             f"{sorted(k for k in record if not k.startswith('_'))}); set `text_key`, or use a prompt template",
             error_type="MissingField",
         )
-    text = str(text)
+    # A structured caption (output_format: json) is an object: the model reads it as JSON, not as
+    # Python's repr of a dict.
+    text = json.dumps(text, ensure_ascii=False) if isinstance(text, dict | list) else str(text)
     if not text.strip() and not prompt:
         raise StageError(f"{where}: {text_key!r} is empty and no prompt is configured", error_type="EmptyText")
     return f"{prompt}\n{text}" if prompt else text

@@ -45,3 +45,16 @@ def test_caption_rewrite_generate_chain():
         return
     rewrite = config.steps[1]
     assert (rewrite.name, rewrite.config.output_key) == ("GPTTextGenerator", "gen_prompt")
+
+
+def test_a_structured_caption_reaches_the_model_as_json():
+    """A captioner with output_format: json leaves an object in text_key; a text step after it
+    must send that object as JSON (what the model was asked to read), not Python's dict repr."""
+    from stages.text.common import user_message
+
+    caption = {"subject": "a heron", "action": "lands", "camera": "static", "tags": ["bird", "water"]}
+    message = user_message("Rewrite this caption as a prompt:", {"text": caption}, "text", where="step")
+    assert message == 'Rewrite this caption as a prompt:\n{"subject": "a heron", "action": "lands", ' + (
+        '"camera": "static", "tags": ["bird", "water"]}'
+    )
+    assert user_message(None, {"text": "a plain caption"}, "text", where="step") == "a plain caption"
