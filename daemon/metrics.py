@@ -104,6 +104,15 @@ class Metrics:
             key: Counter(name.removesuffix("_total"), help_text, ["step"], registry=r)
             for key, (name, help_text) in USAGE_METRICS.items()
         }
+        # Every other counter a stage keeps (copy_fallbacks, dedup_dropped, json_retries, ...): one
+        # family, labelled by the stage's own key, so none is dropped unseen. Bounded: the keys
+        # are names in the stages' code, never record data.
+        self.stage_usage = Counter(
+            "reelflow_stage_usage",
+            "A stage's own usage counters (Stage.usage) that have no metric of their own, by key.",
+            ["step", "counter"],
+            registry=r,
+        )
         self.prepare_wait = Counter(
             "reelflow_prepare_wait_seconds",
             "Seconds a step's model waited for prepared (decoded, sampled) records: the starvation signal.",
@@ -126,9 +135,13 @@ class Metrics:
 
     def count_usage(self, step: str, usage: dict[str, int]) -> None:
         for key, amount in usage.items():
+            if not amount:
+                continue
             counter = self.usage.get(key)
-            if counter is not None and amount:
+            if counter is not None:
                 counter.labels(step).inc(amount)
+            else:
+                self.stage_usage.labels(step, key).inc(amount)
         if usage.get("tokens_out"):
             self.efficiency.count(step, usage["tokens_out"])
 

@@ -83,3 +83,19 @@ def test_a_daemon_exports_tokens_rate_efficiency_and_prepare_wait(tmp_path):
     # prepare sleeps 50 ms a record on one thread, and the first batch starts within 5 ms
     assert metric_value(text, "reelflow_prepare_wait_seconds_total", step=label) > 0
     assert "# TYPE reelflow_gpu_utilization gauge" in text
+
+
+def test_a_stages_own_usage_counters_are_exported_not_dropped():
+    """Counters without a metric of their own (ClipTranscoder's copy_fallbacks, a captioner's
+    json_retries, ...) land in reelflow_stage_usage_total by key; the named ones keep theirs."""
+    from daemon.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.count_usage("step_3_ClipTranscoder", {"copy_fallbacks": 2, "clips_written": 5, "tokens_out": 0})
+    metrics.count_usage("step_3_ClipTranscoder", {"copy_fallbacks": 1})
+    metrics.count_usage("step_5_Qwen2VLCaptioner", {"tokens_out": 7})
+    text = metrics.render().decode()
+    assert 'reelflow_stage_usage_total{counter="copy_fallbacks",step="step_3_ClipTranscoder"} 3.0' in text
+    assert 'reelflow_stage_usage_total{counter="clips_written",step="step_3_ClipTranscoder"} 5.0' in text
+    assert 'reelflow_tokens_out_total{step="step_5_Qwen2VLCaptioner"} 7.0' in text
+    assert 'counter="tokens_out"' not in text  # a named counter is not exported twice
