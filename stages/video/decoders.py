@@ -44,6 +44,17 @@ def torchcodec_available() -> bool:
     return True
 
 
+@functools.cache
+def cuda_usable() -> bool:
+    """A GPU with a driver is there: a worker named "cuda:N" is not proof (Ray hands out logical
+    GPUs, a config may pin a device), and NVDEC on a machine without one fails every video."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 class DecoderKey(BaseModel):
     """The `decoder` key, mixed into every frame-reading stage's Config."""
 
@@ -94,7 +105,7 @@ def choose(choice: DecoderName, facts: Facts, device: str = "cpu") -> tuple[str,
         return "torchcodec", gpu
     if not torchcodec_available():
         return "pyav", "cpu"
-    if gpu != "cpu":
+    if gpu != "cpu" and cuda_usable():
         return "torchcodec", gpu
     if AUTO_MIN_PIXELS is not None and facts.width * facts.height >= AUTO_MIN_PIXELS:
         return "torchcodec", "cpu"
