@@ -76,7 +76,7 @@ def test_the_whole_config_through_the_daemon(tiny_models, tiny_clip, lm_server, 
     import torch
 
     from tests.stages.embed_media import reencode, scene
-    from tests.stages.test_embedders import laion_head
+    from tests.stages.embedders.test_embedders import laion_head
     from tests.tiny.clip import TINY_CLIP_DIM
 
     folder = tmp_path / "data"

@@ -66,7 +66,7 @@ def test_nine_generators_through_reelflow_run(tiny_models, data, tmp_path):
     assert [line["id"] for line in lines] == ["a", "b"]
     assert not (results / "prompts.errors.jsonl").exists() or not (results / "prompts.errors.jsonl").read_text()
     for line in lines:
-        assert line["FLUXGenerator"] == f"media/{line['id']}_FLUXGenerator.png"
+        assert line["FLUXGenerator"] == f"media/{line['id']}~FLUXGenerator.png"
         check_outputs(line, results)
 
 
@@ -82,7 +82,7 @@ def test_nine_generators_through_the_daemon(tiny_models, data, tmp_path):
     assert errors == []
     assert sorted(line["id"] for line in results) == ["a", "b"]
     for line in results:
-        assert line["SVDGenerator"] == f"media/prompts/{line['id']}_SVDGenerator.mp4"
+        assert line["SVDGenerator"] == f"media/prompts/{line['id']}~SVDGenerator.mp4"
         check_outputs(line, daemon.outbox)
     step = next(s for s in _step_labels(metrics) if s.endswith("_CogVideoXT2VGenerator"))
     assert metric_value(metrics, "reelflow_generated_frames_total", step=step) == 2 * 9
