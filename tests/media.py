@@ -18,6 +18,13 @@ import numpy as np
 from tests.harness import sample_video
 
 
+def audio_only(path: Path) -> Path:
+    """A 1 s AAC tone with no video stream (needs ffmpeg)."""
+    command = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac"]
+    subprocess.run([*command, str(path)], check=True)
+    return path
+
+
 def encode(
     path: Path,
     frames: int = 24,
@@ -200,24 +207,7 @@ def make_test_videos(folder: Path) -> dict[str, Path]:
             check=True,
         )
         videos["rotated"] = rotated
-        audio = folder / "audio_only.m4a"
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-v",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                "sine=frequency=440:duration=1",
-                "-c:a",
-                "aac",
-                str(audio),
-            ],
-            check=True,
-        )
-        videos["audio_only"] = audio
+        videos["audio_only"] = audio_only(folder / "audio_only.m4a")
     truncated = folder / "truncated.mp4"
     truncated.write_bytes(videos["bikes"].read_bytes()[:20000])
     videos["truncated"] = truncated
