@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from daemon.allocator import limit_malloc_arenas
 from daemon.config import Config, ConfigError, StepRuntime, load_config
 from stages.registry import known_stages, stage_class
 
@@ -231,6 +232,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("serve", "run", "demo"):
+        limit_malloc_arenas()  # before any thread starts (see daemon/allocator.py)
     handlers = {"serve": cmd_serve, "run": cmd_run, "check": cmd_check, "steps": cmd_steps, "demo": cmd_demo}
     return handlers[args.command](args)
 
