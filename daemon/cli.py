@@ -62,6 +62,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load_checked(args.config, network=not args.offline)
     if config is None:
         return EXIT_CONFIG
+    if config.file.meta_path is not None:  # a one-shot config: what `reelflow run` would refuse, now
+        from daemon.oneshot import run_targets
+
+        try:
+            run_targets(config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_CONFIG
     print(f"{args.config}: ok ({len(config.steps)} step(s): {', '.join(f'{s.type}/{s.name}' for s in config.steps)})")
     return 0
 

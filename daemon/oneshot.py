@@ -50,14 +50,26 @@ class Summary:
     filtered_file: Path | None = None
 
 
-def _targets(config: Config) -> tuple[Path, Path, Path, str]:
+def _missing_meta_hint(meta_path: Path) -> str:
+    """Where a missing meta file was looked for, and how to get the README's sample inputs."""
+    where = (
+        ""
+        if meta_path.is_absolute()
+        else f" (looked for {Path.cwd() / meta_path}: a relative path is read from the folder reelflow runs in)"
+    )
+    if not meta_path.is_absolute() and meta_path.parts[:1] == ("demo",):
+        return f"{where}; the sample inputs are made by `python -m tests.media demo`, run from the repository root"
+    return f"{where}; point meta_path at an existing meta file or video"
+
+
+def run_targets(config: Config) -> tuple[Path, Path, Path, str]:
     """(meta_path, save folder, final results file, format), or a ConfigError."""
     file = config.file
     problems = []
     if file.meta_path is None:
         problems.append("meta_path: required for `reelflow run` (the file to process)")
     elif not file.meta_path.is_file():
-        problems.append(f"meta_path: no such file: {file.meta_path}")
+        problems.append(f"meta_path: no such file: {file.meta_path}{_missing_meta_hint(file.meta_path)}")
     elif input_format(file.meta_path) is None:
         problems.append(
             f"meta_path: {file.meta_path.name}: unsupported type; expected one of {sorted(META_FORMATS)} or a video file"
@@ -74,7 +86,7 @@ def _targets(config: Config) -> tuple[Path, Path, Path, str]:
 
 
 async def run_once(config: Config, progress: bool = True) -> Summary:
-    meta_path, save_folder, final, fmt = _targets(config)
+    meta_path, save_folder, final, fmt = run_targets(config)
     base_folder = config.file.base_folder or save_folder / "intermediate"
     base_folder.mkdir(parents=True, exist_ok=True)
     save_folder.mkdir(parents=True, exist_ok=True)

@@ -256,3 +256,19 @@ def test_what_each_stage_declares_is_what_preflight_checks(tmp_path):
     assert lines[3].startswith(
         "steps[3] (VideoCaptioner/Qwen2VLCaptioner): judge.model './no/judge' is not an existing"
     )
+
+
+def test_check_refuses_the_missing_input_that_run_would_refuse(tmp_path):
+    """A one-shot config (it names a meta_path): `check` catches what `run` stops on, with the same line."""
+    steps = [{"type": "VideoProcessor", "name": "VideoProbe"}]
+    config = yaml.safe_load(_write(tmp_path, steps).read_text())
+    config["meta_path"] = "demo/meta.jsonl"  # relative, as the shipped configs write it, and not made yet
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    checked = _reelflow(["check", "--config", "c.yaml"], tmp_path)
+    ran = _reelflow(["run", "--config", "c.yaml"], tmp_path)
+    assert checked.returncode == ran.returncode == 2, (checked.stderr, ran.stderr)
+    line = next(line for line in checked.stderr.splitlines() if "meta_path" in line)
+    assert f"no such file: demo/meta.jsonl (looked for {tmp_path / 'demo' / 'meta.jsonl'}" in line
+    assert "python -m tests.media demo" in line
+    assert line in ran.stderr
+    assert not (tmp_path / "out").exists()
