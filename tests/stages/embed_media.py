@@ -1,8 +1,10 @@
 """Clips for the embedding tests: smooth synthetic scenes, and re-encodes of a clip with ffmpeg.
 
 `scene(path, seed)` draws a few soft coloured blobs drifting over a gradient background (seeded:
-another seed is another scene); `reencode(src, dst, bitrate)` is the same frames through ffmpeg's
-libx264 at another bitrate: the planted near-duplicate.
+another seed is another scene). The planted near-duplicates, each through ffmpeg's libx264:
+`reencode(src, dst, bitrate)` the same frames at another bitrate, `recrop(src, dst)` the frames
+with a ~5% border cut off and scaled back to the full size, `drop_first_frames(src, dst, n)` the
+clip starting n frames later.
 """
 
 from __future__ import annotations
@@ -43,23 +45,21 @@ def scene(path: Path, seed: int, frames: int = 24, size=(96, 64), fps: int = 12)
 
 
 def reencode(src: Path, dst: Path, bitrate: str = "60k") -> Path:
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-i",
-            str(src),
-            "-c:v",
-            "libx264",
-            "-b:v",
-            bitrate,
-            "-pix_fmt",
-            "yuv420p",
-            str(dst),
-        ],
-        check=True,
-        timeout=60,
-    )
+    return _ffmpeg(src, dst, "-b:v", bitrate)
+
+
+def recrop(src: Path, dst: Path, size=(96, 64)) -> Path:
+    width, height = size
+    left, top = round(width * 0.05), round(height * 0.05)
+    crop = f"crop={width - 2 * left}:{height - 2 * top}:{left}:{top},scale={width}:{height}"
+    return _ffmpeg(src, dst, "-vf", crop)
+
+
+def drop_first_frames(src: Path, dst: Path, frames: int = 2) -> Path:
+    return _ffmpeg(src, dst, "-vf", f"trim=start_frame={frames},setpts=PTS-STARTPTS")
+
+
+def _ffmpeg(src: Path, dst: Path, *options: str) -> Path:
+    command = ["ffmpeg", "-v", "error", "-y", "-i", str(src), *options, "-c:v", "libx264", "-pix_fmt", "yuv420p"]
+    subprocess.run([*command, str(dst)], check=True, timeout=60)
     return dst

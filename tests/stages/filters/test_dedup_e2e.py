@@ -1,11 +1,14 @@
 """Near-duplicate removal through the real daemon: `reelflow serve` with CLIPEmbedder ->
-NearDuplicateFilter -> a slow Test/Echo, on clips encoded here with re-encodes planted among them.
+NearDuplicateFilter -> a slow Test/Echo, on clips encoded here with near-copies planted among them:
+re-encodes (same frames, another bitrate), a crop (a ~5% border cut and scaled back) and a copy
+starting two frames later.
 
-A re-encode (same frames, another bitrate) is dropped naming the clip it copies; every other
-clip is kept; the embeddings dataset holds exactly the kept ids, at the rows their result lines
-name. Then the same stream with kill -9 at random moments and restarts: the same decisions.
-The threshold (0.995) sits between what the tiny random-weight CLIP gives a re-encode (>0.999)
-and two different scenes (<0.96 for these seeds); tests/stages/embedders/test_embedders.py checks both.
+Each near-copy is dropped naming the clip it copies; every other clip is kept; the embeddings
+dataset holds exactly the kept ids, at the rows their result lines name. Then the same stream
+with kill -9 at random moments and restarts: the same decisions. The threshold (0.995) sits
+between what the tiny random-weight CLIP gives a near-copy (re-encode and shift > 0.999, crop
+0.999) and two different scenes (< 0.97 for these seeds); tests/stages/embedders/test_embedders.py
+checks the re-encode and the different scenes.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.harness import DaemonProcess, daemon_config, read_jsonl
-from tests.stages.embed_media import reencode, scene
+from tests.stages.embed_media import drop_first_frames, recrop, reencode, scene
 from tests.stages_for_tests import EXTRA_STAGES
 
 SCENES = 8
-COPIES = {"c0": "s0", "c3": "s3", "c5": "s5"}  # re-encode -> original
+COPIES = {"c0": "s0", "c3": "s3", "c5": "s5", "k1": "s1", "t4": "s4"}  # near-copy -> original
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def videos(tmp_path_factory):
     for n in range(SCENES):
         scene(folder / f"s{n}.mp4", seed=n)
     for copy, original in COPIES.items():
-        reencode(folder / f"{original}.mp4", folder / f"{copy}.mp4", "40k")
+        plant = {"c": lambda src, dst: reencode(src, dst, "40k"), "k": recrop, "t": drop_first_frames}[copy[0]]
+        plant(folder / f"{original}.mp4", folder / f"{copy}.mp4")
     reencode(folder / "s6.mp4", folder / "c6.mp4", "300k")  # for the second job
     scene(folder / "more.mp4", seed=99)
     return folder
@@ -54,7 +58,7 @@ def _meta(tmp_path, names: list[str], job: str = "clips"):
 
 
 # originals first, each copy after its original (and a few batches later)
-STREAM = ["s0", "s1", "s2", "s3", "c0", "s4", "s5", "c3", "s6", "s7", "c5"]
+STREAM = ["s0", "s1", "s2", "s3", "c0", "s4", "s5", "k1", "c3", "s6", "t4", "s7", "c5"]
 
 
 def _outcome(outbox, job: str = "clips"):
