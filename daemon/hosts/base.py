@@ -7,11 +7,11 @@ per record, in order (`check_outputs`)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stages.base import StageConfig, StageError
+from stages.base import Resources, StageConfig, StageError
 
 Slot = Any  # what a stage answers for one record: new fields, a StageError, a Filtered, children
 
@@ -40,6 +40,7 @@ class StageHost(Protocol):
     async def prepare(self, fields: dict[str, Any]) -> dict[str, Any]: ...
     async def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]: ...
     async def close(self) -> None: ...
+    def resources(self) -> Resources: ...  # what the stage needs, as its batch limits are computed from
     def take_usage(self) -> Counter[str]: ...
     def reconfigure(self, config: StageConfig) -> None: ...
 
@@ -79,6 +80,13 @@ class PreparedBatch:
                 batch.ready.append(index)
                 batch.prepared.append(outcome)
         return batch
+
+    def errors(self) -> Iterator[tuple[int, StageError]]:
+        """Each record whose prepare failed, by slot index, with its error."""
+        ready = set(self.ready)
+        for index, slot in enumerate(self.slots):
+            if index not in ready:
+                yield index, slot
 
     def fill(self, outputs: object) -> list[Slot]:
         """Put the model's answer for `prepared` into the slots (checked: one per record)."""

@@ -101,10 +101,9 @@ class Pipeline:
 
     @staticmethod
     def limits_for(step: Step, host: StageHost) -> BatchLimits:
-        """From the loaded stage where it is in this process (its backend may be chosen at load),
-        else from what the stage declares for the step's config."""
-        needs = host.resources() if isinstance(host, LocalHost) else step.stage_cls.resources(step.config)
-        return batch_limits(step, needs)
+        """From what the host says its stage needs: the loaded stage where it is in this process
+        (its backend may be chosen at load), else what the stage declares for the step's config."""
+        return batch_limits(step, host.resources())
 
     def _worker(self, step: Step, host: StageHost, device: str, name: str, digest: str | None, queues=None) -> Worker:
         wiring = dict(queue=(queues or self.queues)[step.index], advance=self.advance, metrics=self.metrics)

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from daemon.hosts.base import StageHost, WorkerGone, WorkerLost
+from daemon.hosts.base import PreparedBatch, StageHost, WorkerGone, WorkerLost, check_outputs
 from daemon.io.records import Record
 from daemon.runtime.batching import BatchLimits, CallGate
 from daemon.runtime.failures import TRANSIENT, Pauses, classify
@@ -215,19 +215,19 @@ class Worker:
         after: asyncio.Future | None = None,
         routed: asyncio.Future | None = None,
     ) -> None:
-        ready: list[tuple[Record, dict]] = []
         failed: list[Failure] = []
         ok: list[Record] = []
         try:
             waited = time.perf_counter()  # the model's slot is held: time here is the model starving
-            for record, task in batch:
-                try:
-                    ready.append((record, await self._prepared(record, task)))
-                except Exception as exc:  # a bad record in prepare: that record fails, the rest go on
-                    error = StageError.from_exception(exc)
-                    failed.append((record, error.error_type, error.message))
+            # A bad record in prepare fails alone, the rest go on: the rule every host applies (hosts.base).
+            prepared = PreparedBatch.of([await self._prepared(record, task) for record, task in batch])
             self.metrics.prepare_wait.labels(self.step_label).inc(time.perf_counter() - waited)
-            if ready:
+            for index, error in prepared.errors():
+                failed.append((batch[index][0], error.error_type, error.message))
+            if prepared.prepared:
+                ready = [
+                    (batch[index][0], fields) for index, fields in zip(prepared.ready, prepared.prepared, strict=True)
+                ]
                 await self._call_model(ready, ok, failed)
         finally:
             slots.release()
@@ -241,18 +241,17 @@ class Worker:
             if routed is not None and not routed.done():
                 routed.set_result(None)
 
-    async def _prepared(self, record: Record, task: asyncio.Future) -> dict:
-        """The prepare's result; a transient failure (disk full writing frames) is outlasted, not failed."""
-        try:
-            outcome = await task
-            if isinstance(outcome, Exception):
-                raise outcome
+    async def _prepared(self, record: Record, task: asyncio.Future) -> dict | Exception:
+        """The prepare's outcome: its fields, or the exception that is the record's failure; a
+        transient failure (disk full writing frames) is outlasted, not failed."""
+        outcome = await task
+        if not isinstance(outcome, Exception) or classify(outcome) != TRANSIENT:
             return outcome
+        what = f"{self.name}: prepare of record {record.id} (job {record.job})"
+        try:
+            return await self.pauses.outlast(outcome, what, lambda: self.host.prepare(record.fields))
         except Exception as exc:
-            if classify(exc) != TRANSIENT:
-                raise
-            what = f"{self.name}: prepare of record {record.id} (job {record.job})"
-            return await self.pauses.outlast(exc, what, lambda: self.host.prepare(record.fields))
+            return exc
 
     async def _process(self, batch: list[dict]) -> list:
         """The model call; a transient failure (a dead endpoint, EIO) is outlasted with backoff.
@@ -279,12 +278,7 @@ class Worker:
         outputs = list(outputs)
 
         async def again() -> list:
-            answers = await self.host.process([batch[i] for i in waiting])
-            if not isinstance(answers, list) or len(answers) != len(waiting):
-                got = len(answers) if isinstance(answers, list) else type(answers).__name__
-                raise RuntimeError(
-                    f"stage returned {got} results for {len(waiting)} records on a retry; expected one each"
-                )
+            answers = check_outputs(await self.host.process([batch[i] for i in waiting]), len(waiting), " on a retry")
             still = []
             for i, answer in zip(waiting, answers, strict=True):
                 outputs[i] = answer
@@ -306,11 +300,7 @@ class Worker:
         started = time.perf_counter()
         try:
             async with self._gate.hold(alone=crashes is not None):
-                outputs = await self._process([prepared for _, prepared in items])
-            if not isinstance(outputs, list) or len(outputs) != len(items):
-                raise RuntimeError(
-                    f"stage returned {len(outputs) if isinstance(outputs, list) else type(outputs).__name__} results for {len(items)} records; expected one per record, in order"
-                )
+                outputs = check_outputs(await self._process([prepared for _, prepared in items]), len(items))
         except WorkerGone:
             raise
         except WorkerLost as lost:

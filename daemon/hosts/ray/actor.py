@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from daemon.hosts.base import PreparedBatch, Slot
-from stages.base import Stage, StageConfig
+from stages.base import MODEL_LOADING, Stage, StageConfig, has_prepare
 
 
 class StageActor:
@@ -37,12 +37,12 @@ class StageActor:
         self.label = label
         self._config_model = step_config_model(stage_cls)  # stage keys + runtime keys, from a plain dump
         self.stage = stage_cls(self._config(config), self.device)
-        self.resources = stage_cls.resources(self.stage.config)
         self.version = version  # of the config the stage has
         self.loaded = False
-        self._load_lock = threading.Lock()
-        self._model_lock = threading.Lock()
-        self._prep_pool = ThreadPoolExecutor(prep_workers, "prep") if self.resources.prepares else None
+        self._asynchronous: bool | None = None  # what the loaded stage says (its backend is chosen at load)
+        self._model_lock = threading.Lock()  # one `process` at a time
+        self._loop_lock = threading.Lock()  # the async stage's loop is started once
+        self._prep_pool = ThreadPoolExecutor(prep_workers, "prep") if has_prepare(self.stage) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._info = {
             "node": ray.get_runtime_context().get_node_id(),
@@ -57,7 +57,7 @@ class StageActor:
 
     def load(self) -> dict[str, Any]:
         """Load the model once (a restarted actor loads again); say where this actor runs."""
-        with self._load_lock:
+        with MODEL_LOADING:  # the process's one model-loading lock, as on the local host
             if not self.loaded:
                 self.stage.load()
                 self.loaded = True
@@ -76,7 +76,7 @@ class StageActor:
         which process ran the call, so a restart between calls is seen too."""
         if version != self.version:
             self.stage.config = self._config(config)
-            self.resources = type(self.stage).resources(self.stage.config)
+            self._asynchronous = None
             self.version = version
         if self._prep_pool is None:
             prepared = PreparedBatch.of(batch)
@@ -90,9 +90,11 @@ class StageActor:
         return prepared.slots, usage, self._info
 
     def _process(self, batch: list[dict[str, Any]]) -> tuple[list, dict[str, int]]:
-        if self.resources.asynchronous:  # an async stage keeps its own loop; calls may overlap
+        if self._asynchronous is None:
+            self._asynchronous = self.stage.loaded_resources().asynchronous
+        if self._asynchronous:  # an async stage keeps its own loop; calls may overlap
             if self._loop is None:
-                with self._load_lock:
+                with self._loop_lock:
                     if self._loop is None:
                         loop = asyncio.new_event_loop()
                         threading.Thread(target=loop.run_forever, name="aprocess", daemon=True).start()

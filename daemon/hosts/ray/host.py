@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from daemon.config import Step
 from daemon.hosts.base import Slot, WorkerGone, WorkerLost
-from stages.base import StageConfig
+from stages.base import Resources, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,10 @@ class RayHost:
             self._set_info(info)
         self._usage.update(usage)
         return outputs
+
+    def resources(self) -> Resources:
+        """What the stage declares for the step's config (the stage itself is in the actor)."""
+        return self.step.stage_cls.resources(self.config)
 
     def take_usage(self) -> Counter[str]:
         used, self._usage = self._usage, Counter()

@@ -276,6 +276,11 @@ class GoneHost:
 
     async def close(self) -> None: ...
 
+    def resources(self):
+        from stages.base import Resources
+
+        return Resources()
+
     def take_usage(self):
         from collections import Counter
 

@@ -180,6 +180,29 @@ async def test_prepare_failures_are_per_record():
     assert ["2"] not in h.stage.batches and all("2" not in b and "4" not in b for b in h.stage.batches)
 
 
+async def test_a_transient_prepare_failure_is_outlasted_beside_a_failing_one(monkeypatch):
+    """In one batch: record 2's prepare hits a full disk once (outlasted, then it runs), record 4's
+    prepare refuses it (its own error); the others run in the same model call."""
+    import errno
+
+    async with Harness(batch_size=4, max_wait_ms=200, prepare_fail_ids=["4"]) as h:
+        prepare, full = h.stage.prepare, []
+
+        def disk_full_once(fields):
+            if fields["id"] == "2" and not full:
+                full.append(1)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return prepare(fields)
+
+        monkeypatch.setattr(h.stage, "prepare", disk_full_once)
+        await h.feed(range(1, 5))
+        await h.wait_for(4)
+    assert full == [1]
+    assert sorted(r.id for r in h.ok) == ["1", "2", "3"]
+    assert h.failures() == {"4": ("ValueError", "prepare refused record 4")}
+    assert h.stage.batches == [["1", "2", "3"]]
+
+
 async def test_stage_errors_in_slots():
     async with Harness(batch_size=4, max_wait_ms=200, fail_ids=["1", "3"]) as h:
         await h.feed(range(1, 5))

@@ -51,6 +51,11 @@ class FakeRemoteHost:
 
     async def close(self) -> None: ...
 
+    def resources(self):
+        from stages.base import Resources
+
+        return Resources()
+
     def take_usage(self) -> Counter:
         return Counter()
 
