@@ -218,6 +218,10 @@ class Stage:
     """
 
     Config: ClassVar[type[StageConfig]] = StageConfig
+    # The step types (and extra names) a config may name this class by: "Type" registers it under
+    # its own class name, "Type/Name" under another. Read from the source by stages/registry.py,
+    # so it must be a literal in the class body.
+    registered_as: ClassVar[tuple[str, ...]] = ()
     # True for stages that put a model on an accelerator: by default they get one worker per
     # visible GPU; the others run on the CPU unless the step names `devices`.
     accelerated: ClassVar[bool] = False

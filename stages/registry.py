@@ -1,9 +1,17 @@
 """Which class runs a step: `(type, name)` as the config names it -> "module:Class".
 
-Modules are imported on first use, not at `import stages`, so `reelflow check` and the
-daemon's start-up stay fast and a missing optional dependency only matters to the step
-that needs it. Third-party stages register through the `reelflow.stages` entry-point
-group, named "Type.Name" with the value "module:Class".
+A stage registers in its own file: its class says under which step types (and extra names)
+the config may name it, as a literal `registered_as`:
+
+    class Qwen2VLCaptioner(VideoCaptioner):
+        registered_as = ("VideoCaptioner", "VideoCaptioner/QwenVLCaptioner")  # Type, or Type/Alias
+
+A bare `Type` registers the class under its own name. The registry finds these by reading the
+files under `stages/` (ast, no import), so modules are imported on first use, not at
+`import stages`: `reelflow check` and the daemon's start-up stay fast and a missing optional
+dependency only matters to the step that needs it. `reelflow stages` prints the mapping.
+Third-party stages register through the `reelflow.stages` entry-point group, named
+"Type.Name" with the value "module:Class".
 
 For stages that live outside any installed package (tests, quick experiments), the
 environment variable `REELFLOW_EXTRA_STAGES` adds more, comma-separated, in the same form:
@@ -12,55 +20,76 @@ environment variable `REELFLOW_EXTRA_STAGES` adds more, comma-separated, in the 
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import importlib
 import os
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from stages.base import Stage
 
-# One line per stage (and per alias the seed's tables use).
-BUILTIN_STAGES: dict[tuple[str, str], str] = {
-    ("VideoProcessor", "VideoProbe"): "stages.video.probe:VideoProbe",
-    ("VideoProcessor", "FrameSampler"): "stages.video.sampler:FrameSampler",
-    ("VideoProcessor", "ShotSplitter"): "stages.video.shot_splitter:ShotSplitter",
-    ("VideoProcessor", "ClipTranscoder"): "stages.video.clip_transcoder:ClipTranscoder",
-    ("VideoFilter", "MotionFilter"): "stages.filters.motion:MotionFilter",
-    ("VideoFilter", "PropertyFilter"): "stages.filters.properties:PropertyFilter",
-    ("VideoFilter", "NearDuplicateFilter"): "stages.filters.near_duplicate:NearDuplicateFilter",
-    ("VideoFilter", "AestheticFilter"): "stages.filters.aesthetic:AestheticFilter",
-    ("VideoEmbedder", "CLIPEmbedder"): "stages.embedders.clip:CLIPEmbedder",
-    ("ImageGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
-    ("VideoGenerator", "FLUXGenerator"): "stages.generators.flux:FLUXGenerator",
-    ("ImageGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",
-    ("ImageGenerator", "StableDiffusion3Generator"): "stages.generators.sd3:StableDiffusionGenerator",
-    ("VideoGenerator", "StableDiffusionGenerator"): "stages.generators.sd3:StableDiffusionGenerator",
-    ("VideoGenerator", "AllegroGenerator"): "stages.generators.allegro:AllegroGenerator",
-    ("VideoGenerator", "AnimateDiffGenerator"): "stages.generators.animatediff:AnimateDiffGenerator",
-    ("VideoGenerator", "CogVideoXT2VGenerator"): "stages.generators.cogvideox_t2v:CogVideoXT2VGenerator",
-    ("VideoGenerator", "CogVideoXGenerator"): "stages.generators.cogvideox_i2v:CogVideoXGenerator",
-    ("VideoGenerator", "I2VGenXLGenerator"): "stages.generators.i2vgen_xl:I2VGenXLGenerator",
-    ("VideoGenerator", "ModelScopeT2VGenerator"): "stages.generators.modelscope_t2v:ModelScopeT2VGenerator",
-    ("VideoGenerator", "SVDGenerator"): "stages.generators.svd:SVDGenerator",
-    ("TextGenerator", "GPTTextGenerator"): "stages.text.gpt:GPTTextGenerator",
-    ("TextGenerator", "LocalModelGenerator"): "stages.text.local_model:LocalModelGenerator",
-    ("TextGenerator", "APIGenerator"): "stages.text.api_generator:APIGenerator",
-    ("VideoCaptioner", "Qwen2VLCaptioner"): "stages.captioners.qwen2vl:Qwen2VLCaptioner",
-    ("VideoCaptioner", "QwenVLCaptioner"): "stages.captioners.qwen2vl:Qwen2VLCaptioner",
-    ("VideoCaptioner", "LLaVANeXTVideoCaptioner"): "stages.captioners.llava_next_video:LLaVANeXTVideoCaptioner",
-    ("VideoCaptioner", "LLaVAOVCaptioner"): "stages.captioners.llava_onevision:LLaVAOVCaptioner",
-}
-
-ENTRY_POINT_GROUP = "reelflow.stages"
-EXTRA_STAGES_ENV = "REELFLOW_EXTRA_STAGES"
+MARK = "registered_as"
+ROOT = Path(__file__).resolve().parent
 
 
 class UnknownStage(LookupError):
     pass
 
 
+@functools.cache
+def builtin_stages() -> dict[tuple[str, str], str]:
+    """Every `registered_as` of a class in a file under `stages/`, read from the source."""
+    return scan(ROOT, "stages")
+
+
+def scan(root: Path, package: str) -> dict[tuple[str, str], str]:
+    """`(type, name) -> "module:Class"` for the `registered_as` of the classes in `root`'s files."""
+    found: dict[tuple[str, str], str] = {}
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if MARK not in text:
+            continue
+        module = ".".join((package, *path.relative_to(root).with_suffix("").parts))
+        for node in ast.parse(text, str(path)).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for label in _registered_as(node, path):
+                step_type, _, name = label.partition("/")
+                key, target = (step_type, name or node.name), f"{module}:{node.name}"
+                if found.setdefault(key, target) != target:
+                    raise UnknownStage(
+                        f"{step_type}/{key[1]} is registered twice: by {found[key]} and by {target}; "
+                        "rename one of them (registered_as)"
+                    )
+    return found
+
+
+def _registered_as(node: ast.ClassDef, path: Path) -> tuple[str, ...]:
+    for item in node.body:
+        target = item.targets[0] if isinstance(item, ast.Assign) and len(item.targets) == 1 else None
+        target = item.target if isinstance(item, ast.AnnAssign) else target
+        if isinstance(target, ast.Name) and target.id == MARK and item.value is not None:
+            try:
+                labels = ast.literal_eval(item.value)
+            except ValueError:
+                labels = None
+            if not (isinstance(labels, tuple) and all(isinstance(label, str) and label for label in labels)):
+                raise UnknownStage(
+                    f"{path}:{item.lineno}: {node.name}.{MARK} must be a literal tuple of strings, "
+                    f"each 'Type' or 'Type/Name', e.g. (\"VideoFilter\",); got {ast.unparse(item.value)}"
+                )
+            return labels
+    return ()
+
+
+ENTRY_POINT_GROUP = "reelflow.stages"
+EXTRA_STAGES_ENV = "REELFLOW_EXTRA_STAGES"
+
+
 def known_stages() -> dict[tuple[str, str], str]:
-    found = dict(BUILTIN_STAGES)
+    found = dict(builtin_stages())
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         step_type, _, name = entry.name.partition(".")
         if name:

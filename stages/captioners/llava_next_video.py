@@ -48,6 +48,8 @@ class LLaVANeXTVideoCaptionerConfig(CaptionerConfig):
 class LLaVANeXTVideoCaptioner(VideoCaptioner):
     """Captions videos with LLaVA-NeXT-Video (transformers or vLLM)."""
 
+    registered_as = ("VideoCaptioner",)
+
     Config: ClassVar[type[CaptionerConfig]] = LLaVANeXTVideoCaptionerConfig
 
     def _side(self) -> int:

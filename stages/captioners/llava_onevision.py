@@ -41,6 +41,8 @@ class LLaVAOVCaptionerConfig(CaptionerConfig):
 class LLaVAOVCaptioner(VideoCaptioner):
     """Captions videos with LLaVA-OneVision (transformers or vLLM)."""
 
+    registered_as = ("VideoCaptioner",)
+
     Config: ClassVar[type[CaptionerConfig]] = LLaVAOVCaptionerConfig
 
     def _side(self) -> int:

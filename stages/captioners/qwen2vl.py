@@ -44,6 +44,8 @@ class Qwen2VLCaptionerConfig(CaptionerConfig):
 class Qwen2VLCaptioner(VideoCaptioner):
     """Captions videos with Qwen2-VL / Qwen2.5-VL (transformers or vLLM)."""
 
+    registered_as = ("VideoCaptioner", "VideoCaptioner/QwenVLCaptioner")
+
     Config: ClassVar[type[CaptionerConfig]] = Qwen2VLCaptionerConfig
 
     def _vision(self) -> tuple[int, int, int, int]:

@@ -55,6 +55,8 @@ class CLIPEmbedderConfig(StageConfig):
 class CLIPEmbedder(Stage):
     """Adds `output_key` (an `Embedding`) and, with a text, `score_key`."""
 
+    registered_as = ("VideoEmbedder",)
+
     Config = CLIPEmbedderConfig
     config: CLIPEmbedderConfig
     accelerated = True

@@ -106,6 +106,8 @@ def load_head(path: Path, activation: str = "auto"):
 class AestheticFilter(Stage):
     """Adds `aesthetic_score`; a clip below `min_score` becomes `Filtered`."""
 
+    registered_as = ("VideoFilter",)
+
     Config = AestheticFilterConfig
     config: AestheticFilterConfig
     accelerated = True

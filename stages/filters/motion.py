@@ -48,6 +48,8 @@ class MotionFilterConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` 
 class MotionFilter(Stage):
     """Adds `motion_score`; a clip outside [min_score, max_score] becomes `Filtered`."""
 
+    registered_as = ("VideoFilter",)
+
     Config = MotionFilterConfig
     config: MotionFilterConfig
 

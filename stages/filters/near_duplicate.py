@@ -229,6 +229,8 @@ class _Scope:
 class NearDuplicateFilter(Stage):
     """Passes a record on unchanged (`{}`) or drops it as a near duplicate of a kept one."""
 
+    registered_as = ("VideoFilter",)
+
     Config = NearDuplicateFilterConfig
     config: NearDuplicateFilterConfig
 

@@ -57,6 +57,8 @@ class PropertyFilterConfig(StageConfig):
 class PropertyFilter(Stage):
     """Passes a record on unchanged (`{}`) or drops it with the reasons."""
 
+    registered_as = ("VideoFilter",)
+
     Config = PropertyFilterConfig
     config: PropertyFilterConfig
 

@@ -114,6 +114,7 @@ class AllegroConfig(common.VideoGeneratorConfig):
 
 
 class AllegroGenerator(DiffusersGenerator):
+    registered_as = ("VideoGenerator",)
     Config = AllegroConfig
     call_keys = ("negative_prompt", "num_frames", "guidance_scale", "max_sequence_length")
 

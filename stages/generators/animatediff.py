@@ -123,6 +123,7 @@ def check_adapter(adapter: str, num_frames: int, fetch: bool = False) -> int:
 
 
 class AnimateDiffGenerator(DiffusersGenerator):
+    registered_as = ("VideoGenerator",)
     Config = AnimateDiffConfig
     half_dtype = "float16"
     call_keys = ("num_frames", "guidance_scale", "decode_chunk_size", "clip_skip")

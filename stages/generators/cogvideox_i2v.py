@@ -60,6 +60,7 @@ class CogVideoXI2VConfig(CogVideoXT2VConfig):
 
 
 class CogVideoXGenerator(CogVideoXT2VGenerator):
+    registered_as = ("VideoGenerator",)
     Config = CogVideoXI2VConfig
 
     def after_load(self) -> None:

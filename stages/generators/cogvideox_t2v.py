@@ -68,6 +68,7 @@ class CogVideoXT2VConfig(common.VideoGeneratorConfig):
 
 
 class CogVideoXT2VGenerator(DiffusersGenerator):
+    registered_as = ("VideoGenerator",)
     Config = CogVideoXT2VConfig
     call_keys = ("num_frames", "guidance_scale", "use_dynamic_cfg")
 

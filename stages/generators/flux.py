@@ -40,6 +40,7 @@ class FLUXConfig(common.ImageGeneratorConfig):
 
 
 class FLUXGenerator(DiffusersGenerator):
+    registered_as = ("ImageGenerator", "VideoGenerator")
     Config = FLUXConfig
     call_keys = ("true_cfg_scale", "guidance_scale", "max_sequence_length")
 

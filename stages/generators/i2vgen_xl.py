@@ -60,6 +60,7 @@ class I2VGenXLConfig(common.VideoGeneratorConfig):
 
 
 class I2VGenXLGenerator(DiffusersGenerator):
+    registered_as = ("VideoGenerator",)
     Config = I2VGenXLConfig
     half_dtype = "float16"
     deprecated = True

@@ -35,6 +35,7 @@ class ModelScopeT2VConfig(common.VideoGeneratorConfig):
 
 
 class ModelScopeT2VGenerator(DiffusersGenerator):
+    registered_as = ("VideoGenerator",)
     Config = ModelScopeT2VConfig
     half_dtype = "float16"
     deprecated = True

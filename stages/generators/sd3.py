@@ -28,6 +28,7 @@ class StableDiffusion3Config(common.ImageGeneratorConfig):
 
 
 class StableDiffusionGenerator(DiffusersGenerator):
+    registered_as = ("ImageGenerator", "ImageGenerator/StableDiffusion3Generator", "VideoGenerator")
     Config = StableDiffusion3Config
     call_keys = ("guidance_scale", "max_sequence_length")
 

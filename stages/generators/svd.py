@@ -63,6 +63,7 @@ class SVDConfig(common.VideoGeneratorConfig):
 
 
 class SVDGenerator(DiffusersGenerator):
+    registered_as = ("VideoGenerator",)
     Config = SVDConfig
     half_dtype = "float16"
     vae_switches = False  # decode_chunk_size instead (the config refuses the switches)

@@ -137,6 +137,8 @@ class APIGeneratorConfig(StageConfig):
 class APIGenerator(Stage):
     """One chat completion per record from a provider:model id; the key from the environment."""
 
+    registered_as = ("TextGenerator",)
+
     Config = APIGeneratorConfig
     config: APIGeneratorConfig
     name = "APIGenerator"

@@ -144,6 +144,8 @@ class GPTTextGeneratorConfig(StageConfig):
 class GPTTextGenerator(Stage):
     """Chat completions over an OpenAI-compatible API, or the same config on a local LM (`backend`)."""
 
+    registered_as = ("TextGenerator",)
+
     Config = GPTTextGeneratorConfig
     config: GPTTextGeneratorConfig
     name = "GPTTextGenerator"

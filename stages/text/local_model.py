@@ -224,6 +224,8 @@ class LocalModelGeneratorConfig(StageConfig):
 class LocalModelGenerator(Stage):
     """A local causal LM with vLLM-style sampling keys; the backend object in `self.lm`."""
 
+    registered_as = ("TextGenerator",)
+
     Config = LocalModelGeneratorConfig
     config: LocalModelGeneratorConfig
     accelerated = True

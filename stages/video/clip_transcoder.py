@@ -73,6 +73,8 @@ class _Cut:
 class ClipTranscoder(Stage):
     """Writes `media/<job>/<id>.mp4` per record and points `video_key` at it."""
 
+    registered_as = ("VideoProcessor",)
+
     Config = ClipTranscoderConfig
     config: ClipTranscoderConfig
 

@@ -38,6 +38,8 @@ class VideoProbe(Stage):
     frame count are the clip's.
     """
 
+    registered_as = ("VideoProcessor",)
+
     Config = VideoProbeConfig
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:

@@ -37,6 +37,8 @@ class FrameSamplerConfig(StageConfig, DecoderKey):  # DecoderKey: the `decoder` 
 class FrameSampler(Stage):
     """Decodes each chosen frame once (the shared sampler) and writes `<media>/<id>/frame_<n>.jpg`."""
 
+    registered_as = ("VideoProcessor",)
+
     Config = FrameSamplerConfig
 
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -220,6 +220,7 @@ def plan_clips(cuts: list[int], total: int, fps: float, config: ShotSplitterConf
 
 
 class ShotSplitter(Stage):
+    registered_as = ("VideoProcessor",)
     Config = ShotSplitterConfig
 
     @classmethod

@@ -32,14 +32,14 @@ def embedder(tiny_clip):
 
 
 def test_registered_and_every_key_described():
-    from stages.registry import BUILTIN_STAGES
+    from stages.registry import builtin_stages
 
     assert stage_class("VideoEmbedder", "CLIPEmbedder") is CLIPEmbedder
     assert stage_class("VideoFilter", "AestheticFilter") is AestheticFilter
     # every built-in stage's keys, as `reelflow steps NAME` prints them: none without a description
     undescribed = {
         f"{t}/{n}": missing
-        for t, n in BUILTIN_STAGES
+        for t, n in builtin_stages()
         if (missing := [k for k, f in stage_class(t, n).Config.model_fields.items() if not f.description])
     }
     assert not undescribed
