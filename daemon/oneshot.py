@@ -102,7 +102,9 @@ async def run_once(config: Config, progress: bool = True) -> Summary:
     job = JobInput(meta_path.stem, meta_path.resolve(), fmt, meta_path.name, meta_path.parent)
     try:
         run_task = asyncio.create_task(engine.run_job(job))
-        await _show_progress(engine, job.name, run_task, progress, row_total(meta_path, fmt) if progress else None)
+        # Counting the rows reads the whole file: in a thread, so the workers keep the loop meanwhile.
+        total = await asyncio.to_thread(row_total, meta_path, fmt) if progress else None
+        await _show_progress(engine, job.name, run_task, progress, total)
         run = await run_task
     finally:
         await engine.stop()
