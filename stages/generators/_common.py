@@ -1,11 +1,9 @@
-"""What the diffusers generators share: the config fields and checks every one takes, seeding,
-loading knobs and record inputs (the load/call/write path is `_base.DiffusersGenerator`,
-checkpoint checks live in _checkpoints.py, file writing in _media.py).
+"""What the diffusers generators share: seeding, loading knobs and record inputs (the
+load/call/write path is `_base.DiffusersGenerator`, the config keys are in _config.py, checkpoint
+checks in _checkpoints.py, file writing in _media.py).
 
-A generator's config declares its own keys with its model's defaults, and sets the class
-attributes that drive the shared checks (its pipeline class, the multiple its sides must be, the
-inputs it reads). Heavy imports (torch, diffusers, av, PIL) happen inside the functions, so
-importing a generator module for `reelflow check` stays cheap.
+Heavy imports (torch, diffusers, av, PIL) happen inside the functions, so importing a generator
+module for `reelflow check` stays cheap.
 """
 
 from __future__ import annotations
@@ -17,147 +15,36 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import AliasChoices, Field, field_validator
-
-from stages.base import MODEL_LOADING, StageConfig, StageError, format_prompt
+from stages.base import MODEL_LOADING, StageError, format_prompt
 from stages.engines import torch_dtype as torch_dtype  # re-exported: the generators call common.torch_dtype
-from stages.generators._checkpoints import check_model_path, check_pipeline_class, checkpoint_json, multiple_of
+from stages.generators._checkpoints import checkpoint_json
+from stages.generators._config import (  # re-exported: the generators' configs build on these
+    ClipSkip as ClipSkip,
+)
+from stages.generators._config import (
+    DecodeChunks as DecodeChunks,
+)
+from stages.generators._config import (
+    GeneratorConfig as GeneratorConfig,
+)
+from stages.generators._config import (
+    Guided as Guided,
+)
+from stages.generators._config import (
+    ImageGeneratorConfig as ImageGeneratorConfig,
+)
+from stages.generators._config import (
+    VideoGeneratorConfig as VideoGeneratorConfig,
+)
+from stages.generators._config import (
+    text_inputs as text_inputs,
+)
 
 log = logging.getLogger("reelflow.generators")
 
-DType = Literal["auto", "float32", "float16", "bfloat16"]
 PREPARED = "_gen"  # key under which `prepare` leaves its work in the record
-
-
-class GeneratorConfig(StageConfig):
-    """Fields every diffusers generator takes. Each stage adds its model's own, with its defaults.
-
-    The class attributes say what the shared checks below need to know of the model.
-    """
-
-    # The stage's name, for messages; set from the stage's class name (`_base.DiffusersGenerator`).
-    stage: ClassVar[str] = "a diffusers generator"
-    # The diffusers pipeline class the checkpoint at `model_path` must hold (None: the stage
-    # checks its checkpoints itself).
-    pipeline: ClassVar[str | None] = None
-    # (factor, model named in the message): height and width must be multiples of the factor.
-    side_multiple: ClassVar[tuple[int, str] | None] = None
-    needs_prompt: ClassVar[bool] = True  # a text prompt per record (from `prompt` or `text_key`)
-    needs_image: ClassVar[bool] = False  # a conditioning image per record (from `image_key`)
-
-    heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
-        "variant",
-        "cpu_offload",
-        "subfolder",
-        "motion_adapter_path",
-        "base_model_path",
-    }
-
-    prompt: str | None = Field(
-        None,
-        description="Prompt template with {field} placeholders filled from the record; "
-        "default: the record's `text_key` field.",
-    )
-    seed: int = Field(
-        42,
-        ge=0,
-        description="Base seed. Each record's generator is seeded from (seed, record id, video index), "
-        "so the same record and seed give the same output whatever else is in the batch.",
-    )
-    dtype: DType = Field(
-        "auto",
-        description="Weights dtype. `auto`: the model's recommended half precision on a GPU, float32 on CPU.",
-    )
-    variant: str | None = Field(None, description="Weights variant to load, e.g. `fp16` (files `*.fp16.safetensors`).")
-    cpu_offload: bool = Field(
-        False,
-        description="Keep sub-models on the CPU and move each to the GPU only while it runs "
-        "(diffusers' enable_model_cpu_offload). Needs a CUDA device.",
-    )
-    scheduler: str | None = Field(
-        None,
-        description="A diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) built from the "
-        "checkpoint's scheduler config; default: the checkpoint's own (or the model's recommended one).",
-    )
-    scheduler_config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Overrides for the scheduler's config, e.g. {timestep_spacing: trailing, beta_schedule: linear}.",
-    )
-    output_key: str | None = Field(
-        None,
-        description="Record field for the generated file's path; default `video_key` (videos) or `image_key` (images).",
-    )
-    filename: str | None = Field(
-        None,
-        description="File name template without extension, with {id}, {job} and record fields; default `{id}`, "
-        "or `{id}~<output_key>` when output_key is set to a key of its own.",
-    )
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value.isidentifier() or not value.endswith("Scheduler")):
-            raise ValueError(
-                f"scheduler must name a diffusers scheduler class such as DDIMScheduler or "
-                f"DPMSolverMultistepScheduler, got {value!r}"
-            )
-        return value
-
-    @field_validator("model_path", check_fields=False)
-    @classmethod
-    def _model_path(cls, value: str) -> str:
-        check_model_path(value)
-        if cls.pipeline:
-            check_pipeline_class(value, [cls.pipeline], cls.stage)
-        return value
-
-    @field_validator("height", "width", check_fields=False)
-    @classmethod
-    def _side(cls, value: int | None, info) -> int | None:
-        if cls.side_multiple is None:
-            return value
-        factor, model = cls.side_multiple
-        return multiple_of(value, factor, info.field_name, model)
-
-    def input_fields(self) -> dict[str, Any]:
-        fields = text_inputs(self) if self.needs_prompt else {}
-        return {**fields, self.image_key: "image"} if self.needs_image else fields
-
-    def outputs_per_record(self) -> int:
-        return 1
-
-
-class ImageGeneratorConfig(GeneratorConfig):
-    """A text-to-image model: PNGs. Sizes are multiples of 16 and the seed's `weight` means width."""
-
-    side_multiple: ClassVar[tuple[int, str] | None] = (16, "this model")
-
-    height: int = Field(1024, ge=16, description="Image height in pixels, a multiple of 16.")
-    width: int = Field(
-        1024,
-        ge=16,
-        description="Image width in pixels, a multiple of 16 (`weight`, the seed's spelling, is accepted).",
-        validation_alias=AliasChoices("width", "weight"),
-    )
-    num_images_per_prompt: int = Field(
-        1, ge=1, description="Images per record; more than one are saved as <id>~0.png, <id>~1.png, ..."
-    )
-    enable_vae_tiling: bool = Field(False, description="Decode in tiles (less memory for large images).")
-    enable_vae_slicing: bool = Field(False, description="Decode one image of the batch at a time (less memory).")
-
-    def outputs_per_record(self) -> int:
-        return self.num_images_per_prompt
-
-
-class VideoGeneratorConfig(GeneratorConfig):
-    """A video model: h264 mp4s at the config's `fps`, which each model declares with its own default."""
-
-    num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>~0.mp4, <id>~1.mp4, ...).")
-
-    def outputs_per_record(self) -> int:
-        return self.num_videos_per_prompt
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -316,22 +203,6 @@ def prompt_of(record: dict[str, Any], config: GeneratorConfig, where: str) -> st
             error_type="MissingPrompt",
         )
     return value
-
-
-def prompt_record_fields(template: str | None) -> list[str]:
-    """The record fields a `str.format` prompt template reads (`id` and `job` are the runtime's, not inputs)."""
-    import string
-
-    if not template:
-        return []
-    names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    return [n.split(".")[0].split("[")[0] for n in names if n.split(".")[0].split("[")[0] not in ("id", "job")]
-
-
-def text_inputs(config: GeneratorConfig) -> dict[str, str]:
-    if config.prompt:
-        return dict.fromkeys(prompt_record_fields(config.prompt), "text")
-    return {config.text_key: "text"}
 
 
 def load_image(record: dict[str, Any], key: str, where: str):

@@ -70,28 +70,33 @@ def vae_grid(model_path: str, subfolder: str | None) -> tuple[int, int, int]:
     return vae.get("sample_size", 320), spatial, int(vae.get("temporal_compression_ratio", 4))
 
 
-class AllegroConfig(common.VideoGeneratorConfig):
+class AllegroConfig(common.VideoGeneratorConfig, common.Guided):
     pipeline = "AllegroPipeline"
+    defaults = dict(
+        model_path="rhymes-ai/Allegro",
+        num_inference_steps=100,
+        height=720,
+        width=1280,
+        num_frames=88,
+        fps=15,
+        enable_vae_tiling=True,
+    )
+    notes = dict(
+        height="on the VAE tile grid: 320 + 200k",
+        width="on the VAE tile grid: 320 + 240k",
+        num_frames="on the VAE tile grid: 24 + 16k; 88 = 6 s at 15 fps",
+        enable_vae_tiling="must stay true: Allegro's VAE only decodes in tiles",
+        enable_vae_slicing="must stay true: Allegro's tiled decode takes one video of the batch at a time",
+    )
 
-    model_path: str = Field("rhymes-ai/Allegro", description="Allegro checkpoint folder or hub id.")
     subfolder: str | None = Field(
         "vae",
         description="Subfolder of model_path with the VAE, loaded on its own in float32 (Allegro's advice); "
         "null loads it with the pipeline in `dtype`.",
     )
-    num_inference_steps: int = Field(100, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance.")
     negative_prompt: str = Field(NEGATIVE, description="Negative prompt (Allegro's recommended one by default).")
-    height: int = Field(720, ge=8, description="Frame height in pixels, on the VAE tile grid (320 + 200k).")
-    width: int = Field(1280, ge=8, description="Frame width in pixels, on the VAE tile grid (320 + 240k).")
-    num_frames: int = Field(88, ge=1, description="Frames, on the VAE tile grid (24 + 16k: 88 = 6 s at 15 fps).")
-    fps: float = Field(15, gt=0, description="Frame rate of the written video.")
     max_sequence_length: int = Field(512, ge=1, description="T5 prompt tokens.")
     clean_caption: bool = Field(True, description="Clean prompts as Allegro was trained (needs bs4 and ftfy).")
-    enable_vae_tiling: bool = Field(True, description="Must stay true: Allegro's VAE only decodes in tiles.")
-    enable_vae_slicing: bool = Field(
-        True, description="Must stay true: Allegro's tiled decode takes one video of the batch at a time."
-    )
 
     @field_validator("enable_vae_tiling", "enable_vae_slicing")
     @classmethod

@@ -38,27 +38,17 @@ def kind_of(model_path: str, fetch: bool = False) -> Kind | None:
     return None
 
 
-class AnimateDiffConfig(common.VideoGeneratorConfig):
+class AnimateDiffConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip, common.DecodeChunks):
     # No `pipeline`: model_path may be either half, so _checkpoints below tells them apart.
     side_multiple = (8, "AnimateDiff")
+    defaults = dict(negative_prompt="bad quality, worse quality", scheduler="DDIMScheduler")
+    notes = dict(num_frames="at most the adapter's motion_max_seq_length, 32", scheduler="AnimateDiff: DDIM")
 
     model_path: str = Field(
         DEFAULT_ADAPTER, description="The motion adapter or the SD 1.5 base model (told apart by the checkpoint)."
     )
     motion_adapter_path: str = Field(DEFAULT_ADAPTER, description="Motion adapter, when model_path is the base.")
     base_model_path: str = Field(DEFAULT_BASE, description="SD 1.5 base model, when model_path is the adapter.")
-    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance.")
-    negative_prompt: str | None = Field("bad quality, worse quality", description="Negative prompt.")
-    height: int = Field(512, ge=8, description="Frame height in pixels, a multiple of 8.")
-    width: int = Field(512, ge=8, description="Frame width in pixels, a multiple of 8.")
-    num_frames: int = Field(16, ge=1, description="Frames; at most the adapter's motion_max_seq_length (32).")
-    fps: float = Field(8, gt=0, description="Frame rate of the written video.")
-    decode_chunk_size: int = Field(16, ge=1, description="Frames decoded by the VAE at a time.")
-    clip_skip: int | None = Field(None, ge=1, description="CLIP layers to skip for the prompt embedding.")
-    enable_vae_tiling: bool = Field(False, description="Decode in spatial tiles (less memory).")
-    enable_vae_slicing: bool = Field(True, description="Decode one video of the batch at a time (less memory).")
-    scheduler: str | None = Field("DDIMScheduler", description="Scheduler class (AnimateDiff: DDIM).")
     scheduler_config: dict[str, Any] = Field(
         default_factory=lambda: {
             "clip_sample": False,

@@ -42,24 +42,23 @@ def text_length(pipe, wanted: int | None, stage: str) -> int:
     return wanted
 
 
-class CogVideoXT2VConfig(common.VideoGeneratorConfig):
+class CogVideoXT2VConfig(common.VideoGeneratorConfig, common.Guided):
     pipeline = "CogVideoXPipeline"
     side_multiple = (16, "CogVideoX")
+    defaults = dict(
+        model_path="THUDM/CogVideoX-2b",
+        num_inference_steps=50,
+        guidance_scale=6.0,
+        height=480,
+        width=720,
+        enable_vae_tiling=True,
+    )
 
-    model_path: str = Field("THUDM/CogVideoX-2b", description="CogVideoX text-to-video checkpoint folder or hub id.")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(6.0, ge=0, description="Classifier-free guidance.")
     use_dynamic_cfg: bool = Field(False, description="Cosine-ramped guidance (recommended with the DPM scheduler).")
-    negative_prompt: str | None = Field(None, description="Negative prompt.")
-    height: int = Field(480, ge=16, description="Frame height in pixels, a multiple of 16.")
-    width: int = Field(720, ge=16, description="Frame width in pixels, a multiple of 16.")
     num_frames: int = Field(49, ge=9, description="Frames to generate: 8k+1 (49 = 6 s at 8 fps).")
-    fps: float = Field(8, gt=0, description="Frame rate of the written video.")
     max_sequence_length: int | None = Field(
         None, ge=1, description="T5 prompt tokens; default: the transformer's own (226)."
     )
-    enable_vae_tiling: bool = Field(True, description="Decode in spatial tiles (less memory).")
-    enable_vae_slicing: bool = Field(True, description="Decode one video of the batch at a time (less memory).")
 
     @field_validator("num_frames")
     @classmethod

@@ -15,18 +15,20 @@ from stages.generators import _common as common
 from stages.generators._base import DiffusersGenerator, Samples
 
 
-class FLUXConfig(common.ImageGeneratorConfig):
+class FLUXConfig(common.ImageGeneratorConfig, common.Guided):
     pipeline = "FluxPipeline"
     # FluxPipeline floors other sizes silently (to vae_scale_factor * 2 = 16).
     side_multiple = (16, "FLUX (the pipeline would silently floor it)")
+    defaults = dict(model_path="black-forest-labs/FLUX.1-dev", num_inference_steps=50, guidance_scale=3.5)
+    notes = dict(
+        num_inference_steps="FLUX.1-dev: 50; schnell: 4",
+        guidance_scale="distilled in FLUX.1-dev: 3.5",
+        negative_prompt="needs true_cfg_scale > 1",
+    )
 
-    model_path: str = Field("black-forest-labs/FLUX.1-dev", description="FLUX checkpoint folder or hub id.")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps (FLUX.1-dev: 50; schnell: 4).")
-    guidance_scale: float = Field(3.5, ge=0, description="Distilled guidance (FLUX.1-dev: 3.5).")
     true_cfg_scale: float = Field(
         1.0, ge=1.0, description="Real classifier-free guidance; > 1 makes negative_prompt take effect (2x compute)."
     )
-    negative_prompt: str | None = Field(None, description="Negative prompt; needs true_cfg_scale > 1.")
     max_sequence_length: int = Field(512, ge=1, le=512, description="T5 prompt tokens (at most 512).")
 
     @model_validator(mode="after")

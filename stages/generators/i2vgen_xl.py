@@ -40,23 +40,28 @@ class SeededEncode:
         return output
 
 
-class I2VGenXLConfig(common.VideoGeneratorConfig):
+class I2VGenXLConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip, common.DecodeChunks):
     pipeline = "I2VGenXLPipeline"
     side_multiple = (8, "I2VGen-XL")
     needs_image = True
+    defaults = dict(
+        model_path="ali-vilab/i2vgen-xl",
+        num_inference_steps=50,
+        guidance_scale=9.0,
+        negative_prompt=NEGATIVE,
+        height=704,
+        width=1280,
+        fps=16,
+        decode_chunk_size=1,
+        clip_skip=1,
+    )
+    notes = dict(
+        negative_prompt="the model card's by default",
+        fps="also the model's target_fps conditioning",
+        clip_skip="the pipeline's default 1",
+    )
 
-    model_path: str = Field("ali-vilab/i2vgen-xl", description="I2VGen-XL checkpoint folder or hub id.")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(9.0, ge=0, description="Classifier-free guidance.")
-    negative_prompt: str | None = Field(NEGATIVE, description="Negative prompt (the model card's by default).")
-    height: int = Field(704, ge=8, description="Frame height in pixels, a multiple of 8.")
-    width: int = Field(1280, ge=8, description="Frame width in pixels, a multiple of 8.")
-    num_frames: int = Field(16, ge=2, description="Frames to generate.")
-    fps: float = Field(16, gt=0, description="Frame rate: the model's target_fps conditioning and the file's rate.")
-    decode_chunk_size: int = Field(1, ge=1, description="Frames decoded by the VAE at a time.")
-    clip_skip: int | None = Field(1, ge=1, description="CLIP layers to skip (the pipeline's default 1).")
-    enable_vae_tiling: bool = Field(False, description="Decode in spatial tiles (less memory).")
-    enable_vae_slicing: bool = Field(True, description="Decode one video of the batch at a time (less memory).")
+    num_frames: int = Field(16, ge=2, description="Frames to generate (at least 2).")
 
 
 class I2VGenXLGenerator(DiffusersGenerator):

@@ -16,14 +16,16 @@ from stages.generators import _common as common
 from stages.generators._base import DiffusersGenerator, Samples
 
 
-class StableDiffusion3Config(common.ImageGeneratorConfig):
+class StableDiffusion3Config(common.ImageGeneratorConfig, common.Guided):
     pipeline = "StableDiffusion3Pipeline"
     side_multiple = (16, "Stable Diffusion 3")
+    defaults = dict(model_path="stabilityai/stable-diffusion-3.5-large", num_inference_steps=28, guidance_scale=3.5)
+    notes = dict(
+        num_inference_steps="SD3.5 large: 28",
+        guidance_scale="SD3.5 large: 3.5",
+        negative_prompt="used when guidance_scale > 1",
+    )
 
-    model_path: str = Field("stabilityai/stable-diffusion-3.5-large", description="SD3 checkpoint folder or hub id.")
-    num_inference_steps: int = Field(28, ge=1, description="Denoising steps (SD3.5 large: 28).")
-    guidance_scale: float = Field(3.5, ge=0, description="Classifier-free guidance (SD3.5 large: 3.5).")
-    negative_prompt: str | None = Field(None, description="Negative prompt (used when guidance_scale > 1).")
     max_sequence_length: int = Field(256, ge=1, le=512, description="T5 prompt tokens (at most 512).")
 
 

@@ -19,14 +19,16 @@ from stages.generators import _media as media
 from stages.generators._base import DiffusersGenerator, Samples
 
 
-class SVDConfig(common.VideoGeneratorConfig):
+class SVDConfig(common.VideoGeneratorConfig, common.DecodeChunks):
     pipeline = "StableVideoDiffusionPipeline"
     side_multiple = (8, "Stable Video Diffusion")
     needs_prompt = False
     needs_image = True
+    defaults = dict(
+        model_path="stabilityai/stable-video-diffusion-img2vid-xt", height=576, width=1024, fps=7, decode_chunk_size=8
+    )
+    notes = dict(fps="also the model's fps conditioning")
 
-    model_path: str = Field("stabilityai/stable-video-diffusion-img2vid-xt", description="SVD checkpoint or hub id.")
-    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
     min_guidance_scale: float = Field(1.0, ge=0, description="Guidance on the first frame (ramps up to the last).")
     max_guidance_scale: float = Field(
         3.0,
@@ -34,13 +36,9 @@ class SVDConfig(common.VideoGeneratorConfig):
         description="Guidance on the last frame (`guidance_scale` is accepted for it).",
         validation_alias=AliasChoices("max_guidance_scale", "guidance_scale"),
     )
-    height: int = Field(576, ge=8, description="Frame height in pixels, a multiple of 8.")
-    width: int = Field(1024, ge=8, description="Frame width in pixels, a multiple of 8.")
     num_frames: int | None = Field(None, ge=1, description="Frames; default: the model's (25 for -xt, 14 for SVD).")
-    fps: float = Field(7, gt=0, description="Frame rate: the model's fps conditioning and the file's rate.")
     motion_bucket_id: int = Field(127, ge=0, le=1023, description="More motion with higher values.")
     noise_aug_strength: float = Field(0.02, ge=0, description="Noise added to the conditioning image.")
-    decode_chunk_size: int = Field(8, ge=1, description="Frames decoded at a time (lower: less memory).")
     prompt: str | None = Field(None, description="Not used: SVD animates the image alone (refused if set).")
     enable_vae_tiling: bool = Field(False, description="Not supported by SVD's VAE: use decode_chunk_size.")
     enable_vae_slicing: bool = Field(False, description="Not supported by SVD's VAE: use decode_chunk_size.")

@@ -308,3 +308,25 @@ def test_seed_video_generation_keys_are_accepted(name, keys):
     config = config_of(name, **keys)
     for key, value in keys.items():
         assert getattr(config, key) == value
+
+
+def test_a_model_sets_its_defaults_and_notes_in_one_place():
+    """`defaults` and `notes` change only that model's keys; a key the config lacks is refused at import."""
+    from stages.generators import _common as common
+
+    class Model(common.VideoGeneratorConfig, common.Guided):
+        side_multiple = (8, "this model")
+        defaults = dict(model_path="org/model", guidance_scale=2.0, height=256)
+        notes = dict(height="trained at 256")
+
+    fields, base = Model.model_fields, common.VideoGeneratorConfig.model_fields
+    assert (fields["guidance_scale"].default, fields["height"].default, base["height"].default) == (2.0, 256, 512)
+    assert fields["height"].description == "Frame height in pixels (a multiple of 8, trained at 256)."
+    assert base["height"].description == "Frame height in pixels."
+    assert Model().model_path == "org/model"
+    with pytest.raises(ValueError, match="greater than or equal to 8"):
+        Model(height=0)
+    with pytest.raises(TypeError, match="defaults/notes name 'guidance', which is not a key of this config"):
+
+        class Typo(common.VideoGeneratorConfig):
+            defaults = dict(guidance=2.0)
