@@ -15,7 +15,8 @@ from pathlib import Path
 def multiple_of(value: int | None, factor: int, name: str, model: str) -> int | None:
     if value is not None and value % factor:
         lower, upper = value - value % factor, value - value % factor + factor
-        raise ValueError(f"{name} must be a multiple of {factor} for {model}; use {lower or upper} or {upper}")
+        choice = f"{lower} or {upper}" if lower else f"{upper}"  # below the factor: the factor itself
+        raise ValueError(f"{name} must be a multiple of {factor} for {model}; use {choice}")
     return value
 
 
