@@ -35,7 +35,7 @@ from daemon.sections import (
     WorkerSettings,
     WorkersSection,
 )
-from stages.base import StageConfig
+from stages.base import StageConfig, has_prepare
 from stages.registry import UnknownStage, stage_class
 
 __all__ = [  # the sections' models stay importable from here (`from daemon.config import RemoteSection`)
@@ -285,6 +285,14 @@ def _validate_step(
         config = model.model_validate(settings)
     except ValidationError as exc:
         problems.extend(_describe(e, f"{where}.config", model, written) for e in exc.errors())
+        return None
+    declared = cls.resources(config).prepares
+    if declared != has_prepare(cls):  # the runtime runs `prepare` only where the stage declares it
+        problems.append(
+            f"{where}: {cls.__name__}.resources() says prepares={declared}, but the class "
+            f"{'has no' if declared else 'defines'} prepare(); return Resources(..., prepares={not declared}) "
+            "from resources() (the stage's own code, not the config, is wrong)"
+        )
         return None
     own = config.workers.model_dump(exclude_unset=True) if config.workers else {}
     workers = WorkerSettings.model_validate({**worker_defaults, **own})

@@ -141,7 +141,7 @@ class Resources:
     accelerators: int = 0  # GPUs per worker (a tensor-parallel group takes several); 0 = CPU only
     concurrency_slots: int = 1  # records in flight at once per worker (an API's max_num_seqs)
     asynchronous: bool = False  # the worker awaits `aprocess` (else `process` runs in a thread)
-    prepares: bool = False  # the stage has a per-record `prepare` run ahead of the model
+    prepares: bool = False  # the stage has a per-record `prepare` run ahead of the model (config-checked)
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,8 @@ class Stage:
         return used
 
 
-def has_prepare(stage: Stage) -> bool:
+def has_prepare(stage: Stage | type[Stage]) -> bool:
+    """Whether the stage (or its class) defines `prepare`: what its `resources().prepares` must say."""
     return callable(getattr(stage, "prepare", None))
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from daemon.hosts.devices import local_device
-from stages.base import MODEL_LOADING, Resources, Stage, StageConfig, StageError, has_prepare
+from stages.base import MODEL_LOADING, Resources, Stage, StageConfig, StageError
 
 if TYPE_CHECKING:
     from daemon.config import Step
@@ -51,9 +51,8 @@ class LocalHost:
         self._label = label
         self._prep_size = prep_workers
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-model")
-        self._prep_pool = (
-            ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if has_prepare(self.stage) else None
-        )
+        prepares = stage_cls.resources(config).prepares  # as declared (the config check holds it to the class)
+        self._prep_pool = ThreadPoolExecutor(prep_workers, thread_name_prefix=f"{label}-prep") if prepares else None
 
     async def _in_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)

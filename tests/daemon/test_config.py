@@ -231,3 +231,22 @@ def test_reelflow_steps_lists_the_registered_stages_and_their_keys():
     )
     assert "VideoProcessor/FrameSampler  (stages.video.sampler:FrameSampler)" in one.stdout
     assert "    num_frames = None: Frames spaced evenly over the video." in one.stdout
+
+
+def test_a_stage_whose_resources_contradict_its_prepare_is_refused(monkeypatch):
+    """The runtime runs `prepare` where `resources()` declares it: a stage that defines one and
+    says otherwise is refused before anything loads, naming the fix."""
+    import dataclasses
+
+    from tests.stages_for_tests import Echo
+
+    declared = Echo.resources
+
+    def without_prepare(config):
+        return dataclasses.replace(declared(config), prepares=False)
+
+    monkeypatch.setattr(Echo, "resources", without_prepare)
+    with pytest.raises(ConfigError) as caught:
+        parse_config("steps:\n  - {type: Test, name: Echo}\n")
+    assert "Echo.resources() says prepares=False, but the class defines prepare()" in str(caught.value)
+    assert "Resources(..., prepares=True)" in str(caught.value)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from daemon.hosts.base import PreparedBatch, Slot
-from stages.base import MODEL_LOADING, Stage, StageConfig, has_prepare
+from stages.base import MODEL_LOADING, Stage, StageConfig
 
 
 class StageActor:
@@ -42,7 +42,8 @@ class StageActor:
         self._asynchronous: bool | None = None  # what the loaded stage says (its backend is chosen at load)
         self._model_lock = threading.Lock()  # one `process` at a time
         self._loop_lock = threading.Lock()  # the async stage's loop is started once
-        self._prep_pool = ThreadPoolExecutor(prep_workers, "prep") if has_prepare(self.stage) else None
+        prepares = stage_cls.resources(self.stage.config).prepares  # as declared, as on the local host
+        self._prep_pool = ThreadPoolExecutor(prep_workers, "prep") if prepares else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._info = {
             "node": ray.get_runtime_context().get_node_id(),
