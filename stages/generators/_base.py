@@ -4,8 +4,9 @@ load (the loading lock, the dependency and offload checks, from_pretrained, devi
 -> prepare (each record's prompt and/or conditioning image) -> one pipeline call per batch, with
 a seeded CPU generator per output -> each record's files written -> close (memory given back).
 
-A generator's own file keeps what is specific to its pipeline: its config (keys, defaults and
-checks, and the pipeline class it runs), `call_keys` (the config keys its pipeline takes under
+A generator's own file keeps what is specific to its pipeline: its config (its own keys and
+checks, its defaults and notes for the shared keys of _config.py, and the pipeline class it
+runs), `call_keys` (the config keys its pipeline takes under
 the same name) and `call_args` (the ones it takes otherwise), plus the hooks its pipeline needs
 (`pipeline_components`, `after_load`, `frame_size`, `load_pipeline`, `generate`). Every call gets
 `prompt` and/or `image` (as the config's `needs_prompt`/`needs_image` say), `height`, `width`,
