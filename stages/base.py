@@ -53,8 +53,10 @@ class InFlight:
     value: Any
 
 
-# Loading models is not thread-safe (transformers' and diffusers' lazy modules, accelerate's
-# init_empty_weights patching torch.nn.Module process-wide), so a process loads one stage at a
+# Loading models is not thread-safe: transformers' and diffusers' lazy modules fail ("cannot
+# import name 'CLIPTextModel'") when several threads resolve them at once, and accelerate's
+# init_empty_weights patches torch.nn.Module process-wide (a model built meanwhile in another
+# thread gets meta tensors its weights are never copied into). So a process loads one stage at a
 # time: the runtime holds this lock around every `load`; it is reentrant, so a stage may hold it
 # again around its own lazy class lookups. The one model-loading lock of the process.
 MODEL_LOADING = threading.RLock()

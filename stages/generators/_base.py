@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from stages.base import RECORD_ID, Requirements, Stage, StageError, require
+from stages.base import MODEL_LOADING, RECORD_ID, Requirements, Stage, StageError, require
 from stages.generators import _checkpoints as checkpoints
 from stages.generators import _common as common
 from stages.generators import _media as media
@@ -100,7 +100,7 @@ class DiffusersGenerator(Stage):
     # --- load / close ----------------------------------------------------------------------------
 
     def load(self) -> None:
-        with common.LOADING:  # loading is not thread-safe (see _common.LOADING)
+        with MODEL_LOADING:  # loading is not thread-safe: the process's one model-loading lock
             require("diffusers", stage=self.name, extra="generators")
             config = self.config
             common.check_offload(config, self.device, self.name)

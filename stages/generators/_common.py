@@ -49,18 +49,14 @@ PREPARED = "_gen"  # key under which `prepare` leaves its work in the record
 
 # --- loading --------------------------------------------------------------------------------------
 
-# The daemon loads its steps in parallel threads, and loading is not thread-safe: transformers'
-# and diffusers' lazy modules fail ("cannot import name 'CLIPTextModel' from 'transformers") when
-# several threads resolve them at once, and accelerate's init_empty_weights (diffusers'
-# low_cpu_mem_usage path) patches torch.nn.Module process-wide, so a model built in another
-# thread meanwhile gets meta tensors that its weights are never copied into. Generators hold
-# this lock for all of `load` (and while resolving a class by name).
-LOADING = MODEL_LOADING  # the process's one model-loading lock (stages/base.py)
+# Loading is not thread-safe (lazy modules, accelerate's init_empty_weights patching torch.nn.Module
+# process-wide; see stages/base.py): generators hold the process's one model-loading lock,
+# MODEL_LOADING, for all of `load` and while resolving a class by name.
 
 
 def diffusers_class(name: str, *checkpoints: str):
     """`diffusers.<name>`, after importing every class the checkpoints' model_index.json names."""
-    with LOADING:
+    with MODEL_LOADING:
         import diffusers
 
         found = getattr(diffusers, name)
