@@ -73,16 +73,18 @@ class StageError(Exception):
     the message says what was expected, what came and how to fix it.
     """
 
-    def __init__(self, message: str, error_type: str | None = None):
+    def __init__(self, message: str, error_type: str | None = None, errno: int | None = None):
         super().__init__(message)
         self.message = message
         self.error_type = error_type or type(self).__name__
+        # An OSError's number, kept so the runtime can tell a full disk (it waits) from a bad file.
+        self.errno = errno
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> StageError:
         if isinstance(exc, StageError):
             return exc
-        return cls(str(exc) or repr(exc), error_type=type(exc).__name__)
+        return cls(str(exc) or repr(exc), type(exc).__name__, exc.errno if isinstance(exc, OSError) else None)
 
     def __repr__(self) -> str:
         return f"StageError({self.error_type}: {self.message})"

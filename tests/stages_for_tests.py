@@ -31,6 +31,7 @@ whose `action` is `bad_prepare` raises there, and a batch holding one whose `act
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import subprocess
 import sys
@@ -281,6 +282,9 @@ class Preparing(Crashy):
     def prepare(self, record: dict[str, Any]) -> dict[str, Any]:
         if record.get("action") == "bad_prepare":
             raise ValueError(f"record {record['id']} cannot be prepared")
+        if record.get("action") == "disk_full_once" and record["id"] not in vars(self).setdefault("_full", set()):
+            self._full.add(record["id"])
+            raise OSError(errno.ENOSPC, "No space left on device", f"/frames/{record['id']}")
         return {**record, "prepared_in": os.getpid()}
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError]:

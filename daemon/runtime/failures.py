@@ -97,6 +97,8 @@ BACKOFF_MAX_S = 30.0
 def transient_reason(exc: BaseException) -> str | None:
     """The `reelflow_paused` reason when `exc` may pass by itself, else None (any `where`)."""
     if isinstance(exc, StageError):
+        if exc.errno in TRANSIENT_ERRNOS:  # an OSError turned into a slot (a Ray actor's prepare): disk full, EIO
+            return TRANSIENT_ERRNOS[exc.errno]
         down = exc.error_type in ENDPOINT_STAGE_ERRORS
         down = down or (exc.error_type == "InternalServerError" and GATEWAY_STATUS.search(exc.message) is not None)
         return ENDPOINT if down else None

@@ -6,12 +6,14 @@ prepare fails fails alone, and a stage answering the wrong number of slots is an
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 
 from daemon.config import parse_config
 from daemon.hosts.ray.cluster import RayCluster
 from daemon.metrics import Metrics
+from daemon.runtime.failures import TRANSIENT, classify
 from daemon.runtime.pipeline import Pipeline
 from stages.base import StageError
 
@@ -113,6 +115,13 @@ async def test_in_the_actor_a_failed_prepare_fails_its_record_alone(ray_cluster,
         assert (first["echo"], last["echo"]) == ("a", "c")
         assert isinstance(failed, StageError) and failed.error_type == "ValueError"
         assert failed.message == "record b cannot be prepared"
+        # A full disk in the actor's prepare comes back transient (the worker waits it out, as on
+        # the local host), and the record runs once it passes.
+        full = {"id": "f", "_job": "j", "action": "disk_full_once"}
+        [slot] = await worker.host.process([full])
+        assert isinstance(slot, StageError) and (slot.errno, classify(slot)) == (errno.ENOSPC, TRANSIENT)
+        [again] = await worker.host.process([full])
+        assert again["echo"] == "f"
         with pytest.raises(RuntimeError, match="stage returned 1 results for 2 records; expected one per record"):
             await worker.host.process([{"id": "d", "_job": "j", "action": "drop_one"}, {"id": "e", "_job": "j"}])
     finally:
