@@ -9,7 +9,7 @@ the config may name it, as a literal `registered_as`:
 A bare `Type` registers the class under its own name. The registry finds these by reading the
 files under `stages/` (ast, no import), so modules are imported on first use, not at
 `import stages`: `reelflow check` and the daemon's start-up stay fast and a missing optional
-dependency only matters to the step that needs it. `reelflow stages` prints the mapping.
+dependency only matters to the step that needs it. `reelflow steps` lists what is registered.
 Third-party stages register through the `reelflow.stages` entry-point group, named
 "Type.Name" with the value "module:Class".
 

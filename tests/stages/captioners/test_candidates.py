@@ -121,9 +121,11 @@ def test_judge_failure_is_the_records_error(make_captioner, clips, lm_server, pr
     stage = _judge_stage(make_captioner, judge)
     proxy.plan(Fault.error(503, "judge overloaded"))
     results = stage.process([record(clips["bikes"], rid="a"), record(clips["moving_h264"], rid="b")])
-    assert isinstance(results[0], StageError) and "judge failed" in results[0].message
-    assert "503" in results[0].message or "overloaded" in results[0].message
-    _check_judged(results[1:])
+    # the two judge requests go out at once: the 503 falls on whichever reaches the server first
+    failed = [r for r in results if isinstance(r, StageError) and "judge failed" in r.message]
+    assert len(failed) == 1, results
+    assert "503" in failed[0].message or "overloaded" in failed[0].message
+    _check_judged([r for r in results if r is not failed[0]])
 
 
 def test_judge_on_a_local_model_picks_the_number_it_answers(make_captioner, clips, digit_judge):
@@ -187,7 +189,9 @@ def test_clip_score_picks_the_best_cosine_with_the_frames(make_captioner, clips,
         expected = clip.text_embeddings(result[CANDIDATES]) @ frame
         assert selection["method"] == "clip_score"
         assert selection["scores"] == pytest.approx(expected.tolist(), abs=1e-5)
-        assert selection["index"] == int(np.argmax(expected))
+        # the best, up to float noise: the tiny CLIP reads only the first few tokens, so candidates
+        # that start alike tie, and a tie scored here in another batch may break the other way
+        assert expected[selection["index"]] >= float(np.max(expected)) - 1e-5, (selection, expected)
         assert result["text"] == result[CANDIDATES][selection["index"]]
         assert f"{len(rec[SELECT_FRAMES])} frames" in selection["reason"]
     assert len({tuple(r[SELECTION]["scores"]) for r in results}) == len(results)  # scores depend on the clip
