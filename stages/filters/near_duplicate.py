@@ -3,9 +3,8 @@
 The embedding comes from the in-flight record (`embedding_key`): the `Embedding` a preceding
 CLIPEmbedder left there, a list of floats, or the path of a `.npy` file (relative paths are
 read against the outbox, where results keep them). Vectors
-are L2-normalised, so inner product is cosine. The kept vectors live in a faiss index: exact
-(`IndexFlatIP`) up to `exact_up_to` vectors, then an `IndexIVFFlat` trained on the first
-vectors (approximate: `nprobe` of `nlist` lists are searched).
+are L2-normalised, so inner product is cosine. The kept vectors live in a faiss index
+(kept_index.py): exact up to `exact_up_to` vectors, then an IVF that grows with them.
 
 `scope: job` compares a clip with what was kept in its own job; `scope: outbox` with
 everything kept across jobs. Ids are per job, so decisions are keyed by (job, id), and a
@@ -51,6 +50,8 @@ from stages.base import (
     StageError,
     safe_file_stem,
 )
+from stages.embedding import read_vectors
+from stages.filters.kept_index import KeptIndex
 
 KEPT, DROPPED = 1, 2
 # kind, id length, payload length; then id, payload, CRC32 of all before it
@@ -69,10 +70,14 @@ class NearDuplicateFilterConfig(StageConfig):
         "job", description="`job`: compare within the record's job; `outbox`: across everything this step kept."
     )
     exact_up_to: int = Field(
-        200_000, ge=1, description="Exact search (IndexFlatIP) up to this many kept vectors; IVF beyond."
+        16_384, ge=1, description="Exact search (IndexFlatIP) up to this many kept vectors; IVF beyond."
     )
-    nlist: int = Field(1024, ge=1, description="IVF lists once past exact_up_to (trained on the first vectors).")
-    nprobe: int = Field(32, ge=1, description="IVF lists searched per query (more: slower, fewer missed duplicates).")
+    nlist: int | Literal["auto"] = Field(
+        "auto",
+        description="IVF lists past exact_up_to: `auto` rebuilds the IVF at each doubling of exact_up_to with "
+        "~4 sqrt(n) lists; a number: that many, trained once on the first vectors.",
+    )
+    nprobe: int = Field(16, ge=1, description="IVF lists searched per query (more: slower, fewer missed duplicates).")
     state_dir: Path | None = Field(
         None,
         description="Folder of the kept-state files; default: the record's media folder's parent / .near_duplicate.",
@@ -80,6 +85,8 @@ class NearDuplicateFilterConfig(StageConfig):
 
     @model_validator(mode="after")
     def _ivf(self):
+        if self.nlist == "auto":
+            return self
         if self.nprobe > self.nlist:
             raise ValueError(f"nprobe {self.nprobe} is above nlist {self.nlist}; set nprobe <= nlist")
         if self.nlist > self.exact_up_to:
@@ -97,9 +104,8 @@ class _Scope:
         self.path = path
         self.config = config
         self.ids: list[str] = []  # kept keys (`job\0id`), by index row
-        self.decisions: dict[str, dict[str, Any] | Filtered] = {}
-        self.index = None
-        self.dim: int | None = None
+        self.decisions: dict[str, Filtered | None] = {}  # None: kept
+        self.index = KeptIndex(config.exact_up_to, config.nlist, config.nprobe)
         self._load()
         for dataset in seeds:
             self._seed(dataset)
@@ -109,13 +115,13 @@ class _Scope:
         job = dataset.name[: -len(EMBEDDINGS_SUFFIX)]
         ids, vectors = read_vectors(dataset, self.config.embedding_key)
         fresh = [n for n, rid in enumerate(ids) if f"{job}\0{rid}" not in self.decisions]
-        if not fresh or (self.dim is not None and vectors.shape[1] != self.dim):
+        if not fresh or (self.index.dim is not None and vectors.shape[1] != self.index.dim):
             return  # another embedder's vectors (other dimensions) are not comparable
         vectors = vectors[fresh]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         usable = np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)
         self.ids.extend(f"{job}\0{ids[n]}" for n, ok in zip(fresh, usable, strict=True) if ok)
-        self._add(vectors[usable] / norms[usable])
+        self.index.add(vectors[usable] / norms[usable])
 
     def _load(self) -> None:
         if not self.path.exists():
@@ -135,7 +141,7 @@ class _Scope:
             if kind == KEPT:
                 vectors.append(np.frombuffer(payload, dtype=np.float32))
                 self.ids.append(rid)
-                self.decisions[rid] = {}
+                self.decisions[rid] = None
             else:
                 entry = json.loads(payload)
                 self.decisions[rid] = Filtered(entry["reason"], entry["scores"])
@@ -145,43 +151,27 @@ class _Scope:
                 f.truncate(good)
                 os.fsync(f.fileno())
         if vectors:
-            self._add(np.stack(vectors))
-
-    def _add(self, vectors: np.ndarray) -> None:
-        import faiss
-
-        if self.index is None:
-            self.dim = vectors.shape[1]
-            self.index = faiss.IndexFlatIP(self.dim)
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        c = self.config
-        if isinstance(self.index, faiss.IndexFlat) and self.index.ntotal > c.exact_up_to:
-            everything = self.index.reconstruct_n(0, self.index.ntotal)
-            quantizer = faiss.IndexFlatIP(self.dim)
-            ivf = faiss.IndexIVFFlat(quantizer, self.dim, c.nlist, faiss.METRIC_INNER_PRODUCT)
-            # trained on the first vectors (at most 64 per list: enough for k-means, bounded cost)
-            ivf.train(everything[: min(c.exact_up_to, 64 * c.nlist)])
-            ivf.add(everything)
-            ivf.nprobe = c.nprobe
-            self.index = ivf
+            vectors = np.stack(vectors)
+            del data  # the file's bytes: not held beside the index while it is built
+            self.index.add(vectors)
 
     def decide(self, ids: list[str], vectors: np.ndarray) -> list[dict[str, Any] | Filtered]:
         """Decide a group in order (a later one may duplicate an earlier one), persist, then index."""
         threshold = self.config.threshold
-        if self.index is not None and self.index.ntotal:
-            sims, rows = self.index.search(vectors, 1)
-        else:
-            sims = np.full((len(ids), 1), -np.inf, dtype=np.float32)
-            rows = np.full((len(ids), 1), -1)
-        within = vectors @ vectors.T
+        sims, rows = self.index.search(vectors)
+        # earlier members of the group at or above the threshold: the only ones that can decide
+        products = vectors @ vectors.T
+        close = np.tril(products, -1) >= threshold
+        within = {i: np.flatnonzero(close[i]) for i in np.flatnonzero(close.any(axis=1))}
         kept_here: list[int] = []
         out: list[dict[str, Any] | Filtered] = []
         for i in range(len(ids)):
-            best, of = float(sims[i, 0]), (self.ids[rows[i, 0]] if rows[i, 0] >= 0 else None)
-            if kept_here:
-                j = kept_here[int(np.argmax(within[i, kept_here]))]
-                if within[i, j] > best:
-                    best, of = float(within[i, j]), ids[j]
+            best, of = float(sims[i]), (self.ids[rows[i]] if rows[i] >= 0 else None)
+            earlier = [j for j in within.get(i, ()) if not isinstance(out[j], Filtered)]
+            if earlier:
+                j = earlier[int(np.argmax(products[i, earlier]))]
+                if products[i, j] > best:
+                    best, of = float(products[i, j]), ids[j]
             if of is not None and best >= threshold:
                 s = round(best, 6)
                 job, _, of_id = of.partition("\0")
@@ -197,10 +187,10 @@ class _Scope:
                 out.append({})
         self._persist(ids, vectors, out)
         for rid, decision in zip(ids, out, strict=True):
-            self.decisions[rid] = decision
+            self.decisions[rid] = decision if isinstance(decision, Filtered) else None  # None: kept
         if kept_here:
             self.ids.extend(ids[i] for i in kept_here)
-            self._add(vectors[kept_here])
+            self.index.add(vectors[kept_here])
         return out
 
     def _persist(self, ids: list[str], vectors: np.ndarray, out: list[dict[str, Any] | Filtered]) -> None:
@@ -242,6 +232,7 @@ class NearDuplicateFilter(Stage):
         import faiss  # noqa: F401  (fail at load, not at the first batch, when faiss-cpu is missing)
 
         self._scopes: dict[Path, _Scope] = {}
+        self._by_record: dict[tuple, _Scope] = {}  # (media folder, job) -> scope: no paths built per record
 
     def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any] | StageError | Filtered]:
         if not hasattr(self, "_scopes"):
@@ -253,7 +244,7 @@ class NearDuplicateFilter(Stage):
                 scope = self._scope(record)
                 rid = f"{record.get(JOB, '')}\0{record[RECORD_ID]}"
                 if rid in scope.decisions:  # decided before a restart: the same decision again
-                    results[i] = scope.decisions[rid]
+                    results[i] = scope.decisions[rid] or {}
                     continue
                 vector = self._vector(record, scope)
             except StageError as error:
@@ -289,6 +280,14 @@ class NearDuplicateFilter(Stage):
         return results  # type: ignore[return-value]
 
     def _scope(self, record: dict[str, Any]) -> _Scope:
+        c = self.config
+        key = (c.state_dir is None and record.get(MEDIA_DIR), c.scope == "job" and record.get(JOB, ""))
+        scope = self._by_record.get(key)
+        if scope is None:
+            scope = self._by_record[key] = self._open(record)
+        return scope
+
+    def _open(self, record: dict[str, Any]) -> _Scope:
         c = self.config
         folder = c.state_dir
         if folder is None:
@@ -338,39 +337,17 @@ class NearDuplicateFilter(Stage):
                 error_type="BadEmbedding",
             ) from exc
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        norm = float(np.linalg.norm(vector))
+        norm = float(np.sqrt(vector @ vector))
         if not np.isfinite(norm) or norm == 0:
             raise StageError(
                 f"record {rid!r}: embedding in {c.embedding_key!r} has norm {norm}; expected a finite non-zero "
                 "vector (check the embedder's output)",
                 error_type="BadEmbedding",
             )
-        if scope.dim is not None and vector.shape[0] != scope.dim:
+        if scope.index.dim is not None and vector.shape[0] != scope.index.dim:
             raise StageError(
                 f"record {rid!r}: embedding has {vector.shape[0]} dimensions, the kept ones in {scope.path} have "
-                f"{scope.dim}; use one embedder per scope or a separate state_dir",
+                f"{scope.index.dim}; use one embedder per scope or a separate state_dir",
                 error_type="BadEmbedding",
             )
         return vector / norm
-
-
-def read_vectors(dataset: Path, key: str) -> tuple[list[str], np.ndarray]:
-    """(ids, N x D float32) of one vector column of an embeddings dataset (a folder of parquet parts),
-    read column-wise (no Python float per value); rows without the column or the vector are left out."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(dataset, columns=["id", key])
-    except (pa.ArrowInvalid, KeyError, OSError):  # no such column in this job's vectors, or no parts yet
-        return [], np.zeros((0, 0), dtype=np.float32)
-    column = table.column(key).combine_chunks()
-    present = pc.invert(pc.is_null(column)).to_numpy(zero_copy_only=False)
-    ids = [rid for rid, ok in zip(table.column("id").to_pylist(), present, strict=True) if ok]
-    column = column.filter(pa.array(present))
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if len(lengths) == 0 or (lengths != lengths[0]).any():
-        return [], np.zeros((0, 0), dtype=np.float32)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return ids, values.reshape(len(lengths), int(lengths[0]))

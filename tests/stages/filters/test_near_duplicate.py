@@ -108,7 +108,7 @@ def test_ivf_beyond_exact_up_to_still_finds_copies(tmp_path):
     base = rng.standard_normal((300, DIM)).astype(np.float32)
     stage = _stage(tmp_path, state_dir=tmp_path / "s", exact_up_to=100, nlist=4, nprobe=4)
     assert all(r == {} for r in stage.process([_record(f"v{i}", v) for i, v in enumerate(base[:200])]))
-    assert type(stage._scopes[tmp_path / "s" / "job-j.kept"].index).__name__ == "IndexIVFFlat"
+    assert type(stage._scopes[tmp_path / "s" / "job-j.kept"].index.index).__name__ == "IndexIVFFlat"
     out = stage.process([_record("copy", base[150] + 1e-3)])
     assert isinstance(out[0], Filtered) and out[0].scores["duplicate_of"] == "v150"
 
