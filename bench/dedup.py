@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.base import Filtered  # noqa: E402
 from stages.filters import near_duplicate  # noqa: E402
+from stages.filters.kept_index import KeptIndex  # noqa: E402
 from stages.filters.near_duplicate import NearDuplicateFilter, NearDuplicateFilterConfig  # noqa: E402
 
 WINDOW = 8  # batches a planted copy may reach back
@@ -138,9 +139,9 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(name: str, totals: dict[str, float]):
-    """Wrap a _Scope method to add its seconds to totals[name] (the stage's time, split up)."""
-    inner = getattr(near_duplicate._Scope, name)
+def timed(owner, name: str, totals: dict[str, float]):
+    """Wrap a method to add its seconds to totals[name] (the stage's time, split up)."""
+    inner = getattr(owner, name)
 
     def wrapper(*a, **k):
         t0 = time.perf_counter()
@@ -149,7 +150,7 @@ def timed(name: str, totals: dict[str, float]):
         finally:
             totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
 
-    setattr(near_duplicate._Scope, name, wrapper)
+    setattr(owner, name, wrapper)
 
 
 def main() -> None:
@@ -176,8 +177,8 @@ def main() -> None:
         state_dir=Path(tempfile.mkdtemp(prefix="dedup-bench-")),
     )
     split: dict[str, float] = {}
-    for name in ("_persist", "_rebuild"):
-        timed(name, split)
+    timed(near_duplicate._Scope, "_persist", split)
+    timed(KeptIndex, "_rebuild", split)
     stage = NearDuplicateFilter(config, "cpu")
     stage.load()
     decisions: dict[int, int | None] = {}
