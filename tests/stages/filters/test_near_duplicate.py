@@ -200,6 +200,29 @@ def test_kill_9_then_rerun_decides_as_an_uninterrupted_run(tmp_path):
         assert _run(tmp_path, f"killed{stop}", stop) == straight, f"killed after batch {stop}"
 
 
+def test_restart_past_ivf_rebuilds_decides_as_an_uninterrupted_run(tmp_path):
+    """nlist auto rebuilds the IVF at each doubling of exact_up_to; a restart builds it at once
+    from the state file and must still keep and drop what the uninterrupted run did."""
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((900, DIM)).astype(np.float32)
+    base[5::9] = base[0::9] + 0.01 * rng.standard_normal((100, DIM)).astype(np.float32)  # near copies
+    batches = [[_record(f"v{i}", base[i]) for i in range(s, s + 100)] for s in range(0, 900, 100)]
+    straight = _stage(tmp_path, state_dir=tmp_path / "straight", exact_up_to=64, nprobe=4)
+    want = [repr(d) for b in batches for d in straight.process(b)]
+    index = straight._scopes[tmp_path / "straight" / "job-j.kept"].index
+    assert type(index.index).__name__ == "IndexIVFFlat" and index.trained_on(index.ntotal) == 512
+    assert sum("near duplicate" in d for d in want) >= 90
+    for stop in (2, 6):
+        state = tmp_path / f"killed{stop}"
+        first = _stage(tmp_path, state_dir=state, exact_up_to=64, nprobe=4)
+        got = [repr(d) for b in batches[:stop] for d in first.process(b)]
+        again = _stage(tmp_path, state_dir=state, exact_up_to=64, nprobe=4)  # as after kill -9
+        replayed = [repr(d) for d in again.process(batches[stop - 1])]  # the last batch, re-run
+        assert replayed == got[-100:]
+        got += [repr(d) for b in batches[stop:] for d in again.process(b)]
+        assert got == want, f"restarted after batch {stop}"
+
+
 def _write_outbox_job(outbox: Path, job: str, vectors: dict[str, np.ndarray]) -> None:
     """Results of an earlier run, written by the daemon's own JobWriter (vectors in <job>.embeddings.parquet)."""
     from daemon.io.outbox import JobWriter, OutboxLayout
