@@ -12,7 +12,9 @@ Brute force is the same in-order decision with numpy matrix products against eve
 vector. It is quadratic, so unless `--brute-prefix` covers all N it runs on a prefix P and its
 time at N is extrapolated from its two measured parts: the products and argmax against the
 kept vectors (work ~ kept count) x (N/P)^2, the rest (normalising, the in-batch products, the
-loop) x N/P; the output says so. Decisions are checked three ways: all of the prefix against
+loop) x N/P; the output says so. With `--probe` it is also estimated from one batch's products
+timed against k kept vectors at five k up to the real kept count, summed over the stream's
+batches at their kept counts (no extrapolation in k; the linear rest as above). Decisions are checked three ways: all of the prefix against
 brute force; `--sample` random positions over all N, each against an exact scan of every
 vector the stage kept before it (a second pass over the same stream); and all N against the
 planted copies (found, and drops that were not planted). Prints one JSON line.
@@ -132,6 +134,27 @@ def sampled_check(decisions: dict[int, int | None], positions, queries, args) ->
     return agree, len(positions)
 
 
+def brute_probed(kept_before: list[int], args) -> tuple[float, list[tuple[int, float]]]:
+    """Brute force's products and argmax at N, from timing one batch against k kept vectors at
+    five k up to the largest kept count (a line a + b k fitted), summed over the stream's
+    batches at their real kept counts; plus the linear rest, measured on the prefix."""
+    top = max(kept_before)
+    kept = np.random.default_rng(2).standard_normal((top, args.dim), dtype=np.float32)
+    q = kept[: args.batch].copy()
+    points = []
+    for k in np.linspace(top / 8, top, 5).astype(int):
+        best = np.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            prior = q @ kept[:k].T
+            j = prior.argmax(axis=1)
+            prior[np.arange(len(q)), j]
+            best = min(best, time.perf_counter() - t0)
+        points.append((int(k), round(best, 4)))
+    b, a = np.polyfit([k for k, _ in points], [t for _, t in points], 1)
+    return float(sum(a + b * k for k in kept_before if k)), points
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -166,6 +189,7 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=NearDuplicateFilterConfig().nprobe)
     parser.add_argument("--brute-prefix", type=int, default=50_000, help="brute force on this many (0: all N)")
     parser.add_argument("--sample", type=int, default=2000, help="positions checked exactly over all N")
+    parser.add_argument("--probe", action="store_true", help="also time brute force's products at the real sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -204,12 +228,21 @@ def main() -> None:
             print(f"# {start + len(vectors)} decided, stage {busy:.0f} s, {split}", file=sys.stderr, flush=True)
     rss1 = rss_mb()
     (scope,) = stage._scopes.values()
-    kept = scope.index.ntotal
+    kept, state_bytes = scope.index.ntotal, scope.path.stat().st_size
+    index_name, nlist = type(scope.index.index).__name__, getattr(scope.index.index, "nlist", None)
+    del scope, stage  # the index's memory, for brute force's own
+    kept_before, count = [], 0
+    for start in range(0, args.n, args.batch):
+        kept_before.append(count)
+        count += sum(decisions[i] is None for i in range(start, min(start + args.batch, args.n)))
 
     prefix = args.n if args.brute_prefix <= 0 else min(args.brute_prefix, args.n)
     quadratic, linear, brute_decisions = brute(prefix, args)
     agree = sum(brute_decisions[i] == decisions[i] for i in range(prefix))
     brute_at_n = quadratic * (args.n / prefix) ** 2 + linear * (args.n / prefix)
+    probed, points = brute_probed(kept_before, args) if args.probe else (None, [])
+    if probed is not None:
+        probed += linear * (args.n / prefix)
     sample_agree, sampled = sampled_check(decisions, positions, queries, args)
     planted_found = sum(decisions[i] is not None for i in truth)  # its source may itself be a dropped copy
     false_drops = sum(1 for i, of in decisions.items() if of is not None and i not in truth)
@@ -220,9 +253,9 @@ def main() -> None:
                 "n": args.n,
                 "dim": args.dim,
                 "batch": args.batch,
-                "index": type(scope.index.index).__name__,
+                "index": index_name,
                 "exact_up_to": args.exact_up_to,
-                "nlist": getattr(scope.index.index, "nlist", None),
+                "nlist": nlist,
                 "nprobe": args.nprobe,
                 "faiss_s": round(busy, 2),
                 "of_which_persist_s": round(split.get("_persist", 0.0), 2),
@@ -235,6 +268,9 @@ def main() -> None:
                 "brute_extrapolated": prefix < args.n,
                 "brute_per_s_at_n": round(args.n / brute_at_n, 1),
                 "speedup": round(brute_at_n / busy, 1),
+                "brute_s_at_n_probed": None if probed is None else round(probed, 1),
+                "brute_probe_points_k_s": points,
+                "speedup_probed": None if probed is None else round(probed / busy, 1),
                 "same_decisions_on_prefix": f"{agree}/{prefix}",
                 "same_decisions_sampled": f"{sample_agree}/{sampled}",
                 "planted": len(truth),
@@ -245,7 +281,7 @@ def main() -> None:
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "index_bytes_per_vector": args.dim * 4,
                 "rss_bytes_per_kept_vector": round((rss1 - rss0) * 2**20 / max(kept, 1), 1),
-                "state_file_bytes": scope.path.stat().st_size,
+                "state_file_bytes": state_bytes,
             }
         )
     )
