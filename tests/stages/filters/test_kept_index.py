@@ -14,6 +14,16 @@ def _unit(rng, n):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def _lists(index: KeptIndex) -> list[list[int]]:
+    import faiss
+
+    lists = index.index.invlists
+    return [
+        faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).tolist() if lists.list_size(n) else []
+        for n in range(index.index.nlist)
+    ]
+
+
 def test_auto_nlist_grows_and_a_restart_builds_the_same_index():
     rng = np.random.default_rng(5)
     vectors = _unit(rng, 1000)
@@ -28,6 +38,7 @@ def test_auto_nlist_grows_and_a_restart_builds_the_same_index():
     restarted = KeptIndex(64, "auto", 4)
     restarted.add(vectors)  # a restart reads all kept vectors at once
     assert restarted.index.nlist == grown.index.nlist
+    assert _lists(restarted) == _lists(grown)  # every vector in the same list, in the same order
     queries = vectors[::7] + 0.05 * _unit(rng, len(vectors[::7]))
     a, b = grown.search(queries), restarted.search(queries)
     np.testing.assert_array_equal(a[1], b[1])
