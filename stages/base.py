@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import re
 import threading
 from collections import Counter
@@ -169,6 +170,18 @@ class Requirements:
     def __or__(self, other: Requirements) -> Requirements:
         packages = self.packages + tuple(p for p in other.packages if p not in self.packages)
         return Requirements(packages, self.checkpoints + other.checkpoints, self.weight_files + other.weight_files)
+
+    def missing_packages(self, stage: str) -> list[str]:
+        """One line per extra whose packages do not import here (checked with find_spec, nothing imported)."""
+        by_extra: dict[str, list[str]] = {}
+        for module, extra in self.packages:
+            if importlib.util.find_spec(module) is None:
+                by_extra.setdefault(extra, []).append(module)
+        return [
+            f"{stage} needs the {', '.join(f'`{m}`' for m in missing)} package{'s' if len(missing) > 1 else ''}, "
+            f"not installed here; install with: pip install 'reelflow[{extra}]'"
+            for extra, missing in by_extra.items()
+        ]
 
     def nested(self, prefix: str) -> Requirements:
         """The same, with each checkpoint setting named under `prefix` (a nested config block)."""
@@ -325,16 +338,22 @@ def media_path(record: dict[str, Any], extension: str, template: str | None = No
     return folder / f"{safe_file_stem(stem)}.{extension.lstrip('.')}"
 
 
+def missing_field(where: str, key: str, record: dict[str, Any], *, why: str = "", fix: str = "") -> StageError:
+    """The MissingField error for a record without `key`, naming the fields it has."""
+    fields = sorted(k for k in record if not k.startswith("_"))
+    return StageError(
+        f"{where}: {why}the record has no field {key!r} (fields: {fields}){'; ' + fix if fix else ''}",
+        error_type="MissingField",
+    )
+
+
 def format_prompt(template: str, record: dict[str, Any], *, where: str) -> str:
     """Fill `{field}` placeholders from the record; a missing field is a StageError."""
     try:
         return template.format_map(record)
     except KeyError as missing:
-        raise StageError(
-            f"{where}: the prompt template uses {{{missing.args[0]}}} but the record has no "
-            f"field {missing.args[0]!r} (fields: {sorted(k for k in record if not k.startswith('_'))})",
-            error_type="MissingField",
-        ) from None
+        key = missing.args[0]
+        raise missing_field(where, key, record, why=f"the prompt template uses {{{key}}} but ") from None
     except (ValueError, IndexError) as bad:
         raise StageError(f"{where}: the prompt template is malformed: {bad}", error_type="BadTemplate") from None
 

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from stages.base import FieldKind, Requirements, Resources, Stage, StageConfig, StageError
 from stages.engines import Generation
 from stages.text.api_client import APIRequest, ChatAPI
-from stages.text.common import ChatBatch, check_json_object, check_template, prompt_inputs
+from stages.text.common import ChatBatch, PromptTemplate, check_json_object, prompt_inputs
 
 PROVIDERS: dict[str, str] = {
     "openai": "https://api.openai.com/v1",
@@ -46,7 +46,7 @@ class APIGeneratorConfig(StageConfig):
         None, description="Environment variable holding the key (default: <PROVIDER>_API_KEY)."
     )
     prompt: str | None = Field("You are a helpful assistant", description="System prompt (DataFlow-Gen's meaning).")
-    user_prompt: str | None = Field(
+    user_prompt: PromptTemplate = Field(
         None, description="Put before the record's text in the user turn, or a template with {field} placeholders."
     )
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
@@ -95,11 +95,6 @@ class APIGeneratorConfig(StageConfig):
                 "streaming its tokens gains nothing here; remove stream (or set it to false)"
             )
         return value
-
-    @field_validator("user_prompt")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        return check_template(value)
 
     @model_validator(mode="after")
     def _endpoint_and_key(self) -> APIGeneratorConfig:

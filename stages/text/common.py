@@ -16,9 +16,11 @@ import string
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from stages.base import RECORD_ID, StageError, format_prompt
+from pydantic import AfterValidator
+
+from stages.base import RECORD_ID, StageError, format_prompt, missing_field
 from stages.engines import Generation
 
 # A placeholder is `{name}`, `{name.attr}` or `{name[key]}`; a JSON example such as
@@ -45,17 +47,26 @@ def check_template(prompt: str | None) -> str | None:
     return prompt
 
 
+# A config key holding a prompt that may be a template: checked when the config is read.
+PromptTemplate = Annotated[str | None, AfterValidator(check_template)]
+
+
+def check_tensor_parallel(tensor_parallel_size: int, backend: str) -> None:
+    """Config-time check: only vLLM splits a model over GPUs."""
+    if tensor_parallel_size > 1 and backend != "vllm":
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} splits the model over GPUs, which only "
+            f"backend: vllm does (backend is {backend}); set backend: vllm or tensor_parallel_size: 1"
+        )
+
+
 def user_message(prompt: str | None, record: dict[str, Any], text_key: str, *, where: str) -> str:
     """The user turn for one record (see the module docstring)."""
     if placeholder_fields(prompt):
         return format_prompt(prompt, record, where=where)
     text = record.get(text_key)
     if text is None:
-        raise StageError(
-            f"{where}: the record has no field {text_key!r} (fields: "
-            f"{sorted(k for k in record if not k.startswith('_'))}); set `text_key`, or use a prompt template",
-            error_type="MissingField",
-        )
+        raise missing_field(where, text_key, record, fix="set `text_key`, or use a prompt template")
     # A structured caption (output_format: json) is an object: the model reads it as JSON, not as
     # Python's repr of a dict.
     text = json.dumps(text, ensure_ascii=False) if isinstance(text, dict | list) else str(text)

@@ -35,7 +35,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from stages.base import FieldKind, Requirements, Resources, Stage, StageConfig, StageError
 from stages.engines import Generation, choose_backend
 from stages.text.api_client import APIRequest, ChatAPI
-from stages.text.common import ChatBatch, check_json_object, check_template, prompt_inputs
+from stages.text.common import ChatBatch, PromptTemplate, check_json_object, check_tensor_parallel, prompt_inputs
 
 
 class GPTTextGeneratorConfig(StageConfig):
@@ -64,7 +64,7 @@ class GPTTextGeneratorConfig(StageConfig):
     max_num_seqs: int = Field(8, ge=1, le=1024, description="Most requests in flight at once (per worker).")
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature (0: greedy).")
     sys_prompt: str | None = Field(None, description="System message.")
-    prompt: str | None = Field(
+    prompt: PromptTemplate = Field(
         None,
         description="Put before the record's text_key content in the user message; or a template with "
         "{field} placeholders filled from the record (then text_key is not appended).",
@@ -107,11 +107,6 @@ class GPTTextGeneratorConfig(StageConfig):
         # A key YAML reads as a number would otherwise be echoed in the validation error.
         return str(value) if isinstance(value, int | float) else value
 
-    @field_validator("prompt")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        return check_template(value)
-
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -123,11 +118,7 @@ class GPTTextGeneratorConfig(StageConfig):
 
     @model_validator(mode="after")
     def _backend_keys(self) -> GPTTextGeneratorConfig:
-        if self.tensor_parallel_size > 1 and self.backend != "vllm":
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} splits the model over GPUs, which only "
-                f"backend: vllm does (backend is {self.backend}); set backend: vllm or tensor_parallel_size: 1"
-            )
+        check_tensor_parallel(self.tensor_parallel_size, self.backend)
         if self.backend != "openai":
             given = sorted({"base_url", "api_key", "extra_body"} & self.model_fields_set)
             if given:

@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 from stages.base import FieldKind, Requirements, Resources, Stage, StageConfig, StageError
 from stages.engines import Generation, choose_backend
 from stages.engines.hf_causal import Sampling, resolve_device
-from stages.text.common import ChatBatch, check_template, prompt_inputs
+from stages.text.common import ChatBatch, PromptTemplate, check_tensor_parallel, prompt_inputs
 
 _CANNOT = "the {backend} backend cannot honour {key}={value!r} ({why}); remove it or set it to {ok}"
 _VLLM_TOO = " (or set backend: vllm, which honours it)"
@@ -71,7 +71,7 @@ class LocalModelGeneratorConfig(StageConfig):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
     download_dir: str | None = Field(None, description="Cache folder for weights (from_pretrained's cache_dir).")
     prompt: str | None = Field("You are a helpful assistant", description="System prompt (DataFlow-Gen's meaning).")
-    user_prompt: str | None = Field(
+    user_prompt: PromptTemplate = Field(
         None, description="Put before the record's text in the user turn, or a template with {field} placeholders."
     )
     output_key: str | None = Field(None, description="Record field for the answer (default: text_key).")
@@ -152,18 +152,9 @@ class LocalModelGeneratorConfig(StageConfig):
             raise _refuse(info.field_name, value, "answers are always decoded by a fast tokenizer", "true" + _VLLM_TOO)
         return value
 
-    @field_validator("user_prompt")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        return check_template(value)
-
     @model_validator(mode="after")
     def _best_of(self) -> LocalModelGeneratorConfig:
-        if self.tensor_parallel_size > 1 and self.backend != "vllm":
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} splits the model over GPUs, which only "
-                f"backend: vllm does (backend is {self.backend}); set backend: vllm or tensor_parallel_size: 1"
-            )
+        check_tensor_parallel(self.tensor_parallel_size, self.backend)
         if self.best_of is not None and self.best_of != self.n:
             raise _refuse(
                 "best_of",

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.base import StageError
+from stages.base import StageError, missing_field
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,7 @@ def record_video(record: dict, video_key: str, stage: str):
     """The record's video path (its `video_key` field), or a MissingField error naming the fields it has."""
     path = record.get(video_key)
     if path is None:
-        raise StageError(
-            f"{stage}: the record has no {video_key!r} field (video_key); fields: "
-            f"{sorted(k for k in record if not k.startswith('_'))}",
-            error_type="MissingField",
-        )
+        raise missing_field(stage, video_key, record, fix="set `video_key` to the field that holds the video")
     return path
 
 
