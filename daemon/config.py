@@ -285,6 +285,7 @@ def _validate_step(
         config = model.model_validate(settings)
     except ValidationError as exc:
         problems.extend(_describe(e, f"{where}.config", model, written) for e in exc.errors())
+        problems.extend(_missing_packages(where, spec, cls, model, settings))
         return None
     declared = cls.resources(config).prepares
     if declared != has_prepare(cls):  # the runtime runs `prepare` only where the stage declares it
@@ -303,6 +304,16 @@ def _validate_step(
         )
         return None
     return Step(index=index, type=spec["type"], name=spec["name"], stage_cls=cls, config=config, workers=workers)
+
+
+def _missing_packages(where: str, spec: dict, cls: type, model: type[StageConfig], settings: dict) -> list[str]:
+    """The install lines preflight would print, for a step whose config failed: fixing a key
+    first and only then learning of a missing package costs the user a second round."""
+    try:
+        needs = cls.requirements(model.model_construct(**settings))  # unvalidated: only its package list is read
+    except Exception:  # a config too broken to say what it needs; its key errors are listed
+        return []
+    return [f"{where} ({spec['type']}/{spec['name']}): {line}" for line in needs.missing_packages(spec["name"])]
 
 
 def _seed_device_key(settings: dict, cls: type) -> None:

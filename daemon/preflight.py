@@ -19,7 +19,6 @@ in a traceback that names neither the step nor the path.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,21 +45,9 @@ def _where(step: Step) -> str:
 
 
 def missing_dependencies(step: Step) -> list[Problem]:
-    by_extra: dict[str, list[str]] = {}
-    for module, extra in step.stage_cls.requirements(step.config).packages:
-        if importlib.util.find_spec(module) is None:
-            by_extra.setdefault(extra, []).append(module)
-    problems = []
-    for extra, missing in by_extra.items():
-        names = ", ".join(f"`{m}`" for m in missing)
-        problems.append(
-            Problem(
-                _where(step),
-                f"{step.name} needs the {names} package{'s' if len(missing) > 1 else ''}, not installed here; "
-                f"install with: pip install 'reelflow[{extra}]'",
-            )
-        )
-    return problems
+    return [
+        Problem(_where(step), line) for line in step.stage_cls.requirements(step.config).missing_packages(step.name)
+    ]
 
 
 def _hub_offline() -> bool:

@@ -128,6 +128,21 @@ def test_missing_dependency_named_with_its_extra(tmp_path):
     assert "`transformers`" in done.stderr and "pip install 'reelflow[captioners]'" in done.stderr
 
 
+def test_a_step_whose_keys_fail_still_names_its_missing_packages(tmp_path):
+    # One round for the newcomer: the unset key and the missing package in the same answer.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['openai'] = None\n")
+    steps = [{"type": "TextGenerator", "name": "APIGenerator", "config": {"model_id": "openai:gpt-4o"}}]
+    done = _reelflow(
+        ["check", "--config", str(_write(tmp_path, steps))], tmp_path, PYTHONPATH=str(shim), OPENAI_API_KEY=""
+    )
+    assert done.returncode == 2, done.stderr
+    assert "set OPENAI_API_KEY" in done.stderr, done.stderr
+    assert "steps[0] (TextGenerator/APIGenerator): APIGenerator needs the `openai` package" in done.stderr
+    assert "pip install 'reelflow[text]'" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_check_offline_accepts_a_hub_id_it_cannot_look_up(tmp_path):
     done = _reelflow(
         ["check", "--offline", "--config", str(_write(tmp_path, CAPTION_STEPS[1:]))], tmp_path, HF_HUB_OFFLINE=""
