@@ -279,7 +279,7 @@ def main() -> None:
                 "kept": kept,
                 "rss_mb_delta": round(rss1 - rss0, 1),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                "index_bytes_per_vector": args.dim * 4,
+                "index_bytes_per_vector": args.dim * 4 + (args.dim if index_name == "IndexIVFScalarQuantizer" else 0),
                 "rss_bytes_per_kept_vector": round((rss1 - rss0) * 2**20 / max(kept, 1), 1),
                 "state_file_bytes": state_bytes,
             }

@@ -160,7 +160,7 @@ class _Scope:
     def decide(self, ids: list[str], vectors: np.ndarray) -> list[dict[str, Any] | Filtered]:
         """Decide a group in order (a later one may duplicate an earlier one), persist, then index."""
         threshold = self.config.threshold
-        sims, rows = self.index.search(vectors)
+        sims, rows = self.index.search(vectors, threshold)
         # earlier members of the group at or above the threshold: the only ones that can decide
         products = vectors @ vectors.T
         close = np.tril(products, -1) >= threshold

@@ -108,7 +108,7 @@ def test_ivf_beyond_exact_up_to_still_finds_copies(tmp_path):
     base = rng.standard_normal((300, DIM)).astype(np.float32)
     stage = _stage(tmp_path, state_dir=tmp_path / "s", exact_up_to=100, nlist=4, nprobe=4)
     assert all(r == {} for r in stage.process([_record(f"v{i}", v) for i, v in enumerate(base[:200])]))
-    assert type(stage._scopes[tmp_path / "s" / "job-j.kept"].index.index).__name__ == "IndexIVFFlat"
+    assert type(stage._scopes[tmp_path / "s" / "job-j.kept"].index.index).__name__ == "IndexIVFScalarQuantizer"
     out = stage.process([_record("copy", base[150] + 1e-3)])
     assert isinstance(out[0], Filtered) and out[0].scores["duplicate_of"] == "v150"
 
@@ -210,7 +210,7 @@ def test_restart_past_ivf_rebuilds_decides_as_an_uninterrupted_run(tmp_path):
     straight = _stage(tmp_path, state_dir=tmp_path / "straight", exact_up_to=64, nprobe=4)
     want = [repr(d) for b in batches for d in straight.process(b)]
     index = straight._scopes[tmp_path / "straight" / "job-j.kept"].index
-    assert type(index.index).__name__ == "IndexIVFFlat" and index.trained_on(index.ntotal) == 512
+    assert type(index.index).__name__ == "IndexIVFScalarQuantizer" and index.trained_on(index.ntotal) == 512
     assert sum("near duplicate" in d for d in want) >= 90
     for stop in (2, 6):
         state = tmp_path / f"killed{stop}"
