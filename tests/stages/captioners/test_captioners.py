@@ -75,7 +75,7 @@ def test_prepare_raises_stage_error_for_the_runtime(make_captioner, broken_video
     with pytest.raises(StageError) as caught:
         stage.prepare(record(broken_videos["garbage"][0]))
     assert caught.value.error_type == "VideoDecodeError"
-    with pytest.raises(StageError, match="no 'video' field"):
+    with pytest.raises(StageError, match="has no field 'video'.*set .video_key."):
         stage.prepare({"id": "1", "_job": "t", "clip": "x.mp4"})
 
 
