@@ -19,6 +19,8 @@ from stages.registry import known_stages, stage_class
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change set at INFO
+    # A stage's warnings (e.g. a GPU decoder falling back to the CPU) in the same log, same format.
+    logging.captureWarnings(True)
 
 
 # Exit codes, as the README documents them.

@@ -13,7 +13,10 @@ sharp-edged test patterns.
 - `torchcodec`: TorchCodec's `VideoDecoder` in exact mode (its C++ scan gives the same
   pts-ordered frame numbers), `get_frames_at` for the batch, the resize done by the decoder.
   On a CUDA device (`cuda:N`) it decodes with NVDEC (TorchCodec's default CUDA backend) and
-  resizes on the GPU; written against TorchCodec 0.17's API, never run here (no GPU).
+  resizes on the GPU; written against TorchCodec 0.17's API, never run here (no GPU). Where
+  NVDEC fails (a codec or profile it lacks, a broken driver) the video is decoded again on the
+  CPU, with a warning: the device's fault is not the record's, which fails only if the CPU
+  cannot decode it either.
 - `auto`: per video and device, by the rule in `choose` (measured by bench/decode.py): PyAV on
   the CPU, TorchCodec's NVDEC on a GPU.
 """
@@ -21,6 +24,7 @@ sharp-edged test patterns.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -100,12 +104,14 @@ def choose(choice: DecoderName, facts: Facts, device: str = "cpu") -> tuple[str,
     """(decoder, device to decode on) for one video."""
     if choice == "pyav":
         return "pyav", "cpu"
-    gpu = device if device.startswith("cuda") else "cpu"
+    # A worker named cuda:N where torch sees no GPU decodes on the CPU, also with decoder:
+    # torchcodec: NVDEC there fails every video, a fault of the machine, not of the records.
+    gpu = device if device.startswith("cuda") and cuda_usable() else "cpu"
     if choice == "torchcodec":
         return "torchcodec", gpu
     if not torchcodec_available():
         return "pyav", "cpu"
-    if gpu != "cpu" and cuda_usable():
+    if gpu != "cpu":
         return "torchcodec", gpu
     if AUTO_MIN_PIXELS is not None and facts.width * facts.height >= AUTO_MIN_PIXELS:
         return "torchcodec", "cpu"
@@ -121,36 +127,65 @@ class TorchCodecVideo:
 
     def __init__(self, path: str, out_size: OutSize, device: str, name: str, threads: int = 0):
         from torchcodec.decoders import VideoDecoder
-        from torchcodec.transforms import Resize
 
-        self.name, self.device = name, device
+        self.path, self.name, self.device, self.threads = path, name, device, threads
         try:
             header = VideoDecoder(path, seek_mode="approximate", device="cpu").metadata
             self.size = out_size(int(header.width), int(header.height))  # TorchCodec's sizes are upright
-            transforms = [Resize((self.size[1], self.size[0]))] if self.size and device == "cpu" else None
-            # On CUDA, TorchCodec 0.17 applies no decoder transforms: resize after decoding (`read`).
-            self.decoder = VideoDecoder(
-                path, seek_mode="exact", device=device, num_ffmpeg_threads=threads, transforms=transforms
-            )
+            try:
+                self.decoder = self._open(device)
+            except (RuntimeError, ValueError) as exc:
+                if device == "cpu":
+                    raise
+                self._decode_on_the_cpu(exc)
         except (RuntimeError, ValueError) as exc:
-            raise StageError(
-                f"{name} could not be decoded by TorchCodec ({exc}); the file is corrupt or truncated",
-                error_type="VideoDecodeError",
-            ) from None
+            raise self._undecodable(exc) from None
         meta = self.decoder.metadata
         self.num_frames = int(meta.num_frames or 0)
         self.fps = float(meta.average_fps or 0) or 25.0
         self.begin_s = float(meta.begin_stream_seconds or 0.0)
 
+    def _open(self, device: str):
+        from torchcodec.decoders import VideoDecoder
+        from torchcodec.transforms import Resize
+
+        # On CUDA, TorchCodec 0.17 applies no decoder transforms: resize after decoding (`read`).
+        transforms = [Resize((self.size[1], self.size[0]))] if self.size and device == "cpu" else None
+        return VideoDecoder(
+            self.path, seek_mode="exact", device=device, num_ffmpeg_threads=self.threads, transforms=transforms
+        )
+
+    def _decode_on_the_cpu(self, failure: Exception) -> None:
+        """NVDEC failed: the CPU decoder decides whether the file is at fault."""
+        # One message per device and kind of failure, so Python shows it once, not once per video.
+        warnings.warn(
+            f"TorchCodec could not decode on {self.device} ({type(failure).__name__}); decoding on the CPU "
+            "instead, which takes CPU time the model may wait for (check the GPU's driver and NVDEC support "
+            "for these videos' codec, or set decoder: pyav)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self.device = "cpu"
+        self.decoder = self._open("cpu")
+
+    def _undecodable(self, exc: Exception) -> StageError:
+        return StageError(
+            f"{self.name} could not be decoded by TorchCodec ({exc}); the file is corrupt or truncated",
+            error_type="VideoDecodeError",
+        )
+
     def read(self, indices: list[int]) -> tuple[np.ndarray, list[float]]:
         """Frames (T x H x W x 3 uint8 RGB, upright) at these frame numbers, and their times (s from the start)."""
         try:
-            batch = self.decoder.get_frames_at(indices)
+            try:
+                batch = self.decoder.get_frames_at(indices)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                if self.device == "cpu":
+                    raise
+                self._decode_on_the_cpu(exc)
+                batch = self.decoder.get_frames_at(indices)
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise StageError(
-                f"{self.name} could not be decoded by TorchCodec ({exc}); the file is corrupt or truncated",
-                error_type="VideoDecodeError",
-            ) from None
+            raise self._undecodable(exc) from None
         data = batch.data  # N x C x H x W
         if self.device != "cpu" and self.size:
             import torch.nn.functional as F

@@ -140,10 +140,51 @@ def test_auto_follows_the_measured_rule(monkeypatch):
         # A "cuda:N" worker without a driver (Ray's logical GPUs, as tests/daemon/hosts/ray use):
         # NVDEC would fail every video, so auto stays on PyAV.
         assert choose("auto", small, "cuda:1") == ("pyav", "cpu")
+        assert choose("torchcodec", small, "cuda:1") == ("torchcodec", "cpu")  # asked for, but no GPU to use
     monkeypatch.setattr(decoders, "cuda_usable", lambda: True)  # the rule on a machine with a GPU
     assert choose("auto", small, "cuda:1") == ("torchcodec", "cuda:1")  # NVDEC: decoding leaves the CPU
     assert choose("pyav", large, "cuda:0") == ("pyav", "cpu")
     assert choose("torchcodec", small) == ("torchcodec", "cpu")
+    assert choose("torchcodec", small, "cuda:0") == ("torchcodec", "cuda:0")
+
+
+@pytest.fixture
+def failing_gpu_decoder(monkeypatch):
+    """A machine that claims a GPU whose decoder fails: here torch has no driver, so TorchCodec's
+    CUDA decoder fails for real ("Found no NVIDIA driver"), as NVDEC does on a GPU without it."""
+    from stages.video import decoders
+
+    if decoders.cuda_usable():
+        pytest.skip("this machine's GPU decodes: the fault cannot be made here")
+    monkeypatch.setattr(decoders, "cuda_usable", lambda: True)
+
+
+@pytest.mark.parametrize("resize", [None, 160], ids=["native", "resized"])
+def test_a_gpu_decoder_that_fails_decodes_on_the_cpu_instead_of_failing_the_record(clips, failing_gpu_decoder, resize):
+    on_cpu = sample_frames(clips["360p dense"], num_frames=8, decoder="torchcodec", max_side=resize)
+    with pytest.warns(RuntimeWarning, match=r"could not decode on cuda:0 .*decoding on the CPU instead"):
+        fell_back = sample_frames(
+            clips["360p dense"], num_frames=8, decoder="torchcodec", max_side=resize, device="cuda:0"
+        )
+    assert_same_frames(on_cpu, fell_back)
+    assert np.array_equal(on_cpu.frames, fell_back.frames)
+
+
+def test_a_broken_file_still_fails_as_the_records_when_the_gpu_decoder_fails_too(broken, failing_gpu_decoder):
+    with pytest.warns(RuntimeWarning, match="decoding on the CPU instead"), pytest.raises(StageError) as failed:
+        sample_frames(broken["zeroed_middle"], num_frames=4, decoder="torchcodec", device="cuda:0")
+    assert failed.value.error_type == "VideoDecodeError" and "zeroed" in str(failed.value), failed.value
+
+
+def test_shot_splitter_on_a_failing_gpu_decoder_finds_the_cpu_cuts(tmp_path, failing_gpu_decoder):
+    from stages.video.shot_splitter import ShotSplitterConfig, detect_cuts
+    from tests.stages.video.test_shot_splitter import shots_video
+
+    video = shots_video(tmp_path / "cuts.mp4", [30, 45, 36])
+    config = ShotSplitterConfig(decoder="torchcodec")
+    with pytest.warns(RuntimeWarning, match="decoding on the CPU instead"):
+        cuts, frames, _ = detect_cuts(video, config, device="cuda:0")
+    assert (cuts, frames) == ([30, 75], 111)
 
 
 FRAME_READERS = [
