@@ -29,8 +29,12 @@ log = logging.getLogger("reelflow")
 RUNTIME_KEYS_ORDER = tuple(StepRuntime.model_fields)
 
 
-def _load_checked(path: str, *, network: bool = True) -> Config | None:
-    """The validated config, preflight passed; else the problems are printed and None returned."""
+def _load_checked(path: str, *, network: bool = True, one_shot: bool | None = False) -> Config | None:
+    """The validated config, preflight passed; else the problems are printed and None returned.
+
+    `one_shot` adds what `reelflow run` needs (meta_path, save_folder) to the same list, so a
+    missing input and a missing model come in one answer; None: when the config names a meta_path.
+    """
     from daemon.preflight import preflight
 
     try:
@@ -38,7 +42,14 @@ def _load_checked(path: str, *, network: bool = True) -> Config | None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
-    problems = preflight(config, network=network)
+    problems = [str(problem) for problem in preflight(config, network=network)]
+    if one_shot or (one_shot is None and config.file.meta_path is not None):
+        from daemon.oneshot import run_targets
+
+        try:
+            run_targets(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     if problems:
         for problem in problems:  # one line each, so a wrapper's journal shows the whole cause
             print(f"{path}: {problem}", file=sys.stderr)
@@ -61,17 +72,10 @@ def _startup_failed(exc: BaseException) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load_checked(args.config, network=not args.offline)
+    # A one-shot config (it names a meta_path): also what `reelflow run` would refuse, now.
+    config = _load_checked(args.config, network=not args.offline, one_shot=None)
     if config is None:
         return EXIT_CONFIG
-    if config.file.meta_path is not None:  # a one-shot config: what `reelflow run` would refuse, now
-        from daemon.oneshot import run_targets
-
-        try:
-            run_targets(config)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return EXIT_CONFIG
     print(f"{args.config}: ok ({len(config.steps)} step(s): {', '.join(f'{s.type}/{s.name}' for s in config.steps)})")
     return 0
 
@@ -143,7 +147,7 @@ def cmd_steps(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon import oneshot
 
-    config = _load_checked(args.config)
+    config = _load_checked(args.config, one_shot=True)
     if config is None:
         return EXIT_CONFIG
     _setup_logging(args.log_level or config.daemon.log_level)

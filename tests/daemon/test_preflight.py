@@ -273,6 +273,20 @@ def test_what_each_stage_declares_is_what_preflight_checks(tmp_path):
     )
 
 
+def test_a_missing_input_and_a_missing_model_come_in_one_answer(tmp_path):
+    """Fixing the model path, then learning the input is missing, costs a newcomer a second round."""
+    config = yaml.safe_load(_write(tmp_path, CAPTION_STEPS[:1]).read_text())
+    config["meta_path"] = "demo/meta.jsonl"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    for command in ("check", "run"):
+        done = _reelflow([command, "--config", "c.yaml"], tmp_path)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 2 and all(line.startswith("c.yaml: ") for line in lines), done.stderr
+        assert "steps[0] (VideoCaptioner/Qwen2VLCaptioner): model_path './no/such/folder'" in lines[0]
+        assert "meta_path: no such file: demo/meta.jsonl" in lines[1]
+
+
 def test_check_refuses_the_missing_input_that_run_would_refuse(tmp_path):
     """A one-shot config (it names a meta_path): `check` catches what `run` stops on, with the same line."""
     steps = [{"type": "VideoProcessor", "name": "VideoProbe"}]
