@@ -19,6 +19,8 @@ the frame readers (stages/video/frames.py) that the file is the clip: the window
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,6 +36,10 @@ from stages.video.frames import CLIP_FILE_KEY, _index_packets, _open, _rotation_
 MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "flac", "opus"}
 # Encoder name -> the codec name a source must have for stream copy to give the same format.
 ENCODED_AS = {"libx264": "h264", "libx265": "hevc", "libsvtav1": "av1", "libaom-av1": "av1"}
+# What the encoder's errors say when the clip file cannot be written (the source is open by then).
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+)
 
 
 class ClipTranscoderConfig(StageConfig):
@@ -115,10 +121,19 @@ class ClipTranscoder(Stage):
                 raise opened
             method, info = self._write(opened, clip_window(record), partial)
         except av.error.FFmpegError as exc:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
+            if isinstance(exc, OSError) and (exc.errno in WRITE_ERRNOS or exc.filename == str(partial)):
+                # Writing the clip failed (a full disk, a folder in the way): the source is fine, and
+                # the errno lets the runtime tell a full disk (it waits) from a bad output path.
+                raise StageError(
+                    f"ClipTranscoder: cannot write the clip file {partial}: {exc.strerror}",
+                    error_type="WriteError",
+                    errno=exc.errno,
+                ) from None
             error = StageError(
                 f"ClipTranscoder: {source.name} could not be cut ({exc}); the file is corrupt or truncated",
                 error_type="VideoDecodeError",
+                errno=exc.errno if isinstance(exc, OSError) else None,  # EIO reading it: the disk's, not the file's
             )
             sources.setdefault(source, error)
             raise error from None
@@ -156,7 +171,7 @@ class ClipTranscoder(Stage):
         written, out_size = _encode(src.container, stream, audio, cut, partial, c, size, fps, out_fps, src.rotation)
         expected = cut.count if c.fps is None else max(1, round(cut.count * out_fps / fps))
         if written != expected:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
             raise StageError(
                 f"ClipTranscoder: {src.path.name} frames {cut.first}..{cut.first + cut.count}: expected {expected} "
                 f"frames in the clip file, wrote {written}; the source is damaged inside the clip",
@@ -173,6 +188,12 @@ class ClipTranscoder(Stage):
         keys = set(index.keyframe_pts)
         end = cut.first + cut.count
         return index.pts[cut.first] in keys and (end == len(index.pts) or index.pts[end] in keys)
+
+
+def _discard(partial: Path) -> None:
+    """Remove a clip file left half-written; what stopped the write is the error to report, not this."""
+    with contextlib.suppress(OSError):  # e.g. a folder in its place, which is that error
+        partial.unlink(missing_ok=True)
 
 
 @dataclass

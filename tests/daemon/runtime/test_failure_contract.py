@@ -178,6 +178,62 @@ def test_disk_full_pauses_intake_and_resumes_by_itself_with_every_row_once(tmp_p
     assert "never retrieved" not in daemon.log()
 
 
+def test_a_full_disk_under_the_clip_files_pauses_and_every_clip_is_written_once(tmp_path, tmpfs):
+    """ClipTranscoder's encoder reports a full disk as an FFmpeg error; it once became a
+    'corrupt or truncated' error line for every good clip."""
+    from tests.stages.clip_media import clip, decoded_levels, pan
+
+    media = tmp_path / "media"
+    media.mkdir()
+    source = pan(media / "pan.mp4", frames=72, size=(160, 96))
+    outbox = tmpfs(tmp_path / "outbox", 2048)
+    steps = [{"type": "VideoProcessor", "name": "ClipTranscoder", "config": {"batch_size": 4}}]
+    config = daemon_config(tmp_path, steps, meta_folder=media)
+    # Clips off the keyframes: encoded, not copied.
+    rows = [{"id": f"c{n}", "video": source.name, "clip": clip(n, 1 + n % 30, 30, 12)} for n in range(30)]
+    with DaemonProcess(config, env=ENV) as daemon:
+        ballast = fill(outbox, leave_kb=96)
+        daemon.drop_text("clips.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        wait_until(
+            lambda: metric_value(daemon.metrics(), "reelflow_paused", reason="disk_full") == 1,
+            60,
+            "reelflow_paused{reason=disk_full} = 1",
+            daemon.log,
+        )
+        rest = fill(outbox, name="ballast2.bin")
+        assert daemon.errors("clips") == []  # no clip blamed for the disk
+        ballast.unlink()
+        rest.unlink()
+        state = daemon.wait_for_job("clips", 120)
+        assert state["state"] == "done", state
+        results, errors = daemon.results("clips"), daemon.errors("clips")
+        assert errors == [], errors
+        assert sorted(r["id"] for r in results) == sorted(row["id"] for row in rows)
+        for r in results:
+            assert r["transcode"]["method"] == "encode", r
+            assert len(decoded_levels(outbox / r["video"])) == 30, r
+        assert not list(outbox.rglob("*.part"))
+        assert daemon.stop() == 0
+
+
+def test_a_folder_where_the_clip_file_goes_fails_that_clip_alone(tmp_path):
+    from daemon.runtime.failures import RECORD, classify
+    from stages.base import media_path
+    from stages.video.clip_transcoder import ClipTranscoder
+    from tests.stages.clip_media import child, clip, pan
+
+    source = pan(tmp_path / "pan.mp4", frames=48, size=(96, 64))
+    records = [child(source, tmp_path, clip(k, 1 + k, 20, 12), rid=f"p:{k:04d}") for k in range(2)]
+    blocked = media_path(records[0], "mp4")
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.with_name(blocked.name + ".part").mkdir()  # a folder where the encoder writes
+    first, second = ClipTranscoder(ClipTranscoder.Config()).process(records)
+    assert isinstance(first, StageError) and first.error_type == "WriteError", first
+    assert first.errno == errno.EISDIR and classify(first, STAGE) == RECORD
+    assert "cannot write the clip file" in first.message and blocked.name in first.message
+    assert isinstance(second, dict) and second["video"].is_file(), second  # the source itself is fine
+
+
 # --- job-level: an outbox file that is a directory ---------------------------------------------
 
 
