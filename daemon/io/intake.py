@@ -6,6 +6,7 @@ here (with the reason in `problem`), or nothing because a previous run already w
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,12 @@ class RowChecker:
                     "PathOutsideRoot",
                 )
             if self.rules.required.get(key) in PATH_KINDS and not found:
+                if resolved.exists():  # a folder, a FIFO (which a decoder would wait on for ever), a device
+                    return RowProblem(
+                        f"{where}: field {key!r}: {resolved} is {_kind_of(resolved)}, not a regular file; "
+                        "expected the path of a media file",
+                        "NotAFile",
+                    )
                 return RowProblem(f"{where}: field {key!r}: file not found: {resolved}", "FileNotFound")
             record.fields[key] = resolved
         return None
@@ -181,3 +188,18 @@ def _record_id(row: dict, row_number: int) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)
+
+
+def _kind_of(path: Path) -> str:
+    """What a path that exists but is no regular file is, in words."""
+    mode = path.stat().st_mode
+    for test, words in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return words
+    return "a special file"

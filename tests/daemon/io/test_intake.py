@@ -76,7 +76,7 @@ def test_duplicates_within_a_file(root):
         ({"id": 1, "video": 42}, "WrongType", "field 'video' is a int; expected a string (video)"),
         ({"id": 1, "video": ["a.mp4"]}, "WrongType", "field 'video' is a list"),
         ({"id": 1, "video": "nope.mp4"}, "FileNotFound", "field 'video': file not found: "),
-        ({"id": 1, "video": "sub"}, "FileNotFound", "file not found"),  # a folder is not a video
+        ({"id": 1, "video": "sub"}, "NotAFile", "sub is a directory, not a regular file"),  # not a video
     ],
 )
 def test_required_field_problems(root, row, error_type, fragment):
@@ -84,6 +84,14 @@ def test_required_field_problems(root, row, error_type, fragment):
     assert checked.problem.error_type == error_type
     assert checked.problem.message.startswith("m.jsonl: row 9: ")
     assert fragment in checked.problem.message
+
+
+def test_a_named_pipe_as_a_video_is_refused_before_a_decoder_waits_on_it(root):
+    # A decoder opening a FIFO blocks until something writes to it: for ever, in a prep thread.
+    os.mkfifo(root / "pipe.mp4")
+    checked = checker(root).check(9, {"id": 1, "video": "pipe.mp4"})
+    assert checked.problem.error_type == "NotAFile"
+    assert f"field 'video': {root / 'pipe.mp4'} is a named pipe (FIFO), not a regular file" in checked.problem.message
 
 
 def test_paths_resolve_under_the_root(root):
