@@ -160,6 +160,10 @@ class JobWriter:
         for path in (self.paths.results, self.paths.errors, self.paths.filtered):
             path.parent.mkdir(parents=True, exist_ok=True)
             _truncate_torn_line(path)
+        # Made here, so that a file (or a folder it may not write) in its place fails the job, as
+        # its results file would, instead of failing every record that writes media (close
+        # removes it again where no stage wrote any).
+        self.paths.media.mkdir(parents=True, exist_ok=True)
         # A torn line left in a step file would end up mid-file once appends go on after it.
         if self.paths.intermediate.is_dir():
             for path in sorted(self.paths.intermediate.glob("step_*.jsonl")):
@@ -334,3 +338,5 @@ class JobWriter:
                 self._files.clear()
         with self._vectors_lock:
             self.embeddings.compact()
+        with contextlib.suppress(OSError):  # not empty (media written), or gone: either is fine
+            self.paths.media.rmdir()

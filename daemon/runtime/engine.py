@@ -244,7 +244,7 @@ class Engine:
             )
         except Exception as exc:
             path = getattr(exc, "filename", None) or writer.paths.results
-            raise JobFailed(f"cannot open the job's outbox file {path}: {describe(exc)}") from exc
+            raise JobFailed(f"cannot open the job's outbox file or folder {path}: {describe(exc)}") from exc
 
     async def _feed(self, job: JobInput, run: JobRun, checker: RowChecker) -> None:
         video_key = self.config.file.video_key

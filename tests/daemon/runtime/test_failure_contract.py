@@ -275,6 +275,41 @@ def test_an_unwritable_outbox_file_fails_that_job_alone(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_file_where_the_jobs_media_folder_goes_fails_that_job_not_its_records(tmp_path, videos):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "v.mp4").write_bytes(videos["h264"].read_bytes())
+    steps = [{"type": "VideoProcessor", "name": "FrameSampler", "config": {"num_frames": 2, "max_side": 32}}]
+    config = daemon_config(tmp_path, steps, meta_folder=media)
+    blocked = tmp_path / "outbox" / "media" / "pics"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+
+    def rows(prefix: str) -> str:
+        return "".join(json.dumps({"id": f"{prefix}{n}", "video": "v.mp4"}) + "\n" for n in range(5))
+
+    with DaemonProcess(config, env=ENV) as daemon:
+        daemon.drop_text("pics.jsonl", rows("p"))
+        assert daemon.wait_for_job("pics")["state"] == "failed"
+        error = json.loads((daemon.inbox / ".failed" / "pics.jsonl.error.json").read_text())["error"]
+        assert str(blocked) in error, error
+        assert daemon.errors("pics") == []  # no record blamed for the outbox
+        daemon.drop_text("other.jsonl", rows("o"))  # another job's media folder is fine
+        assert daemon.wait_for_job("other")["state"] == "done"
+        assert sorted(r["id"] for r in daemon.results("other")) == [f"o{n}" for n in range(5)]
+        assert daemon.stop() == 0
+
+
+def test_a_job_without_media_leaves_no_media_folder(tmp_path):
+    config = daemon_config(tmp_path, [ECHO])
+    with DaemonProcess(config, env=ENV) as daemon:
+        daemon.drop_text("plain.jsonl", json.dumps({"id": "a"}) + "\n")
+        assert daemon.wait_for_job("plain")["state"] == "done"
+        assert daemon.stop() == 0
+    assert not (tmp_path / "outbox" / "media" / "plain").exists()
+
+
+@pytest.mark.timeout(120)
 def test_an_immutable_results_file_fails_its_job_and_the_daemon_goes_on(tmp_path):
     config = daemon_config(tmp_path, [ECHO])
     results = tmp_path / "outbox" / "frozen.jsonl"
