@@ -18,6 +18,7 @@ the result line keeps the URL the row gave.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -202,6 +203,8 @@ class MediaCache:
                 f"{url}: access denied; check the bucket policy or credentials", "RemoteForbidden"
             ) from None
         except OSError as passing:  # connection refused, timeouts, 5xx surface as OSError subclasses
+            if passing.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the cache's own disk is full, not the server down: the runtime waits it out
             raise _Retry(f"{type(passing).__name__}: {passing}") from None
         except Exception as other:  # botocore's own errors (EndpointConnectionError, ClientError 5xx)
             if type(other).__module__.startswith(("botocore", "aiobotocore", "aiohttp")):

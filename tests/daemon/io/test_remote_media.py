@@ -3,6 +3,7 @@ S3-compatible server (moto) started here on 127.0.0.1; the allow-list; retries; 
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -217,6 +218,23 @@ def test_s3_rows_through_the_engine(tmp_path, s3_bucket):
     assert sorted(results) == ["bunny"] and results["bunny"]["probe"]["num_frames"] > 0
     assert errors["nope"]["error"] == "RemoteNotFound"
     assert errors["other"]["error"] == "RemoteRefused"
+
+
+@pytest.mark.parametrize("source", ["http", "s3"])
+def test_a_full_cache_disk_is_the_disk_not_the_server(tmp_path, tmpfs, media_server, s3_bucket, source):
+    """A fetch into a full cache folder raises the disk's ENOSPC (the runtime pauses for
+    disk_full and asks again), not 'remote unavailable' after retrying the server."""
+    from daemon.runtime.failures import transient_reason
+    from tests.harness import fill
+
+    url = f"{media_server}/ok/a.mp4" if source == "http" else f"{s3_bucket}bunny.mp4"
+    cache_folder = tmpfs(tmp_path / "cache", 64)
+    fill(cache_folder, leave_kb=4)  # the sample video is ~1 MB
+    cache = MediaCache(RemoteSection(allow=[media_server, s3_bucket], retries=2, timeout_s=5), cache_folder)
+    with pytest.raises(OSError) as full:
+        cache.fetch_blocking(url)
+    assert full.value.errno == errno.ENOSPC and transient_reason(full.value) == "disk_full", full.value
+    assert not [p for p in cache_folder.iterdir() if p.name != "ballast.bin"]  # no partial file left
 
 
 def test_the_cache_evicts_the_least_recently_used(tmp_path, media_server):
