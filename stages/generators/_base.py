@@ -5,10 +5,11 @@ load (the loading lock, the dependency and offload checks, from_pretrained, devi
 a seeded CPU generator per output -> each record's files written -> close (memory given back).
 
 A generator's own file keeps what is specific to its pipeline: its config (its own keys and
-checks, its defaults and notes for the shared keys of _config.py, and the pipeline class it
-runs), `call_keys` (the config keys its pipeline takes under
-the same name) and `call_args` (the ones it takes otherwise), plus the hooks its pipeline needs
-(`pipeline_components`, `after_load`, `frame_size`, `load_pipeline`, `generate`). Every call gets
+checks, its defaults and notes for the shared keys of _config.py, the pipeline class it runs,
+and in `call_keys` those of its own keys its pipeline takes under the same name: the key groups
+of _config.py name theirs) and `call_args` (the arguments it takes otherwise), plus the hooks
+its pipeline needs (`pipeline_components`, `after_load`, `frame_size`, `load_pipeline`,
+`generate`). Every call gets
 `prompt` and/or `image` (as the config's `needs_prompt`/`needs_image` say), `height`, `width`,
 `num_inference_steps`, one generator per sample and `output_type`. The stage's name, in every
 message, is its class name: written once, in its `class` line.
@@ -53,8 +54,9 @@ class Samples:
         return common.cpu_generators(common.record_seed(self.seed, f"{rid}{salt}", index) for rid, index in self.keys)
 
     def each(self, value: Any) -> list | None:
-        """`value` once per sample (a per-prompt argument such as negative_prompt); None when unset."""
-        return [value] * len(self.inputs) if value else None
+        """`value` once per sample (a per-prompt argument such as negative_prompt); None when unset.
+        An empty string is passed on: it is Allegro's only "no negative prompt" (None fails there)."""
+        return None if value is None else [value] * len(self.inputs)
 
 
 class DiffusersGenerator(Stage):
@@ -65,7 +67,6 @@ class DiffusersGenerator(Stage):
     half_dtype: ClassVar[str] = "bfloat16"  # what `dtype: auto` loads on a GPU: the model's recommended one
     deprecated: ClassVar[bool] = False  # diffusers deprecated the pipeline (no fixes) but it still runs
     vae_switches: ClassVar[bool] = True  # enable_vae_tiling / enable_vae_slicing apply to the model's VAE
-    call_keys: ClassVar[tuple[str, ...]] = ()  # config keys the pipeline call takes under the same name
 
     @classmethod
     def requirements(cls, config: GeneratorConfig) -> Requirements:
@@ -193,7 +194,9 @@ class DiffusersGenerator(Stage):
         if config.needs_prompt:
             args["prompt"] = [inputs["prompt"] for inputs in samples.inputs]
         args |= {"height": height, "width": width, "num_inference_steps": config.num_inference_steps}
-        return args | {key: getattr(config, key) for key in self.call_keys} | self.call_args(samples)
+        args |= {key: getattr(config, key) for key in config.pipeline_keys("call_keys")}
+        args |= {key: samples.each(getattr(config, key)) for key in config.pipeline_keys("per_sample_keys")}
+        return args | self.call_args(samples)
 
     def _write(self, record: dict[str, Any], outputs: list) -> dict[str, Any]:
         config = self.config

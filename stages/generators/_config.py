@@ -50,6 +50,11 @@ class GeneratorConfig(StageConfig):
     # This model's defaults for keys declared above it, and its notes on them (see the module).
     defaults: ClassVar[dict[str, Any]] = {}
     notes: ClassVar[dict[str, str]] = {}
+    # The keys a class adds that the pipeline call takes under the same name: as they are
+    # (`call_keys`), or once per sample (`per_sample_keys`, e.g. negative_prompt). Each class
+    # names only its own keys; `pipeline_keys` gathers them from the whole hierarchy.
+    call_keys: ClassVar[tuple[str, ...]] = ()
+    per_sample_keys: ClassVar[tuple[str, ...]] = ()
 
     heavy_keys: ClassVar[frozenset[str]] = StageConfig.heavy_keys | {
         "variant",
@@ -153,6 +158,11 @@ class GeneratorConfig(StageConfig):
         factor, model = cls.side_multiple
         return multiple_of(value, factor, info.field_name, model)
 
+    @classmethod
+    def pipeline_keys(cls, kind: Literal["call_keys", "per_sample_keys"]) -> tuple[str, ...]:
+        """The `kind` keys that every class this config is made of names (its groups', its own)."""
+        return tuple(dict.fromkeys(key for klass in cls.__mro__ for key in vars(klass).get(kind, ())))
+
     def input_fields(self) -> dict[str, Any]:
         fields = text_inputs(self) if self.needs_prompt else {}
         return {**fields, self.image_key: "image"} if self.needs_image else fields
@@ -188,6 +198,8 @@ class VideoGeneratorConfig(GeneratorConfig):
 
     height: int = Field(512, ge=8, description="Frame height in pixels.")
     width: int = Field(512, ge=8, description="Frame width in pixels.")
+    call_keys = ("num_frames",)
+
     num_frames: int = Field(16, ge=1, description="Frames to generate.")
     fps: float = Field(8, gt=0, description="Frame rate of the written video.")
     num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>~0.mp4, <id>~1.mp4, ...).")
@@ -204,6 +216,9 @@ class VideoGeneratorConfig(GeneratorConfig):
 class Guided(BaseModel):
     """Classifier-free guidance with a negative prompt."""
 
+    call_keys: ClassVar[tuple[str, ...]] = ("guidance_scale",)
+    per_sample_keys: ClassVar[tuple[str, ...]] = ("negative_prompt",)
+
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance.")
     negative_prompt: str | None = Field(None, description="Negative prompt.")
 
@@ -211,11 +226,15 @@ class Guided(BaseModel):
 class ClipSkip(BaseModel):
     """A CLIP text encoder whose last layers can be skipped."""
 
+    call_keys: ClassVar[tuple[str, ...]] = ("clip_skip",)
+
     clip_skip: int | None = Field(None, ge=1, description="CLIP layers to skip for the prompt embedding.")
 
 
 class DecodeChunks(BaseModel):
     """A VAE that decodes the frames a chunk at a time."""
+
+    call_keys: ClassVar[tuple[str, ...]] = ("decode_chunk_size",)
 
     decode_chunk_size: int = Field(16, ge=1, description="Frames decoded by the VAE at a time (lower: less memory).")
 

@@ -72,6 +72,7 @@ def vae_grid(model_path: str, subfolder: str | None) -> tuple[int, int, int]:
 
 class AllegroConfig(common.VideoGeneratorConfig, common.Guided):
     pipeline = "AllegroPipeline"
+    call_keys = ("max_sequence_length",)
     defaults = dict(
         model_path="rhymes-ai/Allegro",
         num_inference_steps=100,
@@ -121,7 +122,6 @@ class AllegroConfig(common.VideoGeneratorConfig, common.Guided):
 class AllegroGenerator(DiffusersGenerator):
     registered_as = ("VideoGenerator",)
     Config = AllegroConfig
-    call_keys = ("negative_prompt", "num_frames", "guidance_scale", "max_sequence_length")
 
     def pipeline_components(self, dtype) -> dict[str, Any]:
         if not self.config.subfolder:

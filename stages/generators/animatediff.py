@@ -116,7 +116,6 @@ class AnimateDiffGenerator(DiffusersGenerator):
     registered_as = ("VideoGenerator",)
     Config = AnimateDiffConfig
     half_dtype = "float16"
-    call_keys = ("num_frames", "guidance_scale", "decode_chunk_size", "clip_skip")
 
     @classmethod
     def requirements(cls, config: AnimateDiffConfig) -> Requirements:
@@ -148,4 +147,4 @@ class AnimateDiffGenerator(DiffusersGenerator):
     def call_args(self, samples: Samples) -> dict[str, Any]:
         if self.config.num_frames > self.max_frames:  # after a hot reload
             raise ValueError(f"num_frames must be at most {self.max_frames} for this motion adapter")
-        return {"negative_prompt": samples.each(self.config.negative_prompt)}
+        return {}

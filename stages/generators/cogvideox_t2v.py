@@ -44,6 +44,7 @@ def text_length(pipe, wanted: int | None, stage: str) -> int:
 
 class CogVideoXT2VConfig(common.VideoGeneratorConfig, common.Guided):
     pipeline = "CogVideoXPipeline"
+    call_keys = ("use_dynamic_cfg",)
     side_multiple = (16, "CogVideoX")
     defaults = dict(
         model_path="THUDM/CogVideoX-2b",
@@ -69,13 +70,9 @@ class CogVideoXT2VConfig(common.VideoGeneratorConfig, common.Guided):
 class CogVideoXT2VGenerator(DiffusersGenerator):
     registered_as = ("VideoGenerator",)
     Config = CogVideoXT2VConfig
-    call_keys = ("num_frames", "guidance_scale", "use_dynamic_cfg")
 
     def after_load(self) -> None:
         text_length(self.pipe, self.config.max_sequence_length, self.name)
 
     def call_args(self, samples: Samples) -> dict[str, Any]:
-        return {
-            "negative_prompt": samples.each(self.config.negative_prompt),
-            "max_sequence_length": text_length(self.pipe, self.config.max_sequence_length, self.name),
-        }
+        return {"max_sequence_length": text_length(self.pipe, self.config.max_sequence_length, self.name)}

@@ -7,16 +7,15 @@ generator (the shared path: `_base.DiffusersGenerator`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, model_validator
 
 from stages.generators import _common as common
-from stages.generators._base import DiffusersGenerator, Samples
+from stages.generators._base import DiffusersGenerator
 
 
 class FLUXConfig(common.ImageGeneratorConfig, common.Guided):
     pipeline = "FluxPipeline"
+    call_keys = ("true_cfg_scale", "max_sequence_length")
     # FluxPipeline floors other sizes silently (to vae_scale_factor * 2 = 16).
     side_multiple = (16, "FLUX (the pipeline would silently floor it)")
     defaults = dict(model_path="black-forest-labs/FLUX.1-dev", num_inference_steps=50, guidance_scale=3.5)
@@ -44,7 +43,3 @@ class FLUXConfig(common.ImageGeneratorConfig, common.Guided):
 class FLUXGenerator(DiffusersGenerator):
     registered_as = ("ImageGenerator", "VideoGenerator")
     Config = FLUXConfig
-    call_keys = ("true_cfg_scale", "guidance_scale", "max_sequence_length")
-
-    def call_args(self, samples: Samples) -> dict[str, Any]:
-        return {"negative_prompt": samples.each(self.config.negative_prompt)}

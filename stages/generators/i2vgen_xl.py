@@ -69,7 +69,6 @@ class I2VGenXLGenerator(DiffusersGenerator):
     Config = I2VGenXLConfig
     half_dtype = "float16"
     deprecated = True
-    call_keys = ("num_frames", "guidance_scale", "decode_chunk_size", "clip_skip")
 
     def after_load(self) -> None:
         common.clip_text_model_shim(self.pipe.text_encoder)
@@ -77,7 +76,7 @@ class I2VGenXLGenerator(DiffusersGenerator):
         self.pipe.vae.encode = self.encode
 
     def call_args(self, samples: Samples) -> dict[str, Any]:
-        return {"negative_prompt": samples.each(self.config.negative_prompt), "target_fps": round(self.config.fps)}
+        return {"target_fps": round(self.config.fps)}
 
     def generate(self, samples: Samples) -> list:
         self.encode.generators = samples.generators("/image")  # the image latents' own draw

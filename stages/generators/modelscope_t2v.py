@@ -8,10 +8,8 @@ after 0.33.1) but still runs. The shared path: `_base.DiffusersGenerator`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from stages.generators import _common as common
-from stages.generators._base import DiffusersGenerator, Samples
+from stages.generators._base import DiffusersGenerator
 
 
 class ModelScopeT2VConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip):
@@ -32,10 +30,6 @@ class ModelScopeT2VGenerator(DiffusersGenerator):
     Config = ModelScopeT2VConfig
     half_dtype = "float16"
     deprecated = True
-    call_keys = ("num_frames", "guidance_scale", "clip_skip")
 
     def after_load(self) -> None:
         common.clip_text_model_shim(self.pipe.text_encoder)
-
-    def call_args(self, samples: Samples) -> dict[str, Any]:
-        return {"negative_prompt": samples.each(self.config.negative_prompt)}

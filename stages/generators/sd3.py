@@ -8,16 +8,15 @@ PNG per record; prompts in a batch go through one pipeline call (the shared path
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from stages.generators import _common as common
-from stages.generators._base import DiffusersGenerator, Samples
+from stages.generators._base import DiffusersGenerator
 
 
 class StableDiffusion3Config(common.ImageGeneratorConfig, common.Guided):
     pipeline = "StableDiffusion3Pipeline"
+    call_keys = ("max_sequence_length",)
     side_multiple = (16, "Stable Diffusion 3")
     defaults = dict(model_path="stabilityai/stable-diffusion-3.5-large", num_inference_steps=28, guidance_scale=3.5)
     notes = dict(
@@ -32,7 +31,3 @@ class StableDiffusion3Config(common.ImageGeneratorConfig, common.Guided):
 class StableDiffusionGenerator(DiffusersGenerator):
     registered_as = ("ImageGenerator", "ImageGenerator/StableDiffusion3Generator", "VideoGenerator")
     Config = StableDiffusion3Config
-    call_keys = ("guidance_scale", "max_sequence_length")
-
-    def call_args(self, samples: Samples) -> dict[str, Any]:
-        return {"negative_prompt": samples.each(self.config.negative_prompt)}

@@ -21,6 +21,7 @@ from stages.generators._base import DiffusersGenerator, Samples
 
 class SVDConfig(common.VideoGeneratorConfig, common.DecodeChunks):
     pipeline = "StableVideoDiffusionPipeline"
+    call_keys = ("min_guidance_scale", "max_guidance_scale", "motion_bucket_id", "noise_aug_strength")
     side_multiple = (8, "Stable Video Diffusion")
     needs_prompt = False
     needs_image = True
@@ -65,14 +66,12 @@ class SVDGenerator(DiffusersGenerator):
     Config = SVDConfig
     half_dtype = "float16"
     vae_switches = False  # decode_chunk_size instead (the config refuses the switches)
-    call_keys = ("min_guidance_scale", "max_guidance_scale", "motion_bucket_id", "noise_aug_strength")
 
     def call_args(self, samples: Samples) -> dict[str, Any]:
         config = self.config
         return {
             "num_frames": config.num_frames or self.pipe.unet.config.num_frames,
             "fps": round(config.fps),
-            "decode_chunk_size": config.decode_chunk_size,
         }
 
     def generate(self, samples: Samples) -> list:

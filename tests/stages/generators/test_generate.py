@@ -334,7 +334,7 @@ HONOURED = {
     ),
     "AllegroGenerator": (
         {"guidance_scale": 2.5, "negative_prompt": "blurry", "max_sequence_length": 12, "clean_caption": False},
-        {"guidance_scale": 2.5, "negative_prompt": "blurry", "max_sequence_length": 12, "clean_caption": False},
+        {"guidance_scale": 2.5, "negative_prompt": ["blurry"], "max_sequence_length": 12, "clean_caption": False},
     ),
     "AnimateDiffGenerator": (
         {"guidance_scale": 2.5, "negative_prompt": "blurry", "decode_chunk_size": 3, "clip_skip": 1},
@@ -392,6 +392,22 @@ def test_every_generation_setting_reaches_the_pipeline(name, tiny_models, tmp_pa
     for key, value in {"num_inference_steps": 1, **sizes, **expected}.items():
         assert call[key] == value, (key, call[key], value)
     assert len(call["generator"]) == 1 and call["generator"][0].initial_seed() == record_seed(3, "k", 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "negative", "passed"), [("AllegroGenerator", "", [""]), ("FLUXGenerator", None, None)]
+)
+def test_an_unset_negative_prompt_reaches_the_pipeline_as_its_own_none(name, negative, passed, tiny_models, tmp_path):
+    """None fails in Allegro's text cleaning, so its "no negative prompt" is "" and goes through as it
+    is; the others take None."""
+    step_type, config = stage_config(name, tiny_models, num_inference_steps=1, negative_prompt=negative)
+    cls = stage_class(step_type, name)
+    stage = cls(cls.Config(**config), "cpu")
+    stage.load()
+    stage.pipe = spy = Spy(stage.pipe)
+    [result] = stage.process([make_record("k", tmp_path)])
+    assert not isinstance(result, StageError), result
+    assert spy.calls[0]["negative_prompt"] == passed
 
 
 def test_dtype_and_vae_switches_are_applied(loaded, tiny_models, tmp_path):
