@@ -63,6 +63,14 @@ __all__ = [  # the sections' models stay importable from here (`from daemon.conf
 
 AVAILABLE = " Available: "  # how stages.registry.UnknownStage lists the known stages
 
+# Top-level names a newcomer reaches for that no spelling guess finds, and reelflow's key for each.
+KEY_SYNONYMS = {
+    **dict.fromkeys(("input", "inputs", "input_file", "meta", "meta_file"), "meta_path (one-shot input file)"),
+    **dict.fromkeys(("output", "outputs", "output_dir", "out_dir", "outdir"), "save_folder (one-shot results)"),
+    "inbox": "daemon.inbox (the folder `reelflow serve` watches)",
+    "outbox": "daemon.outbox (where `reelflow serve` writes)",
+}
+
 
 class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -201,6 +209,8 @@ def _describe(
         guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if guess:
             return f"{loc}: unknown key; did you mean {guess[0]!r}?"
+        if len(parts) == 1 and not prefix and key.lower() in KEY_SYNONYMS:
+            return f"{loc}: unknown key; reelflow calls it {KEY_SYNONYMS[key.lower()]}"
         return f"{loc}: unknown key (check its spelling; see `reelflow steps` and the README's config reference)"
     if error["type"] == "missing":
         return f"{loc}: required key is missing"

@@ -37,6 +37,22 @@ daemon: {setle_ms: 3, metrics: {prot: 1}}
     assert "daemon.metrics.prot: unknown key; did you mean 'port'?" in problems
 
 
+def test_top_level_synonyms_name_reelflows_key():
+    problems = problems_of(
+        """
+input: rows.jsonl
+output_dir: out
+inbox: drop
+steps:
+  - type: VideoProcessor
+    name: FrameSampler
+"""
+    )
+    assert "input: unknown key; reelflow calls it meta_path (one-shot input file)" in problems
+    assert "output_dir: unknown key; reelflow calls it save_folder (one-shot results)" in problems
+    assert "inbox: unknown key; reelflow calls it daemon.inbox (the folder `reelflow serve` watches)" in problems
+
+
 def test_runtime_key_beside_config_says_it_belongs_inside():
     (problem,) = problems_of(
         "steps:\n  - type: VideoProcessor\n    name: FrameSampler\n    batch_size: 4\n    config: {num_frames: 4}\n"
