@@ -110,6 +110,8 @@ class DiffusersGenerator(Stage):
                     f"{self.name}.deprecated", f"{self.name}: diffusers has deprecated {config.pipeline}; it still runs"
                 )
             self.pipe = self.load_pipeline(common.torch_dtype(config.dtype, self.device, self.half_dtype))
+            if isinstance(config, common.ClipSkip):
+                common.clip_text_model_shim(self.pipe.text_encoder)
             self.after_load()
             common.place(self.pipe, config, self.device)
             self.knobs = common.Knobs(self.pipe, self.name)

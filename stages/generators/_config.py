@@ -9,7 +9,7 @@ own. For example:
 
     class ModelScopeT2VConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip):
         pipeline = "TextToVideoSDPipeline"
-        side_multiple = (8, "ModelScope text-to-video")
+        side_multiple = 8
         defaults = dict(model_path="damo-vilab/text-to-video-ms-1.7b", guidance_scale=9.0, height=256)
         notes = dict(height="trained at 256")
 
@@ -43,8 +43,8 @@ class GeneratorConfig(StageConfig):
     # The diffusers pipeline class the checkpoint at `model_path` must hold (None: the stage
     # checks its checkpoints itself).
     pipeline: ClassVar[str | None] = None
-    # (factor, model named in the message): height and width must be multiples of the factor.
-    side_multiple: ClassVar[tuple[int, str] | None] = None
+    # Height and width must be multiples of it (None: any size).
+    side_multiple: ClassVar[int | None] = None
     needs_prompt: ClassVar[bool] = True  # a text prompt per record (from `prompt` or `text_key`)
     needs_image: ClassVar[bool] = False  # a conditioning image per record (from `image_key`)
     # This model's defaults for keys declared above it, and its notes on them (see the module).
@@ -118,7 +118,7 @@ class GeneratorConfig(StageConfig):
                 if side in cls.__pydantic_fields__ and "multiple" not in (
                     cls.__pydantic_fields__[side].description or ""
                 ):
-                    notes[side] = ", ".join(filter(None, (f"a multiple of {cls.side_multiple[0]}", notes.get(side))))
+                    notes[side] = ", ".join(filter(None, (f"a multiple of {cls.side_multiple}", notes.get(side))))
         changes = {**dict.fromkeys(notes), **own.get("defaults", {})}
         if not changes:
             return
@@ -155,8 +155,7 @@ class GeneratorConfig(StageConfig):
     def _side(cls, value: int | None, info) -> int | None:
         if cls.side_multiple is None:
             return value
-        factor, model = cls.side_multiple
-        return multiple_of(value, factor, info.field_name, model)
+        return multiple_of(value, cls.side_multiple, info.field_name, cls.stage)
 
     @classmethod
     def pipeline_keys(cls, kind: Literal["call_keys", "per_sample_keys"]) -> tuple[str, ...]:
@@ -174,7 +173,7 @@ class GeneratorConfig(StageConfig):
 class ImageGeneratorConfig(GeneratorConfig):
     """A text-to-image model: PNGs. Sizes are multiples of 16 and the seed's `weight` means width."""
 
-    side_multiple: ClassVar[tuple[int, str] | None] = (16, "this model")
+    side_multiple: ClassVar[int | None] = 16
 
     height: int = Field(1024, ge=16, description="Image height in pixels, a multiple of 16.")
     width: int = Field(
@@ -224,7 +223,7 @@ class Guided(BaseModel):
 
 
 class ClipSkip(BaseModel):
-    """A CLIP text encoder whose last layers can be skipped."""
+    """A CLIP text encoder whose last layers can be skipped (the loader shims transformers 5's CLIP for it)."""
 
     call_keys: ClassVar[tuple[str, ...]] = ("clip_skip",)
 

@@ -40,7 +40,7 @@ def kind_of(model_path: str, fetch: bool = False) -> Kind | None:
 
 class AnimateDiffConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip, common.DecodeChunks):
     # No `pipeline`: model_path may be either half, so _checkpoints below tells them apart.
-    side_multiple = (8, "AnimateDiff")
+    side_multiple = 8
     defaults = dict(negative_prompt="bad quality, worse quality", scheduler="DDIMScheduler")
     notes = dict(num_frames="at most the adapter's motion_max_seq_length, 32", scheduler="AnimateDiff: DDIM")
 
@@ -140,9 +140,6 @@ class AnimateDiffGenerator(DiffusersGenerator):
         self.max_frames = adapter.config.motion_max_seq_length
         # `variant` applies to the base model: adapters are published in one precision.
         return self.from_pretrained("AnimateDiffPipeline", base_path, dtype, motion_adapter=adapter)
-
-    def after_load(self) -> None:
-        common.clip_text_model_shim(self.pipe.text_encoder)
 
     def call_args(self, samples: Samples) -> dict[str, Any]:
         if self.config.num_frames > self.max_frames:  # after a hot reload

@@ -45,7 +45,7 @@ def text_length(pipe, wanted: int | None, stage: str) -> int:
 class CogVideoXT2VConfig(common.VideoGeneratorConfig, common.Guided):
     pipeline = "CogVideoXPipeline"
     call_keys = ("use_dynamic_cfg",)
-    side_multiple = (16, "CogVideoX")
+    side_multiple = 16
     defaults = dict(
         model_path="THUDM/CogVideoX-2b",
         num_inference_steps=50,

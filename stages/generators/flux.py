@@ -16,8 +16,7 @@ from stages.generators._base import DiffusersGenerator
 class FLUXConfig(common.ImageGeneratorConfig, common.Guided):
     pipeline = "FluxPipeline"
     call_keys = ("true_cfg_scale", "max_sequence_length")
-    # FluxPipeline floors other sizes silently (to vae_scale_factor * 2 = 16).
-    side_multiple = (16, "FLUX (the pipeline would silently floor it)")
+    side_multiple = 16  # checked: FluxPipeline floors other sizes silently (to vae_scale_factor * 2)
     defaults = dict(model_path="black-forest-labs/FLUX.1-dev", num_inference_steps=50, guidance_scale=3.5)
     notes = dict(
         num_inference_steps="FLUX.1-dev: 50; schnell: 4",

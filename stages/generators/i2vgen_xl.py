@@ -42,7 +42,7 @@ class SeededEncode:
 
 class I2VGenXLConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip, common.DecodeChunks):
     pipeline = "I2VGenXLPipeline"
-    side_multiple = (8, "I2VGen-XL")
+    side_multiple = 8
     needs_image = True
     defaults = dict(
         model_path="ali-vilab/i2vgen-xl",
@@ -71,7 +71,6 @@ class I2VGenXLGenerator(DiffusersGenerator):
     deprecated = True
 
     def after_load(self) -> None:
-        common.clip_text_model_shim(self.pipe.text_encoder)
         self.encode = SeededEncode(self.pipe.vae.encode)
         self.pipe.vae.encode = self.encode
 

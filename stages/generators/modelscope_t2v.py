@@ -1,9 +1,8 @@
 """Text to video with ModelScope's text-to-video-ms-1.7b (TextToVideoSDPipeline).
 
-The model card's setup is the default: DPMSolverMultistepScheduler and 25 steps. When
-`clip_skip` is set, a shim gives transformers 5's CLIPTextModel the `text_model` attribute
-diffusers 0.42 reads on that path. TextToVideoSDPipeline is deprecated in diffusers (no fixes
-after 0.33.1) but still runs. The shared path: `_base.DiffusersGenerator`.
+The model card's setup is the default: DPMSolverMultistepScheduler and 25 steps.
+TextToVideoSDPipeline is deprecated in diffusers (no fixes after 0.33.1) but still runs. The
+shared path: `_base.DiffusersGenerator` (which also makes `clip_skip` work on transformers 5).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from stages.generators._base import DiffusersGenerator
 
 class ModelScopeT2VConfig(common.VideoGeneratorConfig, common.Guided, common.ClipSkip):
     pipeline = "TextToVideoSDPipeline"
-    side_multiple = (8, "ModelScope text-to-video")
+    side_multiple = 8
     defaults = dict(
         model_path="damo-vilab/text-to-video-ms-1.7b",
         guidance_scale=9.0,
@@ -30,6 +29,3 @@ class ModelScopeT2VGenerator(DiffusersGenerator):
     Config = ModelScopeT2VConfig
     half_dtype = "float16"
     deprecated = True
-
-    def after_load(self) -> None:
-        common.clip_text_model_shim(self.pipe.text_encoder)

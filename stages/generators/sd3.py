@@ -17,7 +17,6 @@ from stages.generators._base import DiffusersGenerator
 class StableDiffusion3Config(common.ImageGeneratorConfig, common.Guided):
     pipeline = "StableDiffusion3Pipeline"
     call_keys = ("max_sequence_length",)
-    side_multiple = (16, "Stable Diffusion 3")
     defaults = dict(model_path="stabilityai/stable-diffusion-3.5-large", num_inference_steps=28, guidance_scale=3.5)
     notes = dict(
         num_inference_steps="SD3.5 large: 28",

@@ -22,7 +22,7 @@ from stages.generators._base import DiffusersGenerator, Samples
 class SVDConfig(common.VideoGeneratorConfig, common.DecodeChunks):
     pipeline = "StableVideoDiffusionPipeline"
     call_keys = ("min_guidance_scale", "max_guidance_scale", "motion_bucket_id", "noise_aug_strength")
-    side_multiple = (8, "Stable Video Diffusion")
+    side_multiple = 8
     needs_prompt = False
     needs_image = True
     defaults = dict(

@@ -220,10 +220,10 @@ def test_reelflow_check_refuses_each_constraint(tiny_models, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     for expected in [
-        "steps[0].config.height: Value error, height must be a multiple of 16 for Stable Diffusion 3",
+        "steps[0].config.height: Value error, height must be a multiple of 16 for StableDiffusionGenerator",
         "steps[1].config.model_path: Value error, model_path",
         "holds a StableDiffusion3Pipeline (model_index.json _class_name), but FLUXGenerator runs FluxPipeline",
-        "steps[2].config.width: Value error, width must be a multiple of 16 for CogVideoX",
+        "steps[2].config.width: Value error, width must be a multiple of 16 for CogVideoXT2VGenerator",
         "steps[2].config.num_frames: Value error, num_frames must be 8k+1",
         "steps[3].config: Value error, THUDM/CogVideoX-5b-I2V generates only at its trained resolution 480x720",
         "steps[4].config: Value error, num_frames must be at most 32",
@@ -315,7 +315,7 @@ def test_a_model_sets_its_defaults_and_notes_in_one_place():
     from stages.generators import _common as common
 
     class Model(common.VideoGeneratorConfig, common.Guided):
-        side_multiple = (8, "this model")
+        side_multiple = 8
         defaults = dict(model_path="org/model", guidance_scale=2.0, height=256)
         notes = dict(height="trained at 256")
 
