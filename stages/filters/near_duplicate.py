@@ -70,7 +70,7 @@ class NearDuplicateFilterConfig(StageConfig):
         "job", description="`job`: compare within the record's job; `outbox`: across everything this step kept."
     )
     exact_up_to: int = Field(
-        16_384, ge=1, description="Exact search (IndexFlatIP) up to this many kept vectors; IVF beyond."
+        16_384, ge=1, description="Exact search (one product with every kept vector) up to this many; IVF beyond."
     )
     nlist: int | Literal["auto"] = Field(
         "auto",

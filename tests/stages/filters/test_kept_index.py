@@ -52,8 +52,15 @@ def test_fixed_nlist_is_trained_once_and_empty_searches_find_nothing():
     index = KeptIndex(100, 4, 4)
     sims, rows = index.search(_unit(rng, 3), 0.9)
     assert np.isneginf(sims).all() and (rows == -1).all()
-    index.add(_unit(rng, 90))
-    assert type(index.index).__name__ == "IndexFlatIP"
+    kept = _unit(rng, 90)
+    index.add(kept)
+    assert index.index is None  # exact: the kept vectors themselves, no second copy in faiss
+    queries = np.concatenate([kept[[5, 40]], _unit(rng, 2)])
+    sims, rows = index.search(queries, 0.9)
+    exact = queries @ kept.T
+    np.testing.assert_array_equal(rows, exact.argmax(axis=1))
+    np.testing.assert_allclose(sims, exact.max(axis=1), rtol=1e-6)
+    assert list(rows[:2]) == [5, 40]
     index.add(_unit(rng, 500))
     assert (
         type(index.index).__name__ == "IndexIVFScalarQuantizer"
