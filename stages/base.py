@@ -240,7 +240,8 @@ class Stage:
     # so it must be a literal in the class body.
     registered_as: ClassVar[tuple[str, ...]] = ()
     # True for stages that put a model on an accelerator: by default they get one worker per
-    # visible GPU; the others run on the CPU unless the step names `devices`.
+    # visible GPU; the others run on the CPU unless the step names `devices`. The default
+    # `resources` reads it; a stage whose need depends on its config overrides `resources`.
     accelerated: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, device: str = "cpu"):
@@ -249,15 +250,10 @@ class Stage:
         self.usage: Counter[str] = Counter()
 
     @classmethod
-    def uses_accelerator(cls, config: StageConfig) -> bool:
-        """Whether this configuration wants a GPU (override when a `backend` key decides)."""
-        return cls.accelerated
-
-    @classmethod
     def resources(cls, config: StageConfig) -> Resources:
         """What one worker needs with this config; stages whose needs depend on a key override it."""
         return Resources(
-            accelerators=1 if cls.uses_accelerator(config) else 0,
+            accelerators=1 if cls.accelerated else 0,
             asynchronous=callable(getattr(cls, "aprocess", None)),
             prepares=callable(getattr(cls, "prepare", None)),
         )

@@ -142,10 +142,6 @@ class GPTTextGenerator(Stage):
     name = "GPTTextGenerator"
 
     @classmethod
-    def uses_accelerator(cls, config: GPTTextGeneratorConfig) -> bool:
-        return config.backend != "openai"  # an API step runs on the CPU, its slots are max_num_seqs
-
-    @classmethod
     def resources(cls, config: GPTTextGeneratorConfig) -> Resources:
         # `auto` resolves on the worker's device at load; a GPU worker with vLLM installed gets vLLM.
         vllm = config.backend == "vllm" or (config.backend == "auto" and importlib.util.find_spec("vllm") is not None)

@@ -219,15 +219,10 @@ class LocalModelGenerator(Stage):
 
     Config = LocalModelGeneratorConfig
     config: LocalModelGeneratorConfig
-    accelerated = True
     name = "LocalModelGenerator"
 
     lm: Any = None  # hf_causal.CausalLM or vllm_backend.VLLMTextLM
     backend_name: str | None = None
-
-    @classmethod
-    def uses_accelerator(cls, config: LocalModelGeneratorConfig) -> bool:
-        return config.device != "cpu"
 
     @classmethod
     def resources(cls, config: LocalModelGeneratorConfig) -> Resources:

@@ -246,8 +246,9 @@ def test_backend_decides_what_is_refused_and_auto_stays_transformers_on_cpu(text
         local.load()
     assert local.backend_name == "transformers" and isinstance(local.lm, CausalLM)
     assert sum("backend auto -> transformers" in r.getMessage() for r in caplog.records) == 2
-    assert GPT.uses_accelerator(GPT.Config(model="m", backend="auto"))
-    assert not GPT.uses_accelerator(GPT.Config(model="m"))
+    assert GPT.resources(GPT.Config(model="m", backend="auto")).accelerators == 1  # no vLLM here: transformers
+    api = GPT.resources(GPT.Config(model="m", max_num_seqs=6))  # backend openai: a CPU step, its slots the API's
+    assert (api.accelerators, api.concurrency_slots, api.asynchronous) == (0, 6, True)
 
 
 def test_seeded_answers_do_not_depend_on_other_workers(text_lm_dir):
