@@ -195,10 +195,10 @@ class ImageGeneratorConfig(GeneratorConfig):
 class VideoGeneratorConfig(GeneratorConfig):
     """A video model: h264 mp4s at the config's `fps`, which each model declares with its own default."""
 
-    height: int = Field(512, ge=8, description="Frame height in pixels.")
-    width: int = Field(512, ge=8, description="Frame width in pixels.")
     call_keys = ("num_frames",)
 
+    height: int = Field(512, ge=8, description="Frame height in pixels.")
+    width: int = Field(512, ge=8, description="Frame width in pixels.")
     num_frames: int = Field(16, ge=1, description="Frames to generate.")
     fps: float = Field(8, gt=0, description="Frame rate of the written video.")
     num_videos_per_prompt: int = Field(1, ge=1, description="Videos per record (<id>~0.mp4, <id>~1.mp4, ...).")
